@@ -1,0 +1,235 @@
+"""Turn a method + visual-token budget into a concrete reduction plan.
+
+A *budget* is the average number of visual tokens per LLM layer (SPEC §1), so one-shot methods
+(VisionZip), layer-wise schedules (PyramidDrop, FastV) and DUET's two stages are compared on one
+scale. A plan says how many tokens leave the vision encoder per frame (``k1`` + ``k2``) and, for
+the LLM, at which layers how many visual tokens survive (``stages``). Every knob can be overridden
+through :class:`ReductionConfig`; anything left ``None`` is derived here.
+
+Depth scaling: LLaVA-1.5-7B has 32 decoder layers; other depths scale every preset layer by
+L/32 (DUET 16/24 -> L/2, 3L/4; PyramidDrop 8/16/24 -> L/4, L/2, 3L/4; FastV K=2 -> round(L/16)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+METHODS = ("full", "duet", "visionzip", "fastv", "pyramiddrop")
+PRESET_BUDGETS = (192, 128, 64)
+PRESET_PATCHES = 576
+
+# Official DUET-VLM LLaVA-1.5 presets (k1 dominant, k2 contextual) for 576 patches.
+DUET_PRESETS = {192: (300, 7), 128: (170, 32), 64: (72, 30)}
+DUET_STAGE_RATIOS = (0.5, 0.0)
+# VisionZip's published dominant + contextual splits.
+VISIONZIP_PRESETS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
+
+
+@dataclass(frozen=True)
+class ReductionConfig:
+    """What the user asked for. ``None`` fields are solved from the budget."""
+
+    method: str = "duet"
+    budget: int = 192
+    k1: int | None = None
+    k2: int | None = None
+    cluster_width: int = 4
+    stage_layers: tuple[int, ...] | None = None
+    stage_ratios: tuple[float, ...] | None = None
+    fastv_k: int | None = None
+    salient_words: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 1 <= int(self.budget) <= 100_000:
+            raise ValueError(f"budget must be a positive number of visual tokens, got {self.budget}")
+        for name in ("k1", "k2"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.cluster_width < 0:
+            raise ValueError(f"cluster_width must be >= 0, got {self.cluster_width}")
+        if self.stage_ratios is not None and any(not 0.0 <= r <= 1.0 for r in self.stage_ratios):
+            raise ValueError(f"stage ratios must lie in [0, 1], got {self.stage_ratios}")
+        if (self.stage_layers is None) != (self.stage_ratios is None) or (
+            self.stage_layers is not None and len(self.stage_layers) != len(self.stage_ratios)
+        ):
+            raise ValueError("stage_layers and stage_ratios must be given together, one ratio per layer")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """From ``layer`` on (before it runs), ``keep`` visual tokens survive.
+
+    ``score_layer`` is the layer whose own q/k rank the tokens (FastV ranks at K-1 and drops at
+    K); ``query`` says which rows score: ``salient`` text tokens (DUET), the ``last`` instruction
+    token (PyramidDrop) or ``all`` rows (FastV).
+    """
+
+    layer: int
+    keep: int
+    query: str
+    score_layer: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str
+    budget: int
+    n_layers: int
+    n_patches: int
+    k1: int | None = None  # dominant tokens per frame (None: no vision-side reduction)
+    k2: int = 0  # contextual (merged) tokens per frame
+    cluster_width: int = 4
+    stages: tuple[Stage, ...] = field(default_factory=tuple)
+    feasible: bool = True  # False when the budget is below what the method can reach
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.n_patches if self.k1 is None else self.k1 + self.k2
+
+    def counts_per_layer(self, n_frames: int = 1) -> list[int]:
+        """Visual tokens each LLM layer sees under this plan."""
+        return layer_counts(self.tokens_per_frame * n_frames, self.stages, self.n_layers)
+
+
+def layer_counts(n_visual: int, stages: tuple[Stage, ...] | list[Stage], n_layers: int) -> list[int]:
+    counts, current = [], n_visual
+    by_layer = {s.layer: s.keep for s in stages}
+    for layer in range(n_layers):
+        if layer in by_layer:
+            current = min(current, by_layer[layer])
+        counts.append(current)
+    return counts
+
+
+def average(counts: list[int]) -> float:
+    return sum(counts) / len(counts)
+
+
+def _ratio_stages(n: int, layers, ratios, query: str) -> tuple[Stage, ...]:
+    return tuple(Stage(l, math.ceil(r * n), query, l) for l, r in zip(layers, ratios))
+
+
+def _scaled(layer_of_32: int, n_layers: int) -> int:
+    return max(1, min(n_layers - 1, round(layer_of_32 * n_layers / 32)))
+
+
+def plan(cfg: ReductionConfig, n_layers: int, n_patches: int = PRESET_PATCHES) -> Plan:
+    """Solve ``cfg`` into a :class:`Plan` for a model with ``n_layers`` decoder layers."""
+    base = Plan(cfg.method, int(cfg.budget), n_layers, n_patches, cluster_width=cfg.cluster_width)
+    solver = {"full": lambda c, b: b, "duet": _plan_duet, "visionzip": _plan_visionzip,
+              "fastv": _plan_fastv, "pyramiddrop": _plan_pyramiddrop}[cfg.method]
+    return solver(cfg, base)
+
+
+def _split(n: int, budget: int, presets: dict[int, tuple[int, int]], n_patches: int) -> tuple[int, int]:
+    """Split n tokens into (k1, k2) in the proportion of the preset nearest to ``budget``;
+    n = every patch needs no merging."""
+    if n >= n_patches:
+        return n, 0
+    k1p, k2p = presets[min(presets, key=lambda b: abs(b - budget))]
+    k2 = min(n - 1, round(n * k2p / (k1p + k2p))) if n > 1 else 0
+    return n - k2, k2
+
+
+def _plan_duet(cfg: ReductionConfig, base: Plan) -> Plan:
+    """DUET: V2V to n = k1 + k2 tokens, then T2V stages keeping ratio * n (SPEC §2).
+
+    n is solved so the per-layer average meets the budget. When even n = all patches stays
+    below the budget, the stage ratios are moved linearly towards 1 (t in [0, 1]) until it is
+    met; a budget >= the patch count therefore means no reduction at all.
+    """
+    L, P, b = base.n_layers, base.n_patches, base.budget
+    layers = cfg.stage_layers or (_scaled(16, L), _scaled(24, L))
+    ratios = cfg.stage_ratios or DUET_STAGE_RATIOS
+
+    def avg(n, rs):
+        return average(layer_counts(n, _ratio_stages(n, layers, rs, "salient"), L))
+
+    if cfg.k1 is not None or cfg.k2 is not None:
+        k1 = cfg.k1 if cfg.k1 is not None else 0
+        k2 = cfg.k2 if cfg.k2 is not None else 0
+        if k1 + k2 > P or k1 + k2 == 0:
+            raise ValueError(f"k1 + k2 must lie in 1..{P}, got {k1} + {k2}")
+        n = k1 + k2
+    elif P == PRESET_PATCHES and b in DUET_PRESETS and cfg.stage_ratios is None:
+        k1, k2 = DUET_PRESETS[b]
+        n = k1 + k2
+    else:
+        n = min(range(1, P + 1), key=lambda m: (abs(avg(m, ratios) - b), m))
+        k1, k2 = _split(n, b, DUET_PRESETS, P)
+    if n == P and avg(P, ratios) < b and cfg.stage_ratios is None:
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            t = (lo + hi) / 2
+            lo, hi = (t, hi) if avg(P, [r + t * (1 - r) for r in ratios]) < b else (lo, t)
+        ratios = [r + hi * (1 - r) for r in ratios]
+    stages = tuple(s for s in _ratio_stages(n, layers, ratios, "salient") if s.keep < n)
+    feasible = abs(avg(n, ratios) - b) <= max(2.0, 0.02 * b) or cfg.k1 is not None
+    return replace(base, k1=k1, k2=k2, stages=stages, feasible=feasible)
+
+
+def _plan_visionzip(cfg: ReductionConfig, base: Plan) -> Plan:
+    """VisionZip (Yang et al., CVPR 2025; github.com/dvlab-research/VisionZip): k1 dominant
+    tokens by CLS attention + k2 contextual tokens merged by key similarity, all before the LLM,
+    so every layer sees k1 + k2 = budget tokens. Splits 162+30 / 108+20 / 54+10."""
+    P, b = base.n_patches, min(base.budget, base.n_patches)
+    if cfg.k1 is not None or cfg.k2 is not None:
+        k1, k2 = cfg.k1 or 0, cfg.k2 or 0
+        if not 1 <= k1 + k2 <= P:
+            raise ValueError(f"k1 + k2 must lie in 1..{P}, got {k1} + {k2}")
+    elif P == PRESET_PATCHES and b in VISIONZIP_PRESETS:
+        k1, k2 = VISIONZIP_PRESETS[b]
+    else:
+        k1, k2 = _split(b, b, VISIONZIP_PRESETS, P)
+    return replace(base, k1=k1, k2=k2)
+
+
+def _plan_fastv(cfg: ReductionConfig, base: Plan) -> Plan:
+    """FastV (Chen et al., ECCV 2024; github.com/pkunlp-icler/FastV): after layer K keep the
+    top-n visual tokens by the average attention they receive at layer K-1 (all query rows,
+    mean over heads). n solves (K*P + (L-K)*n) / L = budget."""
+    L, P, b = base.n_layers, base.n_patches, base.budget
+    k = cfg.fastv_k if cfg.fastv_k is not None else max(1, round(2 * L / 32))
+    if not 1 <= k < L:
+        raise ValueError(f"FastV K must lie in 1..{L - 1}, got {k}")
+    if b >= P:
+        return base
+    exact = (b * L - k * P) / (L - k)
+    n = max(1, min(P, round(exact)))
+    return replace(base, stages=(Stage(k, n, "all", k - 1),), feasible=exact >= 0.5)
+
+
+def _plan_pyramiddrop(cfg: ReductionConfig, base: Plan) -> Plan:
+    """PyramidDrop (Xing et al., CVPR 2025; github.com/Cooperx521/PyramidDrop): at stage layers
+    8/16/24 (of 32) keep ceil(lambda^i * P) tokens ranked by the last instruction token's
+    attention, lambda solved so the per-layer average meets the budget.
+
+    With 576 patches the first 8 full layers alone average 144 tokens, so budgets below that are
+    unreachable with 8/16/24. Our rule: keep the equal spacing s (stages s, 2s, 3s) but shrink s
+    until the full-token first segment uses at most 3/4 of the budget.
+    """
+    L, P, b = base.n_layers, base.n_patches, base.budget
+    if b >= P:
+        return base
+    if cfg.stage_layers is not None:
+        layers = tuple(cfg.stage_layers)
+        stages = _ratio_stages(P, layers, cfg.stage_ratios, "last")
+        return replace(base, stages=stages)
+    spacing = max(1, L // 4)
+    while spacing > 1 and spacing * P / L > 0.75 * b:
+        spacing -= 1
+    layers = tuple(spacing * i for i in (1, 2, 3) if spacing * i < L)
+
+    def avg(lam):
+        return average(layer_counts(P, _ratio_stages(P, layers, [lam**i for i in (1, 2, 3)], "last"), L))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if avg(mid) < b else (lo, mid)
+    stages = _ratio_stages(P, layers, [lo**i for i in (1, 2, 3)], "last")
+    return replace(base, stages=stages, feasible=abs(avg(lo) - b) <= max(2.0, 0.02 * b))

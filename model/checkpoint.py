@@ -1,0 +1,154 @@
+"""Build LLaVA checkpoints the project can make without downloading anything.
+
+A checkpoint here is an ordinary Hugging Face folder (config, safetensors, tokenizer, processor,
+chat template) that stock ``LlavaForConditionalGeneration.from_pretrained`` and
+``AutoProcessor.from_pretrained`` load with no project code. Tests build tiny random ones; the
+trainer builds the shipped model with the same functions, so both go through one loading path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), written as a chat template so
+# `apply_chat_template` produces the prompt for our checkpoints and llava-hf's alike.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}"
+    "{% if item['type'] in ['image', 'video'] %}<image>\n{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+BASE_WORDS = (
+    "USER ASSISTANT : ? ! . , what which where how many is are there the a an of in on to "
+    "color colour shape object left right top bottom yes no"
+).split()
+
+
+def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: whitespace + punctuation split, one id per known word."""
+    vocab: dict[str, int] = {}
+    for token in [*SPECIAL_TOKENS, *BASE_WORDS, *words]:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    core.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_processor(words: list[str], image_size: int, patch_size: int) -> LlavaProcessor:
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(words),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@dataclass
+class TinyLlavaSpec:
+    """Shape of a small LLaVA-1.5-like model (CLIP tower + Llama decoder).
+
+    The defaults keep LLaVA-1.5's geometry (336 px, patch 14 -> 24x24 = 576 patches, 32 decoder
+    layers, features at layer -2) with tiny widths, so budgets and stage layers mean the same as
+    on the 7B model while a forward pass costs milliseconds.
+    """
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_mlp: int = 64
+    text_hidden: int = 32
+    text_layers: int = 32
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 64
+    words: list[str] = field(default_factory=lambda: "red green blue circle square triangle".split())
+
+    def config(self, vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
+        vision = dict(
+            model_type="clip_vision_model",
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_size=self.vision_hidden,
+            intermediate_size=self.vision_mlp,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.vision_heads,
+            projection_dim=self.vision_hidden,
+        )
+        text = dict(
+            model_type="llama",
+            vocab_size=vocab_size,
+            hidden_size=self.text_hidden,
+            intermediate_size=self.text_mlp,
+            num_hidden_layers=self.text_layers,
+            num_attention_heads=self.text_heads,
+            num_key_value_heads=self.text_kv_heads,
+            max_position_embeddings=4096,
+            pad_token_id=pad_token_id,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+        return LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=image_token_id,
+            image_seq_length=(self.image_size // self.patch_size) ** 2,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            pad_token_id=pad_token_id,
+        )
+
+
+def build_random_checkpoint(folder: str | Path, spec: TinyLlavaSpec | None = None, seed: int = 0) -> Path:
+    """Save a randomly initialised LLaVA + processor as a standard HF folder and return its path."""
+    spec = spec or TinyLlavaSpec()
+    folder = Path(folder)
+    processor = build_processor(spec.words, spec.image_size, spec.patch_size)
+    tok = processor.tokenizer
+    config = spec.config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

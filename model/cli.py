@@ -1,0 +1,70 @@
+"""Command line: ``python -m model answer ...`` (SPEC §5)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .budget import METHODS, ReductionConfig
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def add_reduction_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=METHODS, default="duet")
+    parser.add_argument("--budget", type=int, default=192, help="average visual tokens per LLM layer")
+    parser.add_argument("--k1", type=int, help="V2V dominant tokens per frame (default: solved from budget)")
+    parser.add_argument("--k2", type=int, help="V2V contextual clusters per frame")
+    parser.add_argument("--cluster-width", type=int, default=4, help="V2V cluster window (patches)")
+    parser.add_argument("--stage-layers", type=_ints, help="comma-separated T2V/PDrop stage layers")
+    parser.add_argument("--stage-ratios", type=_floats, help="comma-separated keep ratios, one per stage layer")
+    parser.add_argument("--fastv-k", type=int, help="FastV drop layer K")
+
+
+def reduction_from_args(args: argparse.Namespace) -> ReductionConfig:
+    return ReductionConfig(
+        method=args.method, budget=args.budget, k1=args.k1, k2=args.k2,
+        cluster_width=args.cluster_width, stage_layers=args.stage_layers,
+        stage_ratios=args.stage_ratios, fastv_k=args.fastv_k,
+    )
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .engine import DuetLlava
+
+    reduction = reduction_from_args(args)
+    engine = DuetLlava.load(args.model, device=args.device)
+    with Image.open(args.image) as image:
+        image.load()
+        trace = engine.answer(image, args.question, reduction, max_new_tokens=args.max_new_tokens)
+    print(json.dumps(trace) if args.json else trace["answer"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model", description="DUET-LLaVA token reduction")
+    commands = parser.add_subparsers(dest="command", required=True)
+    answer = commands.add_parser("answer", help="answer a question about an image")
+    answer.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
+    answer.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    answer.add_argument("--image", required=True)
+    answer.add_argument("--question", required=True)
+    answer.add_argument("--max-new-tokens", type=int, default=16)
+    answer.add_argument("--json", action="store_true", help="print the full trace as one JSON object")
+    add_reduction_args(answer)
+    answer.set_defaults(run=cmd_answer)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,448 @@
+"""DUET-LLaVA engine: any Hugging Face LLaVA checkpoint, unmodified transformers, SDPA attention.
+
+One run = prepare the prompt -> vision tower -> (V2V merge) -> projector -> a layer loop over the
+stock decoder layers that drops visual tokens at stage layers -> greedy decoding on a KV cache
+whose layers hold only the survivors. Scores are computed from a layer's own q/k for the few rows
+that need them, so the model never switches to eager attention. Kept tokens keep their original
+position ids (RoPE positions are not renumbered). Every decision lands in a JSON-able trace
+(SPEC §4); nothing else in the product reads model internals.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+
+from . import flops as F
+from .budget import Plan, ReductionConfig, average, plan
+from .t2v import attention_mass, keep_top, salient_spans, tokens_overlapping
+from .v2v import cls_attention, duet_merge, visionzip_merge
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "duet-llava-tiny"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class Timer:
+    """Wall-clock sections, synchronising CUDA so GPU work is counted where it happens."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ms = device, {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        self._sync()
+        return time.perf_counter()
+
+    def stop(self, name: str, started: float):
+        self._sync()
+        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - started) * 1e3
+
+
+@dataclass
+class Prompt:
+    input_ids: torch.Tensor  # (1, T) as the processor expands it: P image tokens per frame
+    pixel_values: torch.Tensor  # (F, 3, H, W)
+    salient: list[int]  # positions in input_ids of the salient text tokens (incl. the last)
+    question: str
+    view_boxes: list[list[float]]  # per frame: the region of the original image the model sees
+
+
+@dataclass
+class Visual:
+    features: torch.Tensor  # (N, d_text) projected visual tokens, frames concatenated
+    frames: list[dict]  # per-frame trace records
+    tokens_per_frame: list[int]
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # (vocab,) at the last position
+    cache: DynamicCache | None
+    stages: list[dict]
+    counts: list[int]  # visual tokens seen by each layer
+    tokens_per_layer: list[int]  # all tokens seen by each layer
+    kept: dict[int, list[int]]  # stage layer -> surviving visual token ids
+
+
+class DuetLlava:
+    """A loaded LLaVA checkpoint plus the DUET / baseline reduction machinery."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor, name: str):
+        self.model, self.processor, self.name = model.eval(), processor, name
+        self.tokenizer = processor.tokenizer
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.vision = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        cfg = model.config
+        self.image_token_id = cfg.image_token_id
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise NotImplementedError("multi-layer vision features are not supported by the engine")
+        if cfg.vision_feature_select_strategy != "default":
+            raise NotImplementedError("only the 'default' feature strategy (CLS dropped) is supported")
+        vc = cfg.vision_config
+        side = vc.image_size // vc.patch_size
+        self.grid = (side, side)
+        self.n_patches = side * side
+        n_hidden = vc.num_hidden_layers + 1  # embeddings + every layer
+        self.feature_index = cfg.vision_feature_layer % n_hidden
+        if self.feature_index == 0:
+            raise ValueError("vision_feature_layer 0 (embeddings) has no attention to score patches with")
+        self.n_layers = self.lm.config.num_hidden_layers
+        # RoPE helper of the decoder family in use (Llama, Mistral, ...), never a copy of our own.
+        self._apply_rope = sys.modules[type(self.lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.sdpa = self.lm.config._attn_implementation == "sdpa"
+
+    @classmethod
+    def load(cls, model_id: str | Path | None = None, device: str = "auto", dtype: torch.dtype | None = None):
+        """Load a LLaVA checkpoint (local folder or hub id) with SDPA attention and the PIL processor."""
+        source = str(model_id or DEFAULT_MODEL)
+        if model_id is None and not DEFAULT_MODEL.exists():
+            raise FileNotFoundError(f"the shipped checkpoint is missing at {DEFAULT_MODEL}; pass --model")
+        dev = pick_device(device)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            source, dtype=dtype or pick_dtype(dev), attn_implementation="sdpa"
+        ).to(dev)
+        processor = AutoProcessor.from_pretrained(source, backend="pil")
+        return cls(model, processor, Path(source).name if Path(source).exists() else source)
+
+    # ----------------------------------------------------------------------------- inputs
+    def prepare(self, frames: list[Image.Image], question: str, salient_words=None) -> Prompt:
+        question = " ".join(question.split())
+        if not question:
+            raise ValueError("the question is empty")
+        content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": question}]
+        conversation = [{"role": "user", "content": content}]
+        if getattr(self.processor, "chat_template", None):
+            text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        else:
+            text = "USER: " + "<image>\n" * len(frames) + question + " ASSISTANT:"
+        rgb = [f.convert("RGB") for f in frames]
+        inputs = self.processor(images=rgb, text=text, return_tensors="pt")
+        input_ids = inputs["input_ids"]
+        if input_ids.shape[0] != 1:
+            raise ValueError("the engine runs one prompt at a time (batch size 1)")
+        return Prompt(
+            input_ids=input_ids,
+            pixel_values=inputs["pixel_values"],
+            salient=self._salient_positions(text, question, input_ids[0], salient_words),
+            question=question,
+            view_boxes=[self._view_box(f.size) for f in rgb],
+        )
+
+    def _salient_positions(self, text: str, question: str, input_ids: torch.Tensor, words) -> list[int]:
+        """Token positions (in the expanded prompt) of the question's salient words + the last token."""
+        last = len(input_ids) - 1
+        short = self.tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = short["input_ids"], short["offset_mapping"]
+        expansion = (input_ids == self.image_token_id).sum().item() // max(1, ids.count(self.image_token_id))
+        shift, expanded_pos = 0, []
+        for token in ids:
+            expanded_pos.append(len(expanded_pos) + shift)
+            if token == self.image_token_id:
+                shift += expansion - 1
+        expanded = [t for t in ids for _ in range(expansion if t == self.image_token_id else 1)]
+        start = text.rfind(question)
+        if expanded != input_ids.tolist() or start < 0:
+            return [last]  # tokenisation differs from the processor's: fall back to the last token
+        spans = [(start + a, start + b) for a, b, _ in salient_spans(question, words)]
+        chosen = {expanded_pos[i] for i in tokens_overlapping(offsets, spans)}
+        return sorted(chosen | {last})
+
+    def _view_box(self, size: tuple[int, int]) -> list[float]:
+        """The part of the original image (x0, y0, x1, y1 in its pixels) that fills the model's
+        square input, following the processor's pad / shortest-edge resize / centre crop."""
+        ip = self.processor.image_processor
+        w, h = size
+        x0, y0, x1, y1 = 0.0, 0.0, float(w), float(h)
+        if getattr(ip, "do_pad", False):
+            side = max(w, h)
+            x0, y0, x1, y1 = (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+        bw, bh = x1 - x0, y1 - y0
+        if getattr(ip, "do_center_crop", False) and ip.crop_size is not None:
+            crop_h, crop_w = ip.crop_size["height"], ip.crop_size["width"]
+            edge = (ip.size or {}).get("shortest_edge")
+            scale = edge / min(bw, bh) if edge else 1.0
+            cw, ch = crop_w / scale, crop_h / scale
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            x0, y0, x1, y1 = cx - cw / 2, cy - ch / 2, cx + cw / 2, cy + ch / 2
+        return [round(v, 2) for v in (x0, y0, x1, y1)]
+
+    # ----------------------------------------------------------------------------- vision
+    def encode(self, prompt: Prompt, p: Plan, timer: Timer) -> Visual:
+        """Vision tower -> optional V2V merge per frame -> projector."""
+        started = timer.start()
+        pixels = prompt.pixel_values.to(self.device, self.dtype)
+        hidden = self.vision(pixels, output_hidden_states=True).hidden_states
+        features = hidden[self.feature_index][:, 1:]
+        timer.stop("vision", started)
+        if p.k1 is None:
+            records = [{"token_patches": [[i] for i in range(self.n_patches)]} for _ in range(len(pixels))]
+            merged = list(features)
+        else:
+            started = timer.start()
+            merged, records = [], []
+            layer = self.vision.encoder.layers[self.feature_index - 1]
+            attn = layer.self_attn
+            x = layer.layer_norm1(hidden[self.feature_index - 1])
+            n_frames, n_tokens, _ = x.shape
+            keys = attn.k_proj(x).view(n_frames, n_tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
+            query_cls = attn.q_proj(x[:, 0]).view(n_frames, attn.num_heads, attn.head_dim)
+            for f in range(n_frames):
+                scores = cls_attention(query_cls[f], keys[f], attn.scale)
+                head_mean_keys = keys[f, :, 1:].mean(dim=0)
+                if p.method == "visionzip":
+                    m = visionzip_merge(features[f], head_mean_keys, scores, p.k1, p.k2)
+                else:
+                    m = duet_merge(features[f], head_mean_keys, scores, self.grid, p.k1, p.k2, p.cluster_width)
+                merged.append(m.tokens)
+                records.append({**m.record(scores), "token_patches": m.token_patches})
+            timer.stop("v2v", started)
+        started = timer.start()
+        counts = [len(m) for m in merged]
+        projected = self.projector(torch.cat(merged, dim=0))
+        timer.stop("vision", started)
+        offset = 0
+        for f, (record, n) in enumerate(zip(records, counts)):
+            record.update(index=f, token_offset=offset, n_tokens=n, view_box=prompt.view_boxes[f])
+            offset += n
+        return Visual(projected, records, counts)
+
+    # ----------------------------------------------------------------------------- LLM
+    def llm_inputs(self, prompt: Prompt, visual: Visual) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Embeddings with each frame's P image tokens replaced by its reduced tokens.
+
+        Returns (embeds (1, T', d), positions of visual tokens in it, salient positions in it).
+        """
+        ids = prompt.input_ids[0].to(self.device)
+        is_image = ids == self.image_token_id
+        run_index = torch.cumsum(is_image.long(), 0) - 1  # index of an image token among all image tokens
+        frame_of = torch.div(run_index, self.n_patches, rounding_mode="floor")
+        within = run_index - frame_of * self.n_patches
+        limit = torch.tensor(visual.tokens_per_frame, device=self.device)[frame_of.clamp(min=0)]
+        keep = ~is_image | (within < limit)
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        short_ids = ids[keep]
+        embeds = self.lm.embed_tokens(short_ids)[None]
+        visual_rows = torch.nonzero(short_ids == self.image_token_id).flatten()
+        embeds[0, visual_rows] = visual.features.to(embeds.dtype)
+        salient = sorted({int(new_index[p]) for p in prompt.salient if keep[p]})
+        return embeds, visual_rows, salient
+
+    def _mask(self, n: int) -> torch.Tensor | None:
+        """Causal mask for a prefill of n rows; SDPA derives it itself (is_causal)."""
+        if self.sdpa:
+            return None
+        blocked = torch.ones(n, n, dtype=torch.bool, device=self.device).triu(1)
+        return torch.zeros(n, n, dtype=self.dtype, device=self.device).masked_fill(
+            blocked, torch.finfo(self.dtype).min
+        )[None, None]
+
+    def _scores(self, layer, h, rope, pos, query_rows, visual_rows) -> torch.Tensor:
+        """Attention mass that ``query_rows`` pay each visual row at ``layer`` (its own q/k)."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)[0]
+        hd = attn.head_dim
+        cos, sin = rope
+        q = attn.q_proj(x[query_rows]).view(1, len(query_rows), -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(1, x.shape[0], -1, hd).transpose(1, 2)
+        q = self._apply_rope(q, q, cos[:, query_rows], sin[:, query_rows])[0]
+        k = self._apply_rope(k, k, cos, sin)[1]
+        return attention_mass(q[0], k[0], pos[query_rows], pos, visual_rows, attn.scaling)
+
+    def prefill(
+        self,
+        embeds: torch.Tensor,
+        visual_rows: torch.Tensor,
+        salient: list[int],
+        p: Plan,
+        use_cache: bool = True,
+        force: dict[int, list[int]] | None = None,
+        record: bool = True,
+    ) -> Prefill:
+        """Run the decoder layers, dropping visual tokens at the plan's stage layers.
+
+        ``force`` (stage layer -> kept visual ids) replays earlier decisions instead of scoring:
+        used to recompute a sequence without cache with exactly the same kept tokens.
+        """
+        if embeds.shape[0] != 1:
+            raise ValueError("the engine runs one sequence at a time (batch size 1)")
+        lm = self.lm
+        h = embeds
+        pos = torch.arange(h.shape[1], device=self.device)
+        visual_ids = torch.arange(len(visual_rows), device=self.device)
+        is_visual = torch.zeros(h.shape[1], dtype=torch.bool, device=self.device)
+        is_visual[visual_rows] = True
+        salient_pos = torch.tensor(salient, device=self.device)
+        stage_at = {s.layer: s for s in p.stages}
+        score_at = {s.score_layer: s for s in p.stages if not (force and s.layer in force)}
+        cache = DynamicCache(config=lm.config) if use_cache else None
+        rope = lm.rotary_emb(h, pos[None])
+        pending, stages, counts, totals, kept = {}, [], [], [], {}
+        for index, layer in enumerate(lm.layers):
+            rows = torch.nonzero(is_visual).flatten()
+            if index in score_at:
+                s = score_at[index]
+                query = {
+                    "salient": torch.nonzero(torch.isin(pos, salient_pos)).flatten(),
+                    "last": torch.tensor([h.shape[1] - 1], device=self.device),
+                    "all": torch.arange(h.shape[1], device=self.device),
+                }[s.query]
+                pending[s.layer] = self._scores(layer, h, rope, pos, query, rows)
+            if index in stage_at:
+                s = stage_at[index]
+                if force and index in force:
+                    choice = torch.nonzero(torch.isin(visual_ids, torch.tensor(force[index], device=self.device))).flatten()
+                    scores = None
+                else:
+                    scores = pending.pop(index)
+                    choice = keep_top(scores, s.keep)
+                survivors = torch.ones(h.shape[1], dtype=torch.bool, device=self.device)
+                survivors[rows] = False
+                survivors[rows[choice]] = True
+                kept[index] = visual_ids[choice].tolist()
+                if record:
+                    stages.append({
+                        "layer": index,
+                        "score_layer": s.score_layer,
+                        "query": s.query,
+                        "n_in": len(rows),
+                        "ids_in": visual_ids.tolist(),
+                        "kept": kept[index],
+                        "scores": None if scores is None else [round(float(v), 7) for v in scores],
+                    })
+                h, pos, is_visual = h[:, survivors], pos[survivors], is_visual[survivors]
+                visual_ids = visual_ids[choice]
+                rope = lm.rotary_emb(h, pos[None])
+            counts.append(int(is_visual.sum()))
+            totals.append(h.shape[1])
+            h = layer(
+                h,
+                attention_mask=self._mask(h.shape[1]),
+                position_ids=pos[None],
+                past_key_values=cache,
+                use_cache=use_cache,
+                position_embeddings=rope,
+            )
+        logits = self.lm_head(lm.norm(h[:, -1]))[0]
+        return Prefill(logits, cache, stages, counts, totals, kept)
+
+    def _step(self, token: int, position: int, cache: DynamicCache) -> torch.Tensor:
+        h = self.lm.embed_tokens(torch.tensor([[token]], device=self.device))
+        pos = torch.tensor([[position]], device=self.device)
+        rope = self.lm.rotary_emb(h, pos)
+        for layer in self.lm.layers:
+            h = layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=rope)
+        return self.lm_head(self.lm.norm(h[:, -1]))[0]
+
+    # ----------------------------------------------------------------------------- public API
+    @torch.inference_mode()
+    def answer(
+        self,
+        frames: list[Image.Image] | Image.Image,
+        question: str,
+        reduction: ReductionConfig | None = None,
+        max_new_tokens: int = 16,
+        use_cache: bool = True,
+        record: bool = True,
+    ) -> dict:
+        """Answer ``question`` about one image (or several frames) and return the SPEC §4 trace."""
+        frames = [frames] if isinstance(frames, Image.Image) else list(frames)
+        if not frames:
+            raise ValueError("at least one image is required")
+        reduction = reduction or ReductionConfig()
+        p = plan(reduction, self.n_layers, self.n_patches)
+        timer = Timer(self.device)
+        started_total = timer.start()
+        prompt = self.prepare(frames, question, reduction.salient_words)
+        visual = self.encode(prompt, p, timer)
+        embeds, visual_rows, salient = self.llm_inputs(prompt, visual)
+        started = timer.start()
+        first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record)
+        token = int(first.logits.argmax())
+        timer.stop("prefill", started)
+
+        generated = []
+        started = timer.start()
+        while token not in self.eos_ids and len(generated) < max_new_tokens:
+            generated.append(token)
+            if len(generated) == max_new_tokens:
+                break
+            if use_cache:
+                logits = self._step(token, embeds.shape[1] + len(generated) - 1, first.cache)
+            else:
+                grown = torch.cat([embeds, self.lm.embed_tokens(torch.tensor([generated], device=self.device))], 1)
+                logits = self.prefill(grown, visual_rows, salient, p, use_cache=False, force=first.kept,
+                                      record=False).logits
+            token = int(logits.argmax())
+        timer.stop("decode", started)
+        timer.stop("total", started_total)
+
+        ms = timer.ms
+        n_visual_full = self.n_patches * len(frames)
+        text_len = embeds.shape[1] - len(visual_rows)
+        lm_cfg, vc = self.lm.config, self.model.config.vision_config
+        steps = max(1, len(generated) - 1)
+        return {
+            "model": self.name,
+            "method": p.method,
+            "budget": p.budget,
+            "question": prompt.question,
+            "answer": self.tokenizer.decode(generated, skip_special_tokens=True).strip(),
+            "generated_tokens": len(generated),
+            "generated_ids": generated,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "grid": list(self.grid),
+            "frames": visual.frames,
+            "salient": [
+                {"position": i, "token": self.tokenizer.convert_ids_to_tokens(int(prompt.input_ids[0, j]))}
+                for i, j in zip(salient, sorted(prompt.salient))
+            ],
+            "plan": {**{k: v for k, v in asdict(p).items() if k != "stages"},
+                     "stages": [asdict(s) for s in p.stages]},
+            "t2v": first.stages,
+            "visual_tokens_per_layer": first.counts,
+            "avg_visual_tokens": round(average(first.counts), 2),
+            "timings_ms": {
+                "vision": round(ms.get("vision", 0.0), 3),
+                "v2v": round(ms.get("v2v", 0.0), 3),
+                "prefill": round(ms["prefill"], 3),
+                "decode_per_token": round(ms["decode"] / steps, 3) if len(generated) > 1 else 0.0,
+                "total": round(ms["total"], 3),
+            },
+            "flops": {
+                "vision": F.vision_flops(len(frames), self.n_patches + 1, vc.num_hidden_layers,
+                                         vc.hidden_size, vc.intermediate_size),
+                "llm": F.llm_flops(first.tokens_per_layer, lm_cfg.hidden_size, lm_cfg.intermediate_size),
+                "llm_full": F.llm_flops([text_len + n_visual_full] * self.n_layers,
+                                        lm_cfg.hidden_size, lm_cfg.intermediate_size),
+            },
+        }
