@@ -39,14 +39,25 @@ def reduction_from_args(args: argparse.Namespace) -> ReductionConfig:
 def cmd_answer(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from transformers.utils import logging
+
     from .engine import DuetLlava
 
+    logging.disable_progress_bar()
     reduction = reduction_from_args(args)
     engine = DuetLlava.load(args.model, device=args.device)
     with Image.open(args.image) as image:
         image.load()
         trace = engine.answer(image, args.question, reduction, max_new_tokens=args.max_new_tokens)
     print(json.dumps(trace) if args.json else trace["answer"])
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from .checkpoint import TinyLlavaSpec, build_random_checkpoint
+
+    spec = TinyLlavaSpec(text_layers=args.layers)
+    print(build_random_checkpoint(args.out, spec, seed=args.seed))
     return 0
 
 
@@ -62,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     answer.add_argument("--json", action="store_true", help="print the full trace as one JSON object")
     add_reduction_args(answer)
     answer.set_defaults(run=cmd_answer)
+    tiny = commands.add_parser("tiny", help="save a tiny random LLaVA checkpoint (for trying the CLI and tests)")
+    tiny.add_argument("out")
+    tiny.add_argument("--layers", type=int, default=32, help="decoder layers")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=cmd_tiny)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

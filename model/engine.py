@@ -335,7 +335,7 @@ class DuetLlava:
                         "n_in": len(rows),
                         "ids_in": visual_ids.tolist(),
                         "kept": kept[index],
-                        "scores": None if scores is None else [round(float(v), 7) for v in scores],
+                        "scores": None if scores is None else scores.tolist(),
                     })
                 h, pos, is_visual = h[:, survivors], pos[survivors], is_visual[survivors]
                 visual_ids = visual_ids[choice]

@@ -31,7 +31,7 @@ class Merge:
         return {
             "dominant": self.dominant,
             "clusters": self.clusters,
-            "scores": [round(float(s), 6) for s in scores],
+            "scores": scores.tolist(),
         }
 
 

@@ -1,0 +1,69 @@
+import pytest
+
+from model.budget import METHODS, ReductionConfig, average, plan
+
+
+@pytest.mark.parametrize("budget,k1,k2,expected", [(192, 300, 7, 191.9), (128, 170, 32, 126.3), (64, 72, 30, 63.8)])
+def test_duet_presets_match_spec_table(budget, k1, k2, expected):
+    p = plan(ReductionConfig("duet", budget), n_layers=32)
+    assert (p.k1, p.k2) == (k1, k2)
+    assert [(s.layer, s.query) for s in p.stages] == [(16, "salient"), (24, "salient")]
+    assert [s.keep for s in p.stages] == [-(-(k1 + k2) // 2), 0]
+    assert average(p.counts_per_layer()) == pytest.approx(expected, abs=0.15)
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+@pytest.mark.parametrize("budget", [192, 128, 64, 100, 300, 17])
+@pytest.mark.parametrize("n_layers", [32, 16, 12])
+def test_every_method_meets_its_budget_on_average(method, budget, n_layers):
+    p = plan(ReductionConfig(method, budget), n_layers=n_layers)
+    if not p.feasible:  # only when the full-token layers before the first stage alone overshoot
+        assert method in ("fastv", "pyramiddrop")
+        assert budget * n_layers < p.stages[0].layer * 576
+        return
+    assert p.feasible
+    assert average(p.counts_per_layer()) == pytest.approx(budget, abs=2)
+
+
+def test_duet_budget_at_patch_count_is_no_reduction():
+    p = plan(ReductionConfig("duet", 576), n_layers=32)
+    assert (p.k1, p.k2, p.stages) == (576, 0, ())
+
+
+def test_duet_large_budget_raises_stage_ratios_instead_of_exceeding_patches():
+    p = plan(ReductionConfig("duet", 450), n_layers=32)
+    assert p.k1 + p.k2 == 576
+    assert average(p.counts_per_layer()) == pytest.approx(450, abs=2)
+
+
+def test_visionzip_presets_and_custom_split():
+    assert (plan(ReductionConfig("visionzip", 64), 32).k1, plan(ReductionConfig("visionzip", 64), 32).k2) == (54, 10)
+    custom = plan(ReductionConfig("visionzip", 100), 32)
+    assert custom.k1 + custom.k2 == 100 and custom.k2 > 0
+
+
+def test_pyramiddrop_uses_8_16_24_when_it_can():
+    p = plan(ReductionConfig("pyramiddrop", 192), 32)
+    assert [s.layer for s in p.stages] == [8, 16, 24]
+    keeps = [s.keep for s in p.stages]
+    assert keeps == sorted(keeps, reverse=True)
+
+
+def test_fastv_drops_after_layer_two_ranked_by_layer_one():
+    (stage,) = plan(ReductionConfig("fastv", 128), 32).stages
+    assert (stage.layer, stage.score_layer, stage.query) == (2, 1, "all")
+
+
+def test_overrides_win_over_solved_values():
+    p = plan(ReductionConfig("duet", 64, k1=10, k2=5, stage_layers=(4, 8), stage_ratios=(0.4, 0.2)), 32)
+    assert (p.k1, p.k2) == (10, 5)
+    assert [(s.layer, s.keep) for s in p.stages] == [(4, 6), (8, 3)]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="nope"), dict(budget=0), dict(k1=-1), dict(cluster_width=-1),
+    dict(stage_layers=(4,), stage_ratios=(1.5,)), dict(stage_layers=(4, 8), stage_ratios=(0.5,)),
+])
+def test_invalid_configs_are_rejected_with_a_message(kwargs):
+    with pytest.raises(ValueError):
+        ReductionConfig(**kwargs)

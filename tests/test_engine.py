@@ -1,0 +1,161 @@
+"""The engine against stock transformers on a tiny random checkpoint loaded from disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from model.budget import METHODS, ReductionConfig, plan
+from model.engine import DuetLlava, Timer
+
+from .conftest import QUESTION
+
+
+def prefill_logits(engine: DuetLlava, image, cfg: ReductionConfig) -> torch.Tensor:
+    p = plan(cfg, engine.n_layers, engine.n_patches)
+    prompt = engine.prepare([image], QUESTION)
+    with torch.inference_mode():
+        visual = engine.encode(prompt, p, Timer(engine.device))
+        embeds, rows, salient = engine.llm_inputs(prompt, visual)
+        return engine.prefill(embeds, rows, salient, p).logits
+
+
+@pytest.fixture(scope="module")
+def stock(engine, image):
+    prompt = engine.prepare([image], QUESTION)
+    with torch.inference_mode():
+        logits = engine.model(input_ids=prompt.input_ids, pixel_values=prompt.pixel_values).logits[0, -1]
+        generated = engine.model.generate(
+            input_ids=prompt.input_ids, pixel_values=prompt.pixel_values, attention_mask=torch.ones_like(prompt.input_ids),
+            max_new_tokens=8, do_sample=False,
+        )[0, prompt.input_ids.shape[1]:]
+    return logits, [t for t in generated.tolist() if t not in engine.eos_ids]
+
+
+def test_loader_uses_sdpa_fp32_cpu_and_pil_processor(engine):
+    assert engine.model.config._attn_implementation == "sdpa"
+    assert engine.model.config.vision_config._attn_implementation == "sdpa"
+    assert engine.dtype == torch.float32 and engine.device.type == "cpu"
+    assert type(engine.processor.image_processor).__name__ == "LlavaImageProcessorPil"
+
+
+@pytest.mark.parametrize("cfg", [ReductionConfig("full"), ReductionConfig("duet", 576)])
+def test_no_reduction_matches_stock_logits(engine, image, stock, cfg):
+    delta = (prefill_logits(engine, image, cfg) - stock[0]).abs().max().item()
+    assert delta < 1e-4
+
+
+@pytest.mark.parametrize("cfg", [ReductionConfig("full"), ReductionConfig("duet", 576)])
+def test_no_reduction_generates_what_stock_generate_does(engine, image, stock, cfg):
+    trace = engine.answer(image, QUESTION, cfg, max_new_tokens=8)
+    assert trace["generated_ids"] == stock[1]
+    assert trace["visual_tokens_per_layer"] == [576] * engine.n_layers
+
+
+@pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop", "visionzip"])
+@pytest.mark.parametrize("budget", [192, 64])
+def test_cached_generation_equals_uncached_recomputation(engine, image, method, budget):
+    cfg = ReductionConfig(method, budget)
+    cached = engine.answer(image, QUESTION, cfg, max_new_tokens=10)
+    recomputed = engine.answer(image, QUESTION, cfg, max_new_tokens=10, use_cache=False)
+    assert len(cached["generated_ids"]) > 1
+    assert cached["generated_ids"] == recomputed["generated_ids"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [192, 128, 64])
+def test_trace_average_tokens_per_layer_meets_budget(engine, image, method, budget):
+    trace = engine.answer(image, QUESTION, ReductionConfig(method, budget), max_new_tokens=1)
+    counts = trace["visual_tokens_per_layer"]
+    assert len(counts) == engine.n_layers
+    assert trace["avg_visual_tokens"] == pytest.approx(sum(counts) / len(counts), abs=0.01)
+    target = 576 if method == "full" else budget
+    assert abs(trace["avg_visual_tokens"] - target) <= 2
+
+
+def test_t2v_keeps_original_ids_and_counts(engine, image):
+    trace = engine.answer(image, QUESTION, ReductionConfig("duet", 128), max_new_tokens=1)
+    n = trace["plan"]["k1"] + trace["plan"]["k2"]
+    first, second = trace["t2v"]
+    assert (first["layer"], first["n_in"], len(first["kept"])) == (16, n, -(-n // 2))
+    assert first["kept"] == sorted(first["kept"]) and set(first["kept"]) <= set(range(n))
+    assert (second["n_in"], second["kept"]) == (len(first["kept"]), [])
+    kept_by_score = sorted(range(n), key=lambda i: -first["scores"][i])[: len(first["kept"])]
+    assert sorted(kept_by_score) == first["kept"]
+
+
+def test_salient_tokens_cover_question_words_and_last_token(engine, image):
+    trace = engine.answer(image, QUESTION, ReductionConfig("duet", 64), max_new_tokens=1)
+    tokens = [s["token"] for s in trace["salient"]]
+    assert {"what", "color", "red", "circle", "?"} <= set(tokens)
+    assert "the" not in tokens
+    n_text = 11 + trace["plan"]["k1"] + trace["plan"]["k2"]  # prompt tokens after V2V
+    assert trace["salient"][-1]["position"] == n_text - 1
+
+
+def test_v2v_record_maps_every_patch_once(engine, image):
+    trace = engine.answer(image, QUESTION, ReductionConfig("duet", 64), max_new_tokens=1)
+    (frame,) = trace["frames"]
+    assert frame["n_tokens"] == len(frame["token_patches"]) == 102
+    patches = sorted(p for group in frame["token_patches"] for p in group)
+    assert patches == list(range(576))
+    assert len(frame["scores"]) == 576
+
+
+def test_trace_is_deterministic(engine, image):
+    cfg = ReductionConfig("duet", 64)
+    a, b = (engine.answer(image, QUESTION, cfg, max_new_tokens=3) for _ in range(2))
+    for key in ("frames", "t2v", "generated_ids", "visual_tokens_per_layer"):
+        assert a[key] == b[key]
+
+
+def test_flops_shrink_with_the_budget(engine, image):
+    f = {b: engine.answer(image, QUESTION, ReductionConfig("duet", b), max_new_tokens=1)["flops"] for b in (192, 64)}
+    assert f[64]["llm"] < f[192]["llm"] < f[192]["llm_full"]
+
+
+def test_batches_are_rejected_with_a_clear_error(engine):
+    p = plan(ReductionConfig("full"), engine.n_layers)
+    embeds = torch.zeros(2, 5, engine.lm.config.hidden_size)
+    with pytest.raises(ValueError, match="batch size 1"):
+        engine.prefill(embeds, torch.tensor([1]), [4], p)
+
+
+def test_empty_question_is_rejected(engine, image):
+    with pytest.raises(ValueError, match="empty"):
+        engine.answer(image, "   ", ReductionConfig("duet", 64))
+
+
+# ------------------------------------------------------------- scores equal eager attention
+@pytest.fixture(scope="module")
+def eager(tiny_checkpoint):
+    return LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager").eval()
+
+
+def test_v2v_scores_equal_eager_cls_attention(engine, eager, image):
+    trace = engine.answer(image, QUESTION, ReductionConfig("duet", 64), max_new_tokens=1)
+    prompt = engine.prepare([image], QUESTION)
+    with torch.inference_mode():
+        out = eager.model.vision_tower(prompt.pixel_values, output_attentions=True)
+    attention = out.attentions[engine.feature_index - 1][0]  # the layer producing the features
+    expected = attention[:, 0, 1:].mean(0)
+    assert torch.allclose(torch.tensor(trace["frames"][0]["scores"]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,rows", [("duet", "salient"), ("fastv", "all"), ("pyramiddrop", "last")])
+def test_llm_scores_equal_eager_attention(engine, eager, image, method, rows):
+    cfg = ReductionConfig(method, 128)
+    p = plan(cfg, engine.n_layers)
+    trace = engine.answer(image, QUESTION, cfg, max_new_tokens=1)
+    stage = trace["t2v"][0]
+    prompt = engine.prepare([image], QUESTION)
+    with torch.inference_mode():
+        visual = engine.encode(prompt, p, Timer(engine.device))
+        embeds, visual_rows, salient = engine.llm_inputs(prompt, visual)
+        out = eager.model.language_model(inputs_embeds=embeds, output_attentions=True)
+    attention = out.attentions[stage["score_layer"]][0]  # (heads, T, T); no drop happened before
+    query = {"salient": torch.tensor(salient), "all": torch.arange(embeds.shape[1]),
+             "last": torch.tensor([embeds.shape[1] - 1])}[rows]
+    expected = attention[:, query][:, :, visual_rows].mean((0, 1))
+    assert torch.allclose(torch.tensor(stage["scores"]), expected, atol=1e-5)

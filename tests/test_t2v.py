@@ -1,0 +1,53 @@
+import torch
+
+from model.t2v import attention_mass, keep_top, salient_spans, tokens_overlapping
+
+
+def words(question, override=None):
+    return [w for _, _, w in salient_spans(question, override)]
+
+
+def test_salient_words_keep_question_words_content_and_punctuation():
+    assert words("What is the color of the big triangle on the left?") == [
+        "What", "is", "color", "big", "triangle", "left", "?"]
+    assert words("How many red circles are there ?") == ["How", "many", "red", "circles", "are", "?"]
+
+
+def test_salient_words_override():
+    assert words("what color is the triangle ?", ("triangle",)) == ["triangle"]
+
+
+def test_tokens_overlapping_maps_words_to_every_subword():
+    offsets = [(0, 4), (5, 8), (8, 11), (12, 13), (0, 0)]
+    assert tokens_overlapping(offsets, [(5, 11)]) == [1, 2]
+    assert tokens_overlapping(offsets, [(0, 1)]) == [0]
+
+
+def test_keep_top_returns_best_in_original_order():
+    scores = torch.tensor([0.1, 0.5, 0.3, 0.5, 0.0])
+    assert keep_top(scores, 3).tolist() == [1, 2, 3]
+    assert keep_top(scores, 0).tolist() == []
+    assert keep_top(scores, 99).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_attention_mass_matches_a_dense_causal_softmax():
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, length, hd = 4, 2, 12, 8
+    q_all = torch.randn(heads, length, hd, generator=g)
+    k = torch.randn(kv_heads, length, hd, generator=g)
+    rows = torch.tensor([7, 11])
+    columns = torch.tensor([2, 3, 4, 5])
+    positions = torch.arange(length)
+    mass = attention_mass(q_all[:, rows], k, positions[rows], positions, columns, hd**-0.5)
+
+    k_full = k.repeat_interleave(2, 0)
+    logits = q_all @ k_full.transpose(1, 2) * hd**-0.5
+    logits = logits.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
+    expected = logits.softmax(-1)[:, rows][:, :, columns].mean((0, 1))
+    assert torch.allclose(mass, expected, atol=1e-6)
+
+
+def test_attention_mass_respects_causality_with_gapped_positions():
+    q, k = torch.randn(1, 1, 4), torch.randn(1, 3, 4)
+    mass = attention_mass(q, k, torch.tensor([5]), torch.tensor([2, 5, 9]), torch.tensor([2]), 0.5)
+    assert float(mass) == 0.0
