@@ -1,0 +1,34 @@
+"""DUET-Viz entry point: load a LLaVA checkpoint once, build the UI, serve it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from transformers.utils import logging as hf_logging
+
+from duet_viz.ui import CSS, build_demo
+from model.engine import DuetLlava
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="DUET-Viz: see what DUET-VLM keeps, layer by layer")
+    parser.add_argument("--model", default=os.environ.get("DUET_MODEL"),
+                        help="LLaVA checkpoint folder or hub id (default: $DUET_MODEL or the shipped model)")
+    parser.add_argument("--device", default=os.environ.get("DUET_DEVICE", "auto"), help="auto, cpu or cuda")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    hf_logging.disable_progress_bar()
+    engine = DuetLlava.load(args.model, device=args.device)
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS, max_file_size="20mb", show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""DUET-Viz: figures and the Gradio UI, built from engine traces only."""

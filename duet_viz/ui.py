@@ -1,0 +1,220 @@
+"""The Gradio app: run DUET-LLaVA and its baselines on one input, then explore the traces.
+
+The model runs once per click of *Run*; everything after that (switching the method shown,
+moving the layer slider, downloads) works from the traces kept in the session state. The layer
+slider does not even reach Python: every layer is a hidden trace of the layer figure and a few
+lines of JavaScript flip their visibility.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import torch
+from PIL import Image
+
+from model.budget import METHODS, PRESET_BUDGETS, ReductionConfig
+from model.engine import DuetLlava
+
+from . import figures
+
+log = logging.getLogger(__name__)
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLES = [
+    ("scene-shapes.png", "what color is the triangle ?"),
+    ("astronaut.jpg", "what is the woman holding ?"),
+    ("chelsea.jpg", "what animal is this ?"),
+    ("coffee.jpg", "what color is the cup ?"),
+]
+METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
+                "pyramiddrop": "PyramidDrop"}
+
+# Runs in the browser on every slider move: show heatmap trace `layer` (trace 0 is the image).
+LAYER_JS = """
+(layer) => {
+  const plot = document.querySelector('#layer-view .js-plotly-plot');
+  if (!plot || !window.Plotly || !plot.data) return;
+  const visible = plot.data.map((t, i) => i === 0 || i - 1 === layer);
+  const meta = plot.layout.meta || {};
+  window.Plotly.update(plot, {visible: visible},
+    {'title.text': `${meta.method || ''} · layer ${layer}: ${(meta.counts || [])[layer]} visual tokens survive`});
+}
+"""
+CSS = "#layer-view {min-height: 440px} .duet-header {margin-bottom: 0}"
+
+
+def _ints(text: str) -> tuple[int, ...] | None:
+    text = (text or "").strip()
+    return tuple(int(v) for v in text.replace(" ", "").split(",")) if text else None
+
+
+def _floats(text: str) -> tuple[float, ...] | None:
+    text = (text or "").strip()
+    return tuple(float(v) for v in text.replace(" ", "").split(",")) if text else None
+
+
+def _optional_int(value) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+class App:
+    """Callbacks bound to one loaded engine."""
+
+    def __init__(self, engine: DuetLlava, max_question_chars: int = 500):
+        self.engine = engine
+        self.max_question_chars = max_question_chars
+        self.workdir = tempfile.TemporaryDirectory(prefix="duet-viz-")
+
+    # --------------------------------------------------------------------- model runs
+    def reduction(self, method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient) -> ReductionConfig:
+        try:
+            return ReductionConfig(
+                method=method, budget=int(budget), k1=_optional_int(k1), k2=_optional_int(k2),
+                cluster_width=int(cluster_width), stage_layers=_ints(stage_layers),
+                stage_ratios=_floats(stage_ratios),
+                salient_words=tuple(salient.split()) if salient and salient.strip() else None,
+            )
+        except ValueError as error:
+            raise gr.Error(f"Invalid settings: {error}") from None
+
+    def run(self, image, question, method, budget_choice, custom_budget, compare, k1, k2, cluster_width,
+            stage_layers, stage_ratios, salient, max_new_tokens, layer, progress=gr.Progress()):
+        if image is None:
+            raise gr.Error("Upload an image (or click an example) first.")
+        question = (question or "").strip()
+        if not question:
+            raise gr.Error("Type a question about the image.")
+        if len(question) > self.max_question_chars:
+            raise gr.Error(f"The question is too long ({len(question)} characters; at most {self.max_question_chars}).")
+        budget = custom_budget if budget_choice == "custom" else budget_choice
+        if budget is None or not 1 <= int(budget) <= self.engine.n_patches:
+            raise gr.Error(f"The budget must be a whole number of visual tokens in 1..{self.engine.n_patches}.")
+        primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient)
+        others = [m for m in (compare or []) if m != method]
+        configs = [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words) for m in others]
+        traces = {}
+        for i, cfg in enumerate(configs):
+            progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
+            traces[cfg.method] = self._answer(image, question, cfg, int(max_new_tokens))
+        progress(1.0, desc="Drawing")
+        state = {"traces": traces, "image": image, "primary": method}
+        shown = gr.Radio(choices=[(METHOD_NAMES[m], m) for m in traces], value=method, visible=len(traces) > 1)
+        used = " ".join(f"`{s['token']}`" for s in traces[method]["salient"])
+        salient_text = f"Salient text tokens that ranked the visual tokens: {used}" if traces[method]["t2v"] else ""
+        return (state, shown, *self.render(state, method, layer), *self.summary(state), salient_text)
+
+    def _answer(self, image: Image.Image, question: str, cfg: ReductionConfig, max_new_tokens: int) -> dict:
+        try:
+            return self.engine.answer(image, question, cfg, max_new_tokens=max_new_tokens)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise gr.Error("Out of GPU memory: try a smaller budget or fewer methods to compare.") from None
+        except Exception as error:  # a failed run must not take the server down
+            log.exception("run failed")
+            raise gr.Error(f"The model run failed: {type(error).__name__}: {error}") from None
+
+    # --------------------------------------------------------------------- views
+    def render(self, state, method, layer):
+        if not state or method not in state.get("traces", {}):
+            return None, None
+        trace, image = state["traces"][method], state["image"]
+        layer = min(int(layer), len(trace["visual_tokens_per_layer"]) - 1)
+        view = figures.layer_view(trace, image, layer=layer)
+        view.update_layout(meta={"method": trace["method"], "counts": trace["visual_tokens_per_layer"]})
+        return figures.cluster_map(trace, image), view
+
+    def summary(self, state):
+        traces = list(state["traces"].values())
+        answers, latency = figures.answer_rows(traces), figures.latency_rows(traces)
+        device = traces[0]["device"]
+        note = (f"Timings on **{device}** ({traces[0]['dtype']}), one run each (the first run after start-up includes warm-up); "
+                "speed-up = full prefill time / method prefill time.")
+        path = Path(self.workdir.name) / f"trace-{'-'.join(t['method'] for t in traces)}.json"
+        path.write_text(json.dumps(traces if len(traces) > 1 else traces[0], indent=1))
+        return figures.tokens_per_layer(traces), answers, latency, note, str(path)
+
+    def overlay(self, state, method, layer):
+        if not state or method not in state.get("traces", {}):
+            raise gr.Error("Run the model first.")
+        trace = state["traces"][method]
+        layer = min(int(layer), len(trace["visual_tokens_per_layer"]) - 1)
+        path = Path(self.workdir.name) / f"overlay-{method}-layer{layer}.png"
+        figures.overlay_png(trace, state["image"], layer=layer).save(path)
+        return str(path)
+
+
+def build_demo(engine: DuetLlava) -> gr.Blocks:
+    app = App(engine)
+    n_layers = engine.n_layers
+    header = (f"## DUET-Viz\nWhich image patches DUET-VLM merges (V2V) and which visual tokens survive each LLM "
+              f"layer (T2V), next to VisionZip, FastV, PyramidDrop and the full model.  \n"
+              f"**Model** `{engine.name}` · **device** `{engine.device}` · **dtype** "
+              f"`{str(engine.dtype).replace('torch.', '')}` · {n_layers} LLM layers · "
+              f"{engine.grid[0]}×{engine.grid[1]} = {engine.n_patches} patches per image")
+    with gr.Blocks(title="DUET-Viz") as demo:
+        gr.Markdown(header, elem_classes="duet-header")
+        state = gr.State()
+        with gr.Row():
+            with gr.Column(scale=4, min_width=320):
+                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=300)
+                question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
+                method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value="duet", label="Method")
+                with gr.Row():
+                    budget = gr.Radio([str(b) for b in PRESET_BUDGETS] + ["custom"], value="64",
+                                      label="Visual-token budget (avg per LLM layer)")
+                    custom_budget = gr.Number(value=96, precision=0, minimum=1, maximum=engine.n_patches,
+                                              label="Custom budget", visible=False)
+                compare = gr.CheckboxGroup([(METHOD_NAMES[m], m) for m in METHODS], value=["full"],
+                                           label="Compare with (same input and budget, default knobs)")
+                with gr.Accordion("Advanced (applies to the selected method)", open=False):
+                    with gr.Row():
+                        k1 = gr.Number(label="k1 dominant (blank: auto)", precision=0, minimum=0)
+                        k2 = gr.Number(label="k2 clusters (blank: auto)", precision=0, minimum=0)
+                    cluster_width = gr.Slider(0, max(engine.grid), value=4, step=1, label="V2V cluster width (patches)")
+                    with gr.Row():
+                        stage_layers = gr.Textbox(label="Stage layers", placeholder=f"auto, e.g. {n_layers // 2},{3 * n_layers // 4}")
+                        stage_ratios = gr.Textbox(label="Keep ratios", placeholder="auto, e.g. 0.5,0.0")
+                    salient = gr.Textbox(label="Salient words override (blank: automatic)",
+                                         placeholder="e.g. color triangle")
+                    max_new_tokens = gr.Slider(1, 64, value=16, step=1, label="Max new tokens")
+                run = gr.Button("Run", variant="primary")
+                gr.Examples([[str(ASSETS / name), q] for name, q in EXAMPLES if (ASSETS / name).exists()],
+                            inputs=[image, question], label="Examples (click to load)")
+            with gr.Column(scale=7):
+                answers = gr.Dataframe(headers=figures.ANSWER_HEADERS, label="Answers", interactive=False,
+                                       wrap=True, column_widths=["14%", "10%", "14%", "62%"])
+                latency = gr.Dataframe(headers=figures.LATENCY_HEADERS, label="Latency", interactive=False)
+                timing_note = gr.Markdown()
+                salient_used = gr.Markdown()
+                shown = gr.Radio(label="Show maps for", visible=False)
+                with gr.Row():
+                    clusters = gr.Plot(label="V2V cluster map")
+                    with gr.Column():
+                        layer_view = gr.Plot(label="Layer view", elem_id="layer-view")
+                        layer = gr.Slider(0, n_layers - 1, value=n_layers // 2, step=1, label="LLM layer",
+                                          elem_id="layer-slider")
+                pyramid = gr.Plot(label="Tokens per layer")
+                with gr.Row():
+                    trace_file = gr.File(label="Trace (JSON)")
+                    with gr.Column():
+                        png_button = gr.Button("Overlay at this layer as PNG")
+                        png_file = gr.File(label="Overlay (PNG)")
+
+        budget.change(lambda b: gr.Number(visible=b == "custom"), budget, custom_budget, api_visibility="private")
+        run.click(
+            app.run,
+            [image, question, method, budget, custom_budget, compare, k1, k2, cluster_width, stage_layers,
+             stage_ratios, salient, max_new_tokens, layer],
+            [state, shown, clusters, layer_view, pyramid, answers, latency, timing_note, trace_file, salient_used],
+            api_name="run",
+        )
+        shown.change(app.render, [state, shown, layer], [clusters, layer_view], api_visibility="private")
+        layer.change(None, layer, None, js=LAYER_JS)
+        png_button.click(app.overlay, [state, shown, layer], png_file, api_name="overlay")
+    return demo

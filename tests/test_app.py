@@ -1,0 +1,152 @@
+"""The Gradio app, launched in-process on loopback: its API and, in Chromium, its page."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from duet_viz import figures
+from duet_viz.ui import ASSETS, build_demo
+from model.budget import ReductionConfig
+
+EXAMPLE = ASSETS / "chelsea.jpg"
+QUESTION = "what animal is this ?"
+ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parent.parent / "artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served, verbose=False)
+
+
+def array(value) -> np.ndarray:
+    """Plotly JSON stores numpy arrays as typed-array dicts ({dtype, bdata, shape})."""
+    if isinstance(value, dict):
+        data = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        return data.reshape([int(v) for v in str(shape).split(",")]) if shape else data
+    return np.asarray(value, dtype=float)
+
+
+def call_run(client, method="duet", budget="64", compare=("full",), layer=20):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(EXAMPLE)), QUESTION, method, budget, 96, list(compare), None, None, 4,
+                          "", "", "", 4, layer, api_name="/run")
+
+
+def test_api_run_matches_the_engine_trace(client, engine):
+    shown, clusters, layer_view, pyramid, answers, latency, note, trace_path, salient = call_run(client)
+    with Image.open(EXAMPLE) as image:
+        expected = {m: engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(m, 64), max_new_tokens=4)
+                    for m in ("duet", "full")}
+    served_traces = {t["method"]: t for t in json.loads(Path(trace_path).read_text())}
+    for method, trace in expected.items():
+        for key in ("answer", "frames", "t2v", "visual_tokens_per_layer", "generated_ids"):
+            assert served_traces[method][key] == trace[key], (method, key)
+    assert answers["data"] == [["duet", 64, expected["duet"]["avg_visual_tokens"], expected["duet"]["answer"]],
+                               ["full", 64, 576.0, expected["full"]["answer"]]]
+    assert [row[0] for row in latency["data"]] == ["duet", "full"]
+    assert shown["value"] == "duet"
+
+    view = json.loads(layer_view["plot"])
+    heatmaps = [t for t in view["data"] if t["type"] == "heatmap"]
+    assert len(heatmaps) == engine.n_layers
+    assert [t["visible"] for t in heatmaps].index(True) == 20
+    grids = figures.layer_grids(expected["duet"])
+    assert np.allclose(array(heatmaps[20]["z"]), np.round(grids[20], 3))
+    cluster_fill = next(t for t in json.loads(clusters["plot"])["data"] if t["type"] == "heatmap")
+    filled = np.flatnonzero(~np.isnan(array(cluster_fill["z"]).astype(float).flatten()))
+    assert len(filled) == 576 - len(expected["duet"]["frames"][0]["dominant"])
+    assert [array(t["y"]).tolist() for t in json.loads(pyramid["plot"])["data"]] == [
+        expected["duet"]["visual_tokens_per_layer"], expected["full"]["visual_tokens_per_layer"]]
+
+
+def test_api_overlay_png_is_the_layer_view_of_the_session_trace(client, engine):
+    *_, trace_path, _ = call_run(client, compare=())
+    trace = json.loads(Path(trace_path).read_text())
+    png = client.predict("duet", 18, api_name="/overlay")
+    with Image.open(EXAMPLE) as image:
+        expected = np.asarray(figures.overlay_png(trace, image.convert("RGB"), layer=18))
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), expected)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="nope"), "not in the list of choices"),
+    (dict(budget="0"), "not in the list of choices"),
+    (dict(budget="custom", custom=0), "less than minimum value 1"),
+    (dict(budget="custom", custom=5000), "greater than maximum value 576"),
+])
+def test_api_rejects_bad_settings_with_a_message(client, kwargs, message):
+    from gradio_client import handle_file
+
+    args = dict(method="duet", budget="64", custom=96)
+    args.update(kwargs)
+    with pytest.raises(Exception, match=message):
+        client.predict(handle_file(str(EXAMPLE)), QUESTION, args["method"], args["budget"], args["custom"], [],
+                       None, None,
+                       4, "", "", "", 4, 0, api_name="/run")
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; .ci/run installs it
+
+
+def test_browser_example_run_and_layer_scrub(served):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        page.goto(served)
+        page.get_by_text(QUESTION, exact=True).click()
+        page.get_by_role("button", name="Run").click()
+        page.wait_for_selector("#layer-view .js-plotly-plot .heatmaplayer", timeout=60_000)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "app-after-run.png"), full_page=True)
+        view = page.locator("#layer-view")
+        before = ARTIFACTS / "layer-view-16.png"
+        view.screenshot(path=str(before))
+        slider = page.locator("#layer-slider input[type=range]")
+        slider.focus()
+        for _ in range(10):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_timeout(300)
+        after = ARTIFACTS / "layer-view-26.png"
+        view.screenshot(path=str(after))
+        title = page.locator("#layer-view .gtitle").text_content()
+        browser.close()
+    assert "layer 26: 0 visual tokens survive" in title
+    a = np.asarray(Image.open(before).convert("L"), dtype=float)
+    b = np.asarray(Image.open(after).convert("L"), dtype=float)
+    assert a.shape == b.shape
+    changed = np.mean(np.abs(a - b) > 20)
+    assert changed > 0.1, f"only {changed:.1%} of the layer view changed when scrubbing 16 -> 26"
