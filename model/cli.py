@@ -61,9 +61,21 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delegated(name: str):
+    """Subcommands with their own argument parsers (imported lazily: they pull in more)."""
+    if name == "bench":
+        from .bench import bench_main
+
+        return bench_main
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and (delegate := _delegated(argv[0])):
+        return delegate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m model", description="DUET-LLaVA token reduction")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench}")
     answer = commands.add_parser("answer", help="answer a question about an image")
     answer.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
     answer.add_argument("--device", default="auto", help="auto, cpu or cuda")

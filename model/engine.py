@@ -198,12 +198,32 @@ class DuetLlava:
     def encode(self, prompt: Prompt, p: Plan, timer: Timer) -> Visual:
         """Vision tower -> optional V2V merge per frame -> projector."""
         started = timer.start()
-        pixels = prompt.pixel_values.to(self.device, self.dtype)
-        hidden = self.vision(pixels, output_hidden_states=True).hidden_states
-        features = hidden[self.feature_index][:, 1:]
+        hidden = self.vision_states(prompt)
         timer.stop("vision", started)
+        return self.reduce(prompt, hidden, p, timer)
+
+    def vision_states(self, prompt: Prompt) -> tuple[torch.Tensor, ...]:
+        """Hidden states of the vision layers up to the feature layer (index 0 = embeddings).
+
+        For CLIP towers the loop stops at the feature layer: LLaVA-1.5 reads layer -2, so the
+        stock forward would compute a last layer nobody uses. Other towers run stock.
+        """
+        pixels = prompt.pixel_values.to(self.device, self.dtype)
+        tower = self.vision
+        if not hasattr(tower, "pre_layrnorm"):
+            return tower(pixels, output_hidden_states=True).hidden_states
+        h = tower.pre_layrnorm(tower.embeddings(pixels))
+        states = [h]
+        for layer in tower.encoder.layers[: self.feature_index]:
+            h = layer(h, None)
+            states.append(h)
+        return tuple(states)
+
+    def reduce(self, prompt: Prompt, hidden: tuple[torch.Tensor, ...], p: Plan, timer: Timer) -> Visual:
+        """V2V (or VisionZip) merge per frame on the tower's states, then the projector."""
+        features = hidden[self.feature_index][:, 1:]
         if p.k1 is None:
-            records = [{"token_patches": [[i] for i in range(self.n_patches)]} for _ in range(len(pixels))]
+            records = [{"token_patches": [[i] for i in range(self.n_patches)]} for _ in range(len(features))]
             merged = list(features)
         else:
             started = timer.start()
@@ -285,11 +305,14 @@ class DuetLlava:
         use_cache: bool = True,
         force: dict[int, list[int]] | None = None,
         record: bool = True,
+        timer: Timer | None = None,
     ) -> Prefill:
         """Run the decoder layers, dropping visual tokens at the plan's stage layers.
 
         ``force`` (stage layer -> kept visual ids) replays earlier decisions instead of scoring:
-        used to recompute a sequence without cache with exactly the same kept tokens.
+        used to recompute a sequence without cache with exactly the same kept tokens. A ``timer``
+        collects the scoring + selection time under "t2v" (it synchronises, so only pass one
+        when measuring).
         """
         if embeds.shape[0] != 1:
             raise ValueError("the engine runs one sequence at a time (batch size 1)")
@@ -307,6 +330,7 @@ class DuetLlava:
         pending, stages, counts, totals, kept = {}, [], [], [], {}
         for index, layer in enumerate(lm.layers):
             rows = torch.nonzero(is_visual).flatten()
+            started = timer.start() if timer and (index in score_at or index in stage_at) else None
             if index in score_at:
                 s = score_at[index]
                 query = {
@@ -340,6 +364,8 @@ class DuetLlava:
                 h, pos, is_visual = h[:, survivors], pos[survivors], is_visual[survivors]
                 visual_ids = visual_ids[choice]
                 rope = lm.rotary_emb(h, pos[None])
+            if started is not None:
+                timer.stop("t2v", started)
             counts.append(int(is_visual.sum()))
             totals.append(h.shape[1])
             h = layer(
@@ -439,7 +465,7 @@ class DuetLlava:
                 "total": round(ms["total"], 3),
             },
             "flops": {
-                "vision": F.vision_flops(len(frames), self.n_patches + 1, vc.num_hidden_layers,
+                "vision": F.vision_flops(len(frames), self.n_patches + 1, self.feature_index,
                                          vc.hidden_size, vc.intermediate_size),
                 "llm": F.llm_flops(first.tokens_per_layer, lm_cfg.hidden_size, lm_cfg.intermediate_size),
                 "llm_full": F.llm_flops([text_len + n_visual_full] * self.n_layers,
