@@ -1,7 +1,7 @@
 """The Gradio app: run DUET-LLaVA and its baselines on one input, then explore the traces.
 
 The model runs once per click of *Run*; everything after that (switching the method shown,
-moving the layer slider, downloads) works from the traces kept in the session state. The layer
+moving the layer slider, downloads) works from the traces kept in a bounded server-side cache. The layer
 slider does not even reach Python: every layer is a hidden trace of the layer figure and a few
 lines of JavaScript flip their visibility.
 """
@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import threading
+import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -19,6 +22,7 @@ from PIL import Image
 
 from model.budget import METHODS, PRESET_BUDGETS, ReductionConfig
 from model.engine import DuetLlava
+from model.inputs import InputError, check_question, load_image
 
 from . import figures
 
@@ -62,12 +66,35 @@ def _optional_int(value) -> int | None:
 
 
 class App:
-    """Callbacks bound to one loaded engine."""
+    """Callbacks bound to one loaded engine.
 
-    def __init__(self, engine: DuetLlava, max_question_chars: int = 500):
+    Results live in a bounded LRU keyed by run id (the session state holds only the key), so
+    memory and the files written for downloads stay flat however many sessions come and go.
+    """
+
+    def __init__(self, engine: DuetLlava, max_results: int = 32):
         self.engine = engine
-        self.max_question_chars = max_question_chars
+        self.max_results = max_results
+        self.results: OrderedDict[str, dict] = OrderedDict()
+        self.lock = threading.Lock()
         self.workdir = tempfile.TemporaryDirectory(prefix="duet-viz-")
+
+    def remember(self, result: dict) -> str:
+        key = uuid.uuid4().hex[:16]
+        with self.lock:
+            self.results[key] = result
+            while len(self.results) > self.max_results:
+                old, _ = self.results.popitem(last=False)
+                for path in Path(self.workdir.name).glob(f"*{old}*"):
+                    path.unlink(missing_ok=True)
+        return key
+
+    def recall(self, key: str | None) -> dict:
+        with self.lock:
+            if key not in self.results:
+                raise gr.Error("No result to show: press Run (results of old sessions expire).")
+            self.results.move_to_end(key)
+            return self.results[key]
 
     # --------------------------------------------------------------------- model runs
     def reduction(self, method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient) -> ReductionConfig:
@@ -85,11 +112,11 @@ class App:
             stage_layers, stage_ratios, salient, max_new_tokens, layer, progress=gr.Progress()):
         if image is None:
             raise gr.Error("Upload an image (or click an example) first.")
-        question = (question or "").strip()
-        if not question:
-            raise gr.Error("Type a question about the image.")
-        if len(question) > self.max_question_chars:
-            raise gr.Error(f"The question is too long ({len(question)} characters; at most {self.max_question_chars}).")
+        try:
+            question = check_question(question, self.engine.tokenizer)
+            image = load_image(image)
+        except InputError as error:
+            raise gr.Error(str(error)) from None
         budget = custom_budget if budget_choice == "custom" else budget_choice
         if budget is None or not 1 <= int(budget) <= self.engine.n_patches:
             raise gr.Error(f"The budget must be a whole number of visual tokens in 1..{self.engine.n_patches}.")
@@ -101,11 +128,11 @@ class App:
             progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
             traces[cfg.method] = self._answer(image, question, cfg, int(max_new_tokens))
         progress(1.0, desc="Drawing")
-        state = {"traces": traces, "image": image, "primary": method}
+        key = self.remember({"traces": traces, "image": image})
         shown = gr.Radio(choices=[(METHOD_NAMES[m], m) for m in traces], value=method, visible=len(traces) > 1)
         used = " ".join(f"`{s['token']}`" for s in traces[method]["salient"])
         salient_text = f"Salient text tokens that ranked the visual tokens: {used}" if traces[method]["t2v"] else ""
-        return (state, shown, *self.render(state, method, layer), *self.summary(state), salient_text)
+        return (key, shown, *self.render(key, method, layer), *self.summary(key), salient_text)
 
     def _answer(self, image: Image.Image, question: str, cfg: ReductionConfig, max_new_tokens: int) -> dict:
         try:
@@ -120,32 +147,34 @@ class App:
             raise gr.Error(f"The model run failed: {type(error).__name__}: {error}") from None
 
     # --------------------------------------------------------------------- views
-    def render(self, state, method, layer):
-        if not state or method not in state.get("traces", {}):
-            return None, None
-        trace, image = state["traces"][method], state["image"]
+    def render(self, key, method, layer):
+        result = self.recall(key)
+        if method not in result["traces"]:
+            raise gr.Error(f"No {method} run in this result.")
+        trace, image = result["traces"][method], result["image"]
         layer = min(int(layer), len(trace["visual_tokens_per_layer"]) - 1)
         view = figures.layer_view(trace, image, layer=layer)
         view.update_layout(meta={"method": trace["method"], "counts": trace["visual_tokens_per_layer"]})
         return figures.cluster_map(trace, image), view
 
-    def summary(self, state):
-        traces = list(state["traces"].values())
+    def summary(self, key):
+        traces = list(self.recall(key)["traces"].values())
         answers, latency = figures.answer_rows(traces), figures.latency_rows(traces)
         device = traces[0]["device"]
         note = (f"Timings on **{device}** ({traces[0]['dtype']}), one run each (the first run after start-up includes warm-up); "
                 "speed-up = full prefill time / method prefill time.")
-        path = Path(self.workdir.name) / f"trace-{'-'.join(t['method'] for t in traces)}.json"
+        path = Path(self.workdir.name) / f"trace-{'-'.join(t['method'] for t in traces)}-{key}.json"
         path.write_text(json.dumps(traces if len(traces) > 1 else traces[0], indent=1))
         return figures.tokens_per_layer(traces), answers, latency, note, str(path)
 
-    def overlay(self, state, method, layer):
-        if not state or method not in state.get("traces", {}):
-            raise gr.Error("Run the model first.")
-        trace = state["traces"][method]
+    def overlay(self, key, method, layer):
+        result = self.recall(key)
+        if method not in result["traces"]:
+            raise gr.Error(f"No {method} run in this result.")
+        trace = result["traces"][method]
         layer = min(int(layer), len(trace["visual_tokens_per_layer"]) - 1)
-        path = Path(self.workdir.name) / f"overlay-{method}-layer{layer}.png"
-        figures.overlay_png(trace, state["image"], layer=layer).save(path)
+        path = Path(self.workdir.name) / f"overlay-{method}-layer{layer}-{key}.png"
+        figures.overlay_png(trace, result["image"], layer=layer).save(path)
         return str(path)
 
 
@@ -157,12 +186,12 @@ def build_demo(engine: DuetLlava) -> gr.Blocks:
               f"**Model** `{engine.name}` · **device** `{engine.device}` · **dtype** "
               f"`{str(engine.dtype).replace('torch.', '')}` · {n_layers} LLM layers · "
               f"{engine.grid[0]}×{engine.grid[1]} = {engine.n_patches} patches per image")
-    with gr.Blocks(title="DUET-Viz") as demo:
+    with gr.Blocks(title="DUET-Viz", delete_cache=(600, 3600)) as demo:
         gr.Markdown(header, elem_classes="duet-header")
         state = gr.State()
         with gr.Row():
             with gr.Column(scale=4, min_width=320):
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=300)
+                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=300)
                 question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
                 method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value="duet", label="Method")
                 with gr.Row():

@@ -119,6 +119,10 @@ def _scaled(layer_of_32: int, n_layers: int) -> int:
 
 def plan(cfg: ReductionConfig, n_layers: int, n_patches: int = PRESET_PATCHES) -> Plan:
     """Solve ``cfg`` into a :class:`Plan` for a model with ``n_layers`` decoder layers."""
+    if cfg.stage_layers is not None and (
+        list(cfg.stage_layers) != sorted(set(cfg.stage_layers)) or not all(1 <= l < n_layers for l in cfg.stage_layers)
+    ):
+        raise ValueError(f"stage layers must be increasing and within 1..{n_layers - 1}, got {list(cfg.stage_layers)}")
     base = Plan(cfg.method, int(cfg.budget), n_layers, n_patches, cluster_width=cfg.cluster_width)
     solver = {"full": lambda c, b: b, "duet": _plan_duet, "visionzip": _plan_visionzip,
               "fastv": _plan_fastv, "pyramiddrop": _plan_pyramiddrop}[cfg.method]

@@ -37,18 +37,16 @@ def reduction_from_args(args: argparse.Namespace) -> ReductionConfig:
 
 
 def cmd_answer(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from transformers.utils import logging
 
     from .engine import DuetLlava
+    from .inputs import load_image
 
     logging.disable_progress_bar()
     reduction = reduction_from_args(args)
+    image = load_image(args.image)
     engine = DuetLlava.load(args.model, device=args.device)
-    with Image.open(args.image) as image:
-        image.load()
-        trace = engine.answer(image, args.question, reduction, max_new_tokens=args.max_new_tokens)
+    trace = engine.answer(image, args.question, reduction, max_new_tokens=args.max_new_tokens)
     print(json.dumps(trace) if args.json else trace["answer"])
     return 0
 
