@@ -51,6 +51,22 @@ LAYER_JS = """
 CSS = "#layer-view {min-height: 440px} .duet-header {margin-bottom: 0}"
 
 
+class UploadedImage(gr.Image):
+    """gr.Image that hands the upload over unopened (as a file path): gr.Image would open it
+    with PIL first and fail on a bad file with a generic error, while model.inputs.load_image
+    checks size, pixel count and decoding and says what is wrong."""
+
+    is_template = True  # rendered by the stock image component
+
+    def preprocess(self, payload):
+        if payload is None or (payload.url or "").startswith("data:"):
+            try:
+                return super().preprocess(payload)
+            except Exception:
+                raise gr.Error("The pasted image could not be decoded.") from None
+        return payload.path
+
+
 def _ints(text: str) -> tuple[int, ...] | None:
     text = (text or "").strip()
     return tuple(int(v) for v in text.replace(" ", "").split(",")) if text else None
@@ -191,7 +207,7 @@ def build_demo(engine: DuetLlava) -> gr.Blocks:
         state = gr.State()
         with gr.Row():
             with gr.Column(scale=4, min_width=320):
-                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=300)
+                image = UploadedImage(type="filepath", label="Image", sources=["upload", "clipboard"], height=300)
                 question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
                 method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value="duet", label="Method")
                 with gr.Row():

@@ -51,7 +51,9 @@ def load_image(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pi
                 return to_rgb(ImageOps.exif_transpose(image))
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"The image is too large (more than {max_pixels / 1e6:.0f} MP).") from None
+    except UnidentifiedImageError:
         raise InputError("This file is not an image this app can read (use PNG, JPEG, WebP, BMP, GIF or TIFF).") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f"The image file is damaged or truncated and could not be decoded ({error}).") from None

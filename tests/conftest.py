@@ -3,6 +3,8 @@ engine's own loader, so every test exercises the real loading path."""
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -33,3 +35,29 @@ def image():
 
 
 QUESTION = "what color is the red circle ?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(engine):
+    """The app on loopback, launched in-process on the tiny engine."""
+    from duet_viz.ui import build_demo
+
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served, verbose=False)

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,29 +19,6 @@ from model.budget import ReductionConfig
 EXAMPLE = ASSETS / "chelsea.jpg"
 QUESTION = "what animal is this ?"
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parent.parent / "artifacts"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(engine):
-    demo = build_demo(engine)
-    demo.queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            quiet=True)
-    yield url
-    demo.close()
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    from gradio_client import Client
-
-    return Client(served, verbose=False)
 
 
 def array(value) -> np.ndarray:
