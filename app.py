@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
 from duet_viz.ui import CSS, build_demo
 from model.engine import DuetLlava
+
+# Hub checkpoints a public deployment may load (LLaVA-1.5 family, llava-hf conversions); any
+# local folder is allowed too. Nothing is ever loaded with trust_remote_code.
+ALLOWED_HUB_MODELS = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf")
+
+
+def resolve_model(name: str | None) -> str | None:
+    """None (the shipped model), a local checkpoint folder, or an allow-listed hub id."""
+    if name is None or (Path(name) / "config.json").is_file() or name in ALLOWED_HUB_MODELS:
+        return name
+    raise SystemExit(f"error: model {name!r} is neither a local checkpoint folder nor one of the allowed hub models: "
+                     f"{', '.join(ALLOWED_HUB_MODELS)}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
-    engine = DuetLlava.load(args.model, device=args.device)
+    engine = DuetLlava.load(resolve_model(args.model), device=args.device)
     demo = build_demo(engine)
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.launch(server_name=args.host, server_port=args.port, css=CSS, max_file_size="20mb", show_error=True)

@@ -51,6 +51,16 @@ LAYER_JS = """
 CSS = "#layer-view {min-height: 440px} .duet-header {margin-bottom: 0}"
 
 
+def gpu_task(fn):
+    """``spaces.GPU`` on Hugging Face ZeroGPU hardware (the package is present there and the
+    decorator is a no-op unless ZeroGPU is active); the function itself everywhere else."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=120)(fn)
+
+
 class UploadedImage(gr.Image):
     """gr.Image that hands the upload over unopened (as a file path): gr.Image would open it
     with PIL first and fail on a bad file with a generic error, while model.inputs.load_image
@@ -94,6 +104,7 @@ class App:
         self.results: OrderedDict[str, dict] = OrderedDict()
         self.lock = threading.Lock()
         self.workdir = tempfile.TemporaryDirectory(prefix="duet-viz-")
+        self.run_models = gpu_task(self._run_models)
 
     def remember(self, result: dict) -> str:
         key = uuid.uuid4().hex[:16]
@@ -139,16 +150,21 @@ class App:
         primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient)
         others = [m for m in (compare or []) if m != method]
         configs = [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words) for m in others]
-        traces = {}
-        for i, cfg in enumerate(configs):
-            progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
-            traces[cfg.method] = self._answer(image, question, cfg, int(max_new_tokens))
+        traces = self.run_models(image, question, configs, int(max_new_tokens), progress)
         progress(1.0, desc="Drawing")
         key = self.remember({"traces": traces, "image": image})
         shown = gr.Radio(choices=[(METHOD_NAMES[m], m) for m in traces], value=method, visible=len(traces) > 1)
         used = " ".join(f"`{s['token']}`" for s in traces[method]["salient"])
         salient_text = f"Salient text tokens that ranked the visual tokens: {used}" if traces[method]["t2v"] else ""
         return (key, shown, *self.render(key, method, layer), *self.summary(key), salient_text)
+
+    def _run_models(self, image, question, configs, max_new_tokens, progress) -> dict[str, dict]:
+        """All model work of one request (the one function that needs the GPU)."""
+        traces = {}
+        for i, cfg in enumerate(configs):
+            progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
+            traces[cfg.method] = self._answer(image, question, cfg, max_new_tokens)
+        return traces
 
     def _answer(self, image: Image.Image, question: str, cfg: ReductionConfig, max_new_tokens: int) -> dict:
         try:

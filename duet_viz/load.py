@@ -1,0 +1,141 @@
+"""``python -m duet_viz.load``: drive the app with concurrent API sessions on loopback.
+
+Starts the app in this process on 127.0.0.1 (a free port), then N client threads each send a
+bounded number of requests, mixing valid runs with invalid ones (unknown method, out-of-range
+budget, empty question, non-image upload). A valid request succeeds when it returns an answer;
+an invalid one succeeds when it is refused with a message. Reports the success rate, latency
+p50/p95 per kind, and the server's resident memory (sampled every 0.2 s) so a leak shows as a
+climbing RSS. Everything is bounded: ``--sessions`` x ``--requests`` calls and ``--timeout`` s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .ui import ASSETS, build_demo
+
+VALID_QUESTIONS = ["what color is the triangle ?", "what animal is this ?", "how many circles are there ?"]
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def request(kind: str, rng: random.Random, junk: Path) -> tuple[list, str | None]:
+    """Arguments of one /run call and the message expected back (None: an answer)."""
+    from gradio_client import handle_file
+
+    image = handle_file(str(ASSETS / rng.choice(["scene-shapes.png", "chelsea.jpg", "coffee.jpg"])))
+    method, budget, question = rng.choice(["duet", "visionzip", "fastv", "pyramiddrop"]), "64", rng.choice(VALID_QUESTIONS)
+    expected = None
+    if kind == "bad-method":
+        method, expected = "teleport", "not in the list of choices"
+    elif kind == "bad-budget":
+        budget, expected = "4096", "not in the list of choices"
+    elif kind == "empty-question":
+        question, expected = "   ", "Type a question"
+    elif kind == "not-an-image":
+        image, expected = handle_file(str(junk)), "not an image"
+    compare = ["full"] if kind == "valid" and rng.random() < 0.3 else []
+    return [image, question, method, budget, 96, compare, None, None, 4, "", "", "", 4, 0], expected
+
+
+def session(url: str, index: int, n_requests: int, deadline: float, junk: Path, invalid_share: float) -> list[dict]:
+    from gradio_client import Client
+
+    rng = random.Random(index)
+    client = Client(url, verbose=False)
+    results = []
+    for _ in range(n_requests):
+        if time.time() > deadline:
+            break
+        kind = "valid" if rng.random() >= invalid_share else rng.choice(
+            ["bad-method", "bad-budget", "empty-question", "not-an-image"])
+        args, expected = request(kind, rng, junk)
+        started = time.perf_counter()
+        try:
+            out = client.predict(*args, api_name="/run")
+            ok = expected is None and bool(out[4]["data"][0][3] is not None)
+        except Exception as error:
+            ok = expected is not None and expected in str(error)
+        results.append({"kind": kind, "ok": ok, "ms": (time.perf_counter() - started) * 1e3})
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_load(engine, sessions: int, requests: int, timeout_s: float, invalid_share: float, concurrency: int) -> dict:
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=concurrency, max_size=4 * sessions)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    samples, stop = [rss_mb()], threading.Event()
+
+    def sample():
+        while not stop.wait(0.2):
+            samples.append(rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        junk = Path(tmp) / "notes.png"
+        junk.write_text("definitely not a picture\n")
+        deadline = started + timeout_s
+        with ThreadPoolExecutor(sessions) as pool:
+            futures = [pool.submit(session, url, i, requests, deadline, junk, invalid_share) for i in range(sessions)]
+            results = [r for f in futures for r in f.result()]
+    stop.set()
+    sampler.join()
+    demo.close()
+    kinds = sorted({r["kind"] for r in results})
+    return {
+        "sessions": sessions, "requests": len(results), "wall_s": round(time.time() - started, 1),
+        "success_rate": sum(r["ok"] for r in results) / max(1, len(results)),
+        "by_kind": {k: {"n": len(v), "ok": sum(r["ok"] for r in v),
+                        "p50_ms": round(statistics.median(r["ms"] for r in v), 1),
+                        "p95_ms": round(percentile([r["ms"] for r in v], 0.95), 1)}
+                    for k in kinds for v in [[r for r in results if r["kind"] == k]]},
+        "rss_mb": {"start": round(samples[0], 1), "peak": round(max(samples), 1), "end": round(samples[-1], 1),
+                   "first_half_peak": round(max(samples[: max(1, len(samples) // 2)]), 1)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m duet_viz.load", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="checkpoint folder (default: the shipped model)")
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=4, help="requests per session")
+    parser.add_argument("--timeout", type=float, default=600, help="stop sending after this many seconds")
+    parser.add_argument("--invalid-share", type=float, default=0.3)
+    parser.add_argument("--concurrency", type=int, default=1, help="model runs at once (the app's queue limit)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    from transformers.utils import logging
+
+    from model.engine import DuetLlava
+
+    logging.disable_progress_bar()
+    report = run_load(DuetLlava.load(args.model, device="cpu"), args.sessions, args.requests, args.timeout,
+                      args.invalid_share, args.concurrency)
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0 if report["success_rate"] == 1.0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
