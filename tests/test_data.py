@@ -1,0 +1,147 @@
+import re
+
+import numpy as np
+import pytest
+from skimage.measure import label
+from transformers import AutoProcessor
+
+from model import data
+from model.checkpoint import build_processor
+
+SAMPLES = [data.sample(7, "train", i) for i in range(150)]
+
+
+def test_a_sample_is_a_pure_function_of_seed_split_and_index():
+    a, b = data.sample(3, "val", 11), data.sample(3, "val", 11)
+    assert (a.question, a.answer, a.kind, a.query) == (b.question, b.answer, b.kind, b.query)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert all(np.array_equal(p.mask, q.mask) for p, q in zip(a.objects, b.objects))
+    others = [data.sample(3, "test", 11), data.sample(3, "val", 12), data.sample(4, "val", 11)]
+    assert all(not np.array_equal(np.asarray(a.image), np.asarray(o.image)) for o in others)
+
+
+def test_bad_split_or_object_count_is_rejected():
+    with pytest.raises(ValueError):
+        data.sample(0, "holdout", 0)
+    with pytest.raises(ValueError):
+        data.sample(0, "train", 0, max_objects=7)
+
+
+def test_scenes_have_1_to_6_disjoint_objects_painted_in_their_colour():
+    counts = set()
+    for s in SAMPLES:
+        counts.add(len(s.objects))
+        assert s.image.size == (data.IMAGE_SIZE, data.IMAGE_SIZE) and s.image.mode == "RGB"
+        pixels = np.asarray(s.image).astype(int)
+        painted = np.zeros((data.IMAGE_SIZE, data.IMAGE_SIZE), dtype=int)
+        for o in s.objects:
+            assert o.mask.shape == painted.shape and o.mask.sum() > 100
+            painted += o.mask
+            colours = pixels[o.mask]
+            assert np.all(colours == colours[0]), "an object is painted in one colour"
+            assert np.abs(colours[0] - data.COLOURS[o.colour]).max() <= data.COLOUR_JITTER
+            assert label(o.mask).max() == 1, "every shape is one connected region"
+        assert painted.max() <= 1, "objects never overlap"
+    assert counts == set(range(1, data.MAX_OBJECTS + 1))
+
+
+def test_curriculum_limits_the_object_count():
+    assert all(len(data.sample(0, "train", i, max_objects=2).objects) <= 2 for i in range(40))
+
+
+def _matching(s, colour=None, shape=None):
+    return [i for i, o in enumerate(s.objects)
+            if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)]
+
+
+def test_answers_agree_with_the_objects_and_masks():
+    kinds = set()
+    for s in SAMPLES:
+        kinds.add(s.kind)
+        words = s.question.split()
+        if s.kind == "colour":
+            shape = words[4]
+            assert s.query == _matching(s, shape=shape) and len(s.query) == 1
+            assert s.answer == s.objects[s.query[0]].colour
+        elif s.kind == "shape":
+            colour = words[4]
+            assert s.query == _matching(s, colour=colour) and len(s.query) == 1
+            assert s.answer == s.objects[s.query[0]].shape
+        elif s.kind == "count":
+            asked = words[2]
+            shape = {plural: name for name, plural in data.PLURALS.items()}.get(asked)
+            query = _matching(s, shape=shape) if shape else _matching(s, colour=asked)
+            assert s.query == query and s.answer == data.COUNT_WORDS[len(query) - 1]
+            assert label(s.query_mask, connectivity=2).max() == len(query), "one region per counted object"
+        elif s.kind == "exist":
+            query = _matching(s, colour=words[3], shape=words[4])
+            assert s.answer == ("yes" if query else "no") and s.query == query
+        else:
+            colour, shape = words[2], words[3]
+            assert s.query == _matching(s, colour, shape) and len(s.query) == 1
+            ys, xs = np.nonzero(s.query_mask)
+            along = xs if "left" in words else ys
+            offset = along.mean() - data.IMAGE_SIZE / 2
+            assert abs(offset) >= data.POSITION_MARGIN_PX
+            if "left" in words:
+                assert s.answer == ("left" if offset < 0 else "right")
+            else:
+                assert s.answer == ("top" if offset < 0 else "bottom")
+    assert kinds == set(data.KINDS)
+
+
+def test_query_mask_is_the_union_of_the_queried_objects():
+    for s in SAMPLES[:30]:
+        expected = np.zeros_like(s.query_mask)
+        for i in s.query:
+            expected |= s.objects[i].mask
+        assert np.array_equal(s.query_mask, expected)
+        assert s.query_mask.any() == (s.answer != "no")
+
+
+def test_existence_answers_are_balanced_and_negatives_share_an_attribute():
+    exist = [data.sample(1, "val", i) for i in range(300)]
+    exist = [s for s in exist if s.kind == "exist"]
+    assert 0.3 < np.mean([s.answer == "yes" for s in exist]) < 0.7
+    for s in exist:
+        if s.answer == "no":
+            colour, shape = s.question.split()[3:5]
+            assert _matching(s, colour=colour) or _matching(s, shape=shape)
+
+
+def test_every_question_and_answer_word_is_in_the_vocabulary_and_tokenizer(tmp_path):
+    vocab = set(data.vocabulary())
+    for s in SAMPLES:
+        assert set(s.question.split()) <= vocab and s.answer in vocab
+    build_processor(data.vocabulary(), data.IMAGE_SIZE, data.PATCH_SIZE).save_pretrained(tmp_path)
+    tok = AutoProcessor.from_pretrained(tmp_path, backend="pil").tokenizer
+    for s in SAMPLES[:40]:
+        text = f"{s.question} {s.answer}"
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+
+
+def test_patch_labels_follow_the_mask():
+    mask = data.draw_mask("circle", 100, 200, 30)
+    circle = data.SceneObject("circle", "blue", "large", 30.0, (100.0, 200.0), mask)
+    colour, shape, centre = data.patch_labels([circle], min_coverage=0.5)
+    coverage = data.patch_coverage(circle.mask)
+    assert colour.shape == (24, 24) and coverage.shape == (24, 24)
+    assert np.array_equal(colour > 0, coverage >= 0.5)
+    assert set(colour[colour > 0]) == {1 + list(data.COLOURS).index("blue")}
+    assert set(shape[shape > 0]) == {1 + data.SHAPES.index("circle")}
+    assert np.argwhere(centre).tolist() == [[200 // 14, 100 // 14]]
+    assert np.isclose(coverage.sum() * 14 * 14, circle.mask.sum())
+
+
+def test_questions_use_one_template_per_kind():
+    patterns = {
+        "colour": r"what color is the \w+ \?",
+        "shape": r"what shape is the \w+ object \?",
+        "count": r"how many (\w+|\w+ objects) are there \?",
+        "exist": r"is there a \w+ \w+ \?",
+        "position": r"is the \w+ \w+ (on the left or right|at the top or bottom) \?",
+    }
+    for s in SAMPLES:
+        assert re.fullmatch(patterns[s.kind], s.question), s.question
