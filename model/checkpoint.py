@@ -138,17 +138,23 @@ class TinyLlavaSpec:
         )
 
 
+def build_model(spec: TinyLlavaSpec, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA whose vocabulary and special tokens match `processor`."""
+    tok = processor.tokenizer
+    config = spec.config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
 def build_random_checkpoint(folder: str | Path, spec: TinyLlavaSpec | None = None, seed: int = 0) -> Path:
     """Save a randomly initialised LLaVA + processor as a standard HF folder and return its path."""
     spec = spec or TinyLlavaSpec()
     folder = Path(folder)
     processor = build_processor(spec.words, spec.image_size, spec.patch_size)
-    tok = processor.tokenizer
-    config = spec.config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = build_model(spec, processor).eval()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -1,0 +1,364 @@
+"""Train the shipped tiny LLaVA from scratch on synthetic scenes VQA (SPEC §7, §8).
+
+The model is a stock `LlavaForConditionalGeneration` (CLIP-style tower at 336 px / patch 14 ->
+576 patches, features at layer -2, Llama decoder) built from a `TinyLlavaSpec`. Inputs go through
+the stock processor and chat template: "USER: <image>\\n{question} ASSISTANT: {answer}</s>"; the
+language loss is cross-entropy on the answer tokens (answer word + </s>) only.
+
+Answer loss alone stays at chance once scenes hold several objects (SPEC §8): the model has to
+bind the asked shape to its colour across 576 visual tokens. Three things fix that here:
+- dense auxiliary supervision: linear heads read each projected visual token (the projector output
+  the LLM sees, computed from the layer -2 features) and classify the patch's colour, shape and
+  whether it holds an object's centroid, with labels from the exact object masks
+  (`data.patch_labels`). The heads live beside the model and are never exported.
+- a vision pre-stage: the first `pre_steps` steps train the tower + projector on the auxiliary
+  loss alone, which costs a fraction of a full step because the decoder is not run.
+- a curriculum: training scenes hold 1..k objects, k growing by one every `curriculum_steps`
+  until 6. Validation always uses the full 1-6 range.
+
+Validation accuracy is exact match of the greedy answer, computed in one teacher-forced forward
+pass: greedy decoding emits "answer</s>" exactly when the argmax at every answer position is the
+answer token, so the two are the same test.
+
+Everything needed to continue lives in the run folder (`state.pt`: model, heads, optimizer, step,
+data position, RNG, best accuracy; `train.log`; `metrics.jsonl`) and a run resumes from it by
+default. Whenever validation accuracy improves, the model and processor are exported as a
+standard HF folder to `<run>/best` and to `--export` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from . import data
+from .checkpoint import TinyLlavaSpec, build_model, build_processor
+
+
+@dataclass
+class TrainConfig:
+    """Training knobs; every field is a command-line flag (underscores -> dashes)."""
+
+    out: str = "runs/duet-llava-tiny"
+    export: str = ""  # also export the best model here (the shipped one is assets/duet-llava-tiny)
+    steps: int = 20000
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1  # lr at the end of the final decay
+    warmup: int = 200
+    decay_frac: float = 0.2  # last fraction of `steps` decays linearly: extending --steps keeps lr flat
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    aux_weight: float = 1.0
+    aux_min_coverage: float = 0.3  # a patch is labelled with an object covering >= this fraction
+    pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
+    curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
+    eval_every: int = 250
+    eval_samples: int = 256
+    save_every: int = 50
+    log_every: int = 10
+    threads: int = 1
+    seed: int = 0
+    reduction: str = "none"
+    budget: int = 192
+
+
+# The shipped model: LLaVA-1.5 geometry, 12 decoder layers (stage layers 6/9 for DUET, 3/6/9 for
+# PyramidDrop) and widths chosen so one batch-8 step takes seconds on one CPU core.
+SHIPPED_SPEC = TinyLlavaSpec(
+    vision_hidden=128, vision_layers=4, vision_heads=4, vision_mlp=512,
+    text_hidden=64, text_layers=12, text_heads=4, text_kv_heads=2, text_mlp=192,
+    words=data.vocabulary(),
+)
+SPEC_FLAGS = ("vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
+              "text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp")
+
+
+class AuxHeads(nn.Module):
+    """Per-visual-token linear classifiers for the auxiliary loss (not part of the exported model)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.colour = nn.Linear(width, len(data.COLOURS) + 1)
+        self.shape = nn.Linear(width, len(data.SHAPES) + 1)
+        self.centre = nn.Linear(width, 2)
+
+    def loss(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """tokens (B, P, width); targets (B, P) class ids. Returns summed CE and per-head stats."""
+        total, stats = tokens.new_zeros(()), {}
+        for name in ("colour", "shape", "centre"):
+            logits = getattr(self, name)(tokens)
+            ce = F.cross_entropy(logits.flatten(0, 1), targets[name].flatten(), reduction="none")
+            # Objects cover a few % of the patches: averaging background and object patches
+            # separately keeps "all background" from being a cheap minimum.
+            positive = targets[name].flatten() > 0
+            total = total + ce[~positive].mean() + (ce[positive].mean() if positive.any() else 0.0)
+            hits = (logits.argmax(-1) == targets[name]).flatten()[positive]
+            stats[f"aux_{name}_recall"] = hits.float().mean().item() if positive.any() else 0.0
+        return total, stats
+
+
+# ----------------------------------------------------------------------------- batches
+def conversation(question: str, answer: str | None = None) -> list[dict]:
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return turns
+
+
+def encode(processor, samples: list[data.Sample], min_coverage: float) -> dict[str, torch.Tensor]:
+    """Processor inputs for the full conversations, answer-only labels and per-patch targets."""
+    tok = processor.tokenizer
+    full = [processor.apply_chat_template(conversation(s.question, s.answer)) for s in samples]
+    prompts = [processor.apply_chat_template(conversation(s.question), add_generation_prompt=True)
+               for s in samples]
+    batch = processor(images=[s.image for s in samples], text=full, padding=True, return_tensors="pt")
+    labels = torch.full_like(batch["input_ids"], -100)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    for row, (text, prompt) in enumerate(zip(full, prompts)):
+        ids, prompt_ids = tok(text)["input_ids"], tok(prompt)["input_ids"]
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"the prompt does not tokenize as a prefix of the conversation: {text!r}")
+        n_answer = len(ids) - len(prompt_ids)  # the image expands inside the prompt, not here
+        end = lengths[row]
+        labels[row, end - n_answer:end] = batch["input_ids"][row, end - n_answer:end]
+    targets = [data.patch_labels(s.objects, min_coverage) for s in samples]
+    for i, name in enumerate(("colour", "shape", "centre")):
+        batch[name] = torch.from_numpy(np.stack([t[i].reshape(-1) for t in targets]))
+    batch["labels"] = labels
+    return batch
+
+
+def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected visual tokens (B, 576, d_text): what the decoder sees in place of <image>."""
+    return torch.stack(model.model.get_image_features(pixel_values=pixel_values).pooler_output)
+
+
+def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool):
+    """(answer loss or None, auxiliary loss, aux stats) for one batch."""
+    targets = {name: batch[name] for name in ("colour", "shape", "centre")}
+    if not with_answer:
+        aux, stats = heads.loss(visual_tokens(model, batch["pixel_values"]), targets)
+        return None, aux, stats
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], labels=batch["labels"])
+    tokens = out.image_hidden_states.view(len(batch["input_ids"]), -1, out.image_hidden_states.shape[-1])
+    aux, stats = heads.loss(tokens, targets)
+    return out.loss, aux, stats
+
+
+@torch.no_grad()
+def evaluate(model, processor, cfg: TrainConfig) -> dict:
+    """Exact-match accuracy of greedy answers on the first `eval_samples` validation samples."""
+    model.eval()
+    kinds: dict[str, list[int]] = {kind: [0, 0] for kind in data.KINDS}
+    for start in range(0, cfg.eval_samples, cfg.batch_size * 2):
+        samples = [data.sample(cfg.seed, "val", i)
+                   for i in range(start, min(cfg.eval_samples, start + cfg.batch_size * 2))]
+        batch = encode(processor, samples, cfg.aux_min_coverage)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"]).logits
+        predicted = logits[:, :-1].argmax(-1)
+        labels = batch["labels"][:, 1:]
+        correct = ((predicted == labels) | (labels == -100)).all(1)
+        for s, ok in zip(samples, correct.tolist()):
+            kinds[s.kind][0] += ok
+            kinds[s.kind][1] += 1
+    model.train()
+    total = sum(n for _, n in kinds.values())
+    return {"val_acc": sum(c for c, _ in kinds.values()) / total,
+            **{f"val_{kind}": c / n for kind, (c, n) in kinds.items() if n}}
+
+
+def prior_accuracy(cfg: TrainConfig) -> float:
+    """Accuracy of always answering the most common answer of each question kind on the
+    validation subset: the chance level a model that ignores the image can reach."""
+    answers: dict[str, dict[str, int]] = {}
+    for i in range(cfg.eval_samples):
+        s = data.sample(cfg.seed, "val", i)
+        counts = answers.setdefault(s.kind, {})
+        counts[s.answer] = counts.get(s.answer, 0) + 1
+    return sum(max(c.values()) for c in answers.values()) / cfg.eval_samples
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_start = cfg.steps * (1 - cfg.decay_frac)
+    if step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start) / max(1.0, cfg.steps - decay_start))
+    return cfg.lr * (1 - (1 - cfg.min_lr_frac) * progress)
+
+
+def max_objects_at(step: int, cfg: TrainConfig) -> int:
+    return min(data.MAX_OBJECTS, 1 + max(0, step - cfg.pre_steps) // cfg.curriculum_steps)
+
+
+# ----------------------------------------------------------------------------- saving
+def export(model, processor, folder: Path, info: dict) -> None:
+    """Save model + processor as a standard HF folder, replacing `folder` in one rename so a
+    reader never sees a half-written checkpoint."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    (staging / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    retired = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if folder.exists():
+        folder.rename(retired)
+    staging.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def save_state(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
+    parser = argparse.ArgumentParser(prog="python -m model train", description=__doc__.split("\n\n")[0])
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "reduction":
+            parser.add_argument(flag, choices=("none", "duet"), default=f.default,
+                                help="token reduction during training (duet: not implemented yet)")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    for name in SPEC_FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SHIPPED_SPEC, name),
+                            help="model width/depth (ignored when resuming: the run's spec is kept)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue from <out>/state.pt when it exists (default)")
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume")
+    spec = {name: args.pop(name) for name in SPEC_FLAGS}
+    return TrainConfig(**args), spec, resume
+
+
+def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
+    if cfg.reduction == "duet":
+        raise NotImplementedError("DUET token reduction in training is not implemented yet")
+    if spec.text_layers < 12 or spec.text_layers % 4:
+        raise ValueError("text layers must be a multiple of 4 and >= 12 (stage layers at L/4, L/2, 3L/4)")
+    if min(cfg.batch_size, cfg.steps, cfg.eval_samples, cfg.curriculum_steps, cfg.save_every,
+           cfg.eval_every, cfg.log_every, cfg.warmup) < 1:
+        raise ValueError("batch size, steps and intervals must be positive")
+
+
+# ----------------------------------------------------------------------------- main loop
+def train_main(argv: list[str]) -> int:
+    cfg, spec_fields, resume = parse_args(argv)
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    state_path = run / "state.pt"
+    state = torch.load(state_path, weights_only=False) if resume and state_path.exists() else None
+    spec = TinyLlavaSpec(**(state["spec"] if state else {**asdict(SHIPPED_SPEC), **spec_fields}))
+    check(cfg, spec)
+
+    processor = build_processor(spec.words, spec.image_size, spec.patch_size)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec, processor).train()
+    heads = AuxHeads(spec.text_hidden)
+    params = [*model.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, next_index, best_acc = 0, 0, -1.0
+    if state:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, next_index, best_acc = state["step"], state["next_index"], state["best_acc"]
+        torch.set_rng_state(state["torch_rng"])
+
+    log_file = open(run / "train.log", "a")
+    metrics_file = open(run / "metrics.jsonl", "a")
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+        log_file.write(text + "\n")
+        log_file.flush()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{'resumed at step ' + str(step) if state else 'new run'}: {n_params / 1e6:.2f} M params "
+        f"({n_params * 4 / 2**20:.1f} MB fp32), spec {asdict(spec) | {'words': len(spec.words)}}")
+    log(f"config {asdict(cfg)}; prior (majority answer per kind) accuracy {prior_accuracy(cfg):.3f}")
+
+    def checkpoint() -> None:
+        save_state(state_path, model=model.state_dict(), heads=heads.state_dict(),
+                   optimizer=optimizer.state_dict(), step=step, next_index=next_index, best_acc=best_acc,
+                   torch_rng=torch.get_rng_state(), spec=asdict(spec), config=asdict(cfg))
+
+    window: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    while step < cfg.steps:
+        k = max_objects_at(step, cfg)
+        samples = [data.sample(cfg.seed, "train", i, max_objects=k)
+                   for i in range(next_index, next_index + cfg.batch_size)]
+        batch = encode(processor, samples, cfg.aux_min_coverage)
+        answer_loss, aux_loss, stats = forward_losses(model, heads, batch, with_answer=step >= cfg.pre_steps)
+        loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        next_index += cfg.batch_size
+
+        stats |= {"aux_loss": aux_loss.item(), "step_s": time.perf_counter() - started}
+        if answer_loss is not None:
+            stats["answer_loss"] = answer_loss.item()
+        for name, value in stats.items():
+            window.setdefault(name, []).append(value)
+        started = time.perf_counter()
+        if step % cfg.log_every == 0:
+            means = {name: sum(v) / len(v) for name, v in window.items()}
+            log(f"step {step} objects<={k} lr {lr:.2e} " + " ".join(f"{n} {v:.3f}" for n, v in means.items()))
+            metrics_file.write(json.dumps({"step": step, "lr": lr, "max_objects": k, **means}) + "\n")
+            metrics_file.flush()
+            window = {}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            result = evaluate(model, processor, cfg)
+            improved = result["val_acc"] > best_acc
+            best_acc = max(best_acc, result["val_acc"])
+            log(f"eval step {step} " + " ".join(f"{n} {v:.3f}" for n, v in result.items())
+                + (" (best: exported)" if improved else ""))
+            metrics_file.write(json.dumps({"step": step, **result}) + "\n")
+            metrics_file.flush()
+            if improved:
+                info = {"step": step, "train_samples_seen": next_index, "data_seed": cfg.seed,
+                        "val_samples": cfg.eval_samples, **result}
+                for folder in filter(None, [run / "best", cfg.export]):
+                    export(model, processor, Path(folder), info)
+            checkpoint()
+            started = time.perf_counter()
+        elif step % cfg.save_every == 0:
+            checkpoint()
+    checkpoint()
+    log(f"done at step {step}; best validation accuracy {best_acc:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))

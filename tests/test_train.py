@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from model import data
+from model.budget import ReductionConfig
+from model.checkpoint import build_processor
+from model.engine import DuetLlava
+from model.train import TrainConfig, encode, lr_at, max_objects_at, train_main
+
+TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
+        "--text-hidden", "16", "--text-layers", "12", "--text-heads", "2", "--text-kv-heads", "1",
+        "--text-mlp", "32"]
+FAST = ["--batch-size", "2", "--pre-steps", "1", "--curriculum-steps", "1", "--warmup", "1",
+        "--decay-frac", "0", "--eval-samples", "4", "--eval-every", "3", "--save-every", "1",
+        "--log-every", "1", "--lr", "3e-3"]
+
+
+def run(out, steps, *extra):
+    return train_main(["--out", str(out), "--steps", str(steps), *TINY, *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """4 steps straight through (vision pre-stage, then answer + aux loss, one evaluation)."""
+    out = tmp_path_factory.mktemp("run")
+    assert run(out, 4, "--export", str(out / "shipped")) == 0
+    return out
+
+
+def test_labels_cover_exactly_the_answer_and_end_of_turn():
+    processor = build_processor(data.vocabulary(), data.IMAGE_SIZE, data.PATCH_SIZE)
+    samples = [data.sample(0, "train", i) for i in range(3)]
+    batch = encode(processor, samples, 0.3)
+    assert batch["input_ids"].shape[0] == 3 and batch["pixel_values"].shape == (3, 3, 336, 336)
+    for row, s in enumerate(samples):
+        answer_ids = batch["labels"][row][batch["labels"][row] != -100]
+        assert processor.tokenizer.convert_ids_to_tokens(answer_ids) == [s.answer, "</s>"]
+        assert (batch["input_ids"][row] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 576
+    assert batch["colour"].shape == (3, 576) and (batch["colour"] > 0).any()
+
+
+def test_run_folder_holds_state_logs_and_an_exported_best_model(trained):
+    state = torch.load(trained / "state.pt", weights_only=False)
+    assert state["step"] == 4 and state["next_index"] == 8
+    lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert "aux_loss" in lines[0] and "answer_loss" not in lines[0]  # vision pre-stage
+    assert any("answer_loss" in line for line in lines)
+    evals = [line for line in lines if "val_acc" in line]
+    assert [e["step"] for e in evals] == [3, 4] and all(0 <= e["val_acc"] <= 1 for e in evals)
+    info = json.loads((trained / "shipped" / "training.json").read_text())
+    assert info["val_acc"] == max(e["val_acc"] for e in evals)
+
+
+def test_exported_model_loads_with_stock_transformers_and_the_engine(trained):
+    folder = trained / "shipped"
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder, backend="pil")
+    assert model.config.vision_feature_layer == -2 and model.config.text_config.num_hidden_layers == 12
+    assert not any("heads" in name for name in model.state_dict())
+    s = data.sample(0, "test", 0)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+        add_generation_prompt=True)
+    inputs = processor(images=s.image, text=prompt, return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    trace = DuetLlava.load(folder, device="cpu").answer(
+        s.image, s.question, ReductionConfig(method="full", budget=576), max_new_tokens=2)
+    assert isinstance(trace["answer"], str)
+
+
+def test_resuming_continues_exactly_where_the_run_stopped(trained, tmp_path):
+    assert run(tmp_path, 2) == 0
+    assert run(tmp_path, 4) == 0
+    assert "resumed at step 2" in (tmp_path / "train.log").read_text()
+    straight = torch.load(trained / "state.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert (resumed["step"], resumed["next_index"]) == (4, 8)
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_duet_training_is_not_available_yet_and_shallow_decoders_are_refused(tmp_path):
+    with pytest.raises(NotImplementedError):
+        run(tmp_path, 1, "--reduction", "duet", "--budget", "64")
+    with pytest.raises(ValueError):
+        run(tmp_path, 1, "--no-resume", "--text-layers", "8")
+
+
+def test_schedule_warms_up_holds_then_decays_and_curriculum_grows():
+    cfg = TrainConfig(steps=1000, lr=1e-3, warmup=100, decay_frac=0.2, min_lr_frac=0.1,
+                      pre_steps=50, curriculum_steps=100)
+    assert lr_at(0, cfg) == pytest.approx(1e-5) and lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(500, cfg) == pytest.approx(1e-3) and lr_at(1000, cfg) == pytest.approx(1e-4)
+    assert [max_objects_at(s, cfg) for s in (0, 149, 150, 10_000)] == [1, 1, 2, 6]
