@@ -61,7 +61,8 @@ class ReductionConfig:
 
 @dataclass(frozen=True)
 class Stage:
-    """From ``layer`` on (before it runs), ``keep`` visual tokens survive.
+    """From ``layer`` on (before it runs), ``keep`` visual tokens per frame survive (ranked
+    jointly over all frames, so a relevant frame can keep more than a background one).
 
     ``score_layer`` is the layer whose own q/k rank the tokens (FastV ranks at K-1 and drops at
     K); ``query`` says which rows score: ``salient`` text tokens (DUET), the ``last`` instruction
@@ -91,13 +92,13 @@ class Plan:
         return self.n_patches if self.k1 is None else self.k1 + self.k2
 
     def counts_per_layer(self, n_frames: int = 1) -> list[int]:
-        """Visual tokens each LLM layer sees under this plan."""
-        return layer_counts(self.tokens_per_frame * n_frames, self.stages, self.n_layers)
+        """Visual tokens each LLM layer sees under this plan (stage keeps are per frame)."""
+        return layer_counts(self.tokens_per_frame * n_frames, self.stages, self.n_layers, n_frames)
 
 
-def layer_counts(n_visual: int, stages: tuple[Stage, ...] | list[Stage], n_layers: int) -> list[int]:
+def layer_counts(n_visual: int, stages, n_layers: int, n_frames: int = 1) -> list[int]:
     counts, current = [], n_visual
-    by_layer = {s.layer: s.keep for s in stages}
+    by_layer = {s.layer: s.keep * n_frames for s in stages}
     for layer in range(n_layers):
         if layer in by_layer:
             current = min(current, by_layer[layer])

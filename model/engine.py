@@ -86,6 +86,20 @@ class Prefill:
     kept: dict[int, list[int]]  # stage layer -> surviving visual token ids
 
 
+def per_frame_counts(frames: list[dict], stages: list[dict], n_layers: int) -> list[list[int]]:
+    """Visual tokens of each frame alive at each LLM layer (frames x layers), from the records."""
+    bounds = [(f["token_offset"], f["token_offset"] + f["n_tokens"]) for f in frames]
+    alive = [b - a for a, b in bounds]
+    kept_at = {s["layer"]: s["kept"] for s in stages}
+    rows = [[] for _ in frames]
+    for layer in range(n_layers):
+        if layer in kept_at:
+            alive = [sum(a <= t < b for t in kept_at[layer]) for a, b in bounds]
+        for row, count in zip(rows, alive):
+            row.append(count)
+    return rows
+
+
 class DuetLlava:
     """A loaded LLaVA checkpoint plus the DUET / baseline reduction machinery."""
 
@@ -306,6 +320,7 @@ class DuetLlava:
         force: dict[int, list[int]] | None = None,
         record: bool = True,
         timer: Timer | None = None,
+        n_frames: int = 1,
     ) -> Prefill:
         """Run the decoder layers, dropping visual tokens at the plan's stage layers.
 
@@ -346,7 +361,7 @@ class DuetLlava:
                     scores = None
                 else:
                     scores = pending.pop(index)
-                    choice = keep_top(scores, s.keep)
+                    choice = keep_top(scores, s.keep * n_frames)
                 survivors = torch.ones(h.shape[1], dtype=torch.bool, device=self.device)
                 survivors[rows] = False
                 survivors[rows[choice]] = True
@@ -411,7 +426,8 @@ class DuetLlava:
         visual = self.encode(prompt, p, timer)
         embeds, visual_rows, salient = self.llm_inputs(prompt, visual)
         started = timer.start()
-        first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record)
+        n_frames = len(frames)
+        first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record, n_frames=n_frames)
         token = int(first.logits.argmax())
         timer.stop("prefill", started)
 
@@ -426,7 +442,7 @@ class DuetLlava:
             else:
                 grown = torch.cat([embeds, self.lm.embed_tokens(torch.tensor([generated], device=self.device))], 1)
                 logits = self.prefill(grown, visual_rows, salient, p, use_cache=False, force=first.kept,
-                                      record=False).logits
+                                      record=False, n_frames=n_frames).logits
             token = int(logits.argmax())
         timer.stop("decode", started)
         timer.stop("total", started_total)
@@ -456,6 +472,7 @@ class DuetLlava:
                      "stages": [asdict(s) for s in p.stages]},
             "t2v": first.stages,
             "visual_tokens_per_layer": first.counts,
+            "visual_tokens_per_frame_layer": per_frame_counts(visual.frames, first.stages, self.n_layers),
             "avg_visual_tokens": round(average(first.counts), 2),
             "timings_ms": {
                 "vision": round(ms.get("vision", 0.0), 3),

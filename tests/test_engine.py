@@ -159,3 +159,16 @@ def test_llm_scores_equal_eager_attention(engine, eager, image, method, rows):
              "last": torch.tensor([embeds.shape[1] - 1])}[rows]
     expected = attention[:, query][:, :, visual_rows].mean((0, 1))
     assert torch.allclose(torch.tensor(stage["scores"]), expected, atol=1e-5)
+
+
+def test_frames_enter_as_a_multi_image_prompt_with_joint_t2v(engine, image):
+    frames = [image, image.rotate(90), image.transpose(0), image.rotate(180)]
+    trace = engine.answer(frames, QUESTION, ReductionConfig("duet", 64), max_new_tokens=2)
+    assert len(trace["frames"]) == 4
+    assert [f["token_offset"] for f in trace["frames"]] == [0, 102, 204, 306]
+    per_frame = trace["visual_tokens_per_frame_layer"]
+    assert len(per_frame) == 4 and all(len(row) == engine.n_layers for row in per_frame)
+    assert [sum(col) for col in zip(*per_frame)] == trace["visual_tokens_per_layer"]
+    first = trace["t2v"][0]
+    assert first["n_in"] == 4 * 102 and len(first["kept"]) == 204  # ranked jointly across frames
+    assert trace["avg_visual_tokens"] == pytest.approx(4 * 63.75, abs=0.01)
