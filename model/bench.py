@@ -63,7 +63,7 @@ def bench_config(engine: DuetLlava, prompt, hidden, cfg: ReductionConfig, reps: 
     runs = []
     for rep in range(reps + 1):  # rep 0 warms up
         timer = Timer(engine.device)
-        visual = engine.reduce(prompt, hidden, p, timer)
+        visual = engine.reduce(hidden, p, timer)
         embeds, rows, salient = engine.llm_inputs(prompt, visual)
         scored = Timer(engine.device)
         started = timer.start()
@@ -102,11 +102,11 @@ def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int)
     with Image.open(EXAMPLE) as image:
         prompt = engine.prepare([image.convert("RGB")], QUESTION)
     with torch.inference_mode():
-        engine.vision_states(prompt)  # warm-up
+        engine.vision_states(prompt.pixel_values)  # warm-up
         vision_ms = []
         for _ in range(reps):
             started = time.perf_counter()
-            hidden = engine.vision_states(prompt)
+            hidden = engine.vision_states(prompt.pixel_values)
             vision_ms.append((time.perf_counter() - started) * 1e3)
     rows = [bench_config(engine, prompt, hidden, ReductionConfig("full", engine.n_patches), reps, decode_steps)]
     for method in methods:

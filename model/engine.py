@@ -212,17 +212,20 @@ class DuetLlava:
     def encode(self, prompt: Prompt, p: Plan, timer: Timer) -> Visual:
         """Vision tower -> optional V2V merge per frame -> projector."""
         started = timer.start()
-        hidden = self.vision_states(prompt)
+        hidden = self.vision_states(prompt.pixel_values)
         timer.stop("vision", started)
-        return self.reduce(prompt, hidden, p, timer)
+        visual = self.reduce(hidden, p, timer)
+        for record, box in zip(visual.frames, prompt.view_boxes):
+            record["view_box"] = box
+        return visual
 
-    def vision_states(self, prompt: Prompt) -> tuple[torch.Tensor, ...]:
+    def vision_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Hidden states of the vision layers up to the feature layer (index 0 = embeddings).
 
         For CLIP towers the loop stops at the feature layer: LLaVA-1.5 reads layer -2, so the
         stock forward would compute a last layer nobody uses. Other towers run stock.
         """
-        pixels = prompt.pixel_values.to(self.device, self.dtype)
+        pixels = pixel_values.to(self.device, self.dtype)
         tower = self.vision
         if not hasattr(tower, "pre_layrnorm"):
             return tower(pixels, output_hidden_states=True).hidden_states
@@ -233,7 +236,7 @@ class DuetLlava:
             states.append(h)
         return tuple(states)
 
-    def reduce(self, prompt: Prompt, hidden: tuple[torch.Tensor, ...], p: Plan, timer: Timer) -> Visual:
+    def reduce(self, hidden: tuple[torch.Tensor, ...], p: Plan, timer: Timer) -> Visual:
         """V2V (or VisionZip) merge per frame on the tower's states, then the projector."""
         features = hidden[self.feature_index][:, 1:]
         if p.k1 is None:
@@ -264,7 +267,7 @@ class DuetLlava:
         timer.stop("vision", started)
         offset = 0
         for f, (record, n) in enumerate(zip(records, counts)):
-            record.update(index=f, token_offset=offset, n_tokens=n, view_box=prompt.view_boxes[f])
+            record.update(index=f, token_offset=offset, n_tokens=n)
             offset += n
         return Visual(projected, records, counts)
 

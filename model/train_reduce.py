@@ -1,0 +1,69 @@
+"""Training-time DUET (SPEC §2 Training): the inference reductions, batched and differentiable.
+
+Rows are right-padded conversations with one image each. V2V merges every image to the same
+k1 + k2 tokens, so every row shrinks by the same amount; at each stage layer every row keeps the
+same number of visual tokens (its own top-ranked by its own salient text tokens, scored without
+gradient), so the batch stays rectangular and index gathers carry gradients for everything that
+survives. Right padding needs no attention mask under causal attention: real tokens never
+attend to the pad tokens after them. Kept tokens keep their position ids, as at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .budget import Plan
+from .engine import DuetLlava, Timer
+from .t2v import keep_top
+
+
+def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                 labels: torch.Tensor, salient: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d)) under plan ``p``.
+
+    ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule).
+    """
+    lm = engine.lm
+    pad = engine.tokenizer.pad_token_id
+    real = input_ids != pad
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        raise ValueError("reduced_loss needs right-padded rows")
+    batch = input_ids.shape[0]
+    visual = engine.reduce(engine.vision_states(pixel_values), p, Timer(engine.device))
+    n = visual.tokens_per_frame[0]
+    tokens = visual.features.view(batch, n, -1)
+
+    is_image = input_ids == engine.image_token_id
+    keep = ~is_image | (is_image.long().cumsum(1) - 1 < n)
+    ids = input_ids[keep].view(batch, -1)
+    targets = labels[keep].view(batch, -1)
+    new_index = keep.long().cumsum(1) - 1
+    salient_pos = [new_index[b, torch.tensor(rows, device=ids.device)] for b, rows in enumerate(salient)]
+
+    h = lm.embed_tokens(ids)
+    is_visual = ids == engine.image_token_id
+    h = h.masked_scatter(is_visual[..., None].expand_as(h), tokens.to(h.dtype))
+    pos = torch.arange(ids.shape[1], device=ids.device).expand(batch, -1)
+    rope = lm.rotary_emb(h, pos)
+    stage_at = {s.layer: s for s in p.stages}
+    for index, layer in enumerate(lm.layers):
+        if index in stage_at:
+            with torch.no_grad():
+                rows = []
+                for b in range(batch):
+                    visual_rows = torch.nonzero(is_visual[b]).flatten()
+                    query = torch.nonzero(torch.isin(pos[b], salient_pos[b])).flatten()
+                    scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b],
+                                            query, visual_rows)
+                    survivors = ~is_visual[b].clone()
+                    survivors[visual_rows[keep_top(scores, stage_at[index].keep)]] = True
+                    rows.append(torch.nonzero(survivors).flatten())
+                gather = torch.stack(rows)
+            h = h.gather(1, gather[..., None].expand(-1, -1, h.shape[-1]))
+            pos, is_visual, targets = pos.gather(1, gather), is_visual.gather(1, gather), targets.gather(1, gather)
+            rope = lm.rotary_emb(h, pos)
+        h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope)
+    logits = engine.lm_head(lm.norm(h))
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
+    return loss, tokens
