@@ -65,6 +65,14 @@ def _delegated(name: str):
         from .bench import bench_main
 
         return bench_main
+    if name == "eval":
+        from .eval import eval_main
+
+        return eval_main
+    if name == "train":
+        from .train import train_main
+
+        return train_main
     return None
 
 
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and (delegate := _delegated(argv[0])):
         return delegate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m model", description="DUET-LLaVA token reduction")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,train}")
     answer = commands.add_parser("answer", help="answer a question about an image")
     answer.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
     answer.add_argument("--device", default="auto", help="auto, cpu or cuda")

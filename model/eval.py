@@ -1,0 +1,126 @@
+"""``python -m model eval``: accuracy retention of every method x budget on the synthetic VQA (SPEC §7).
+
+For each of the first ``--n`` samples of a split, every configuration answers greedily through
+the engine; accuracy is exact match, retention = accuracy / full-token accuracy. **Query recall**
+is the fraction of the queried objects' patches (mask covering >= 50 % of the patch; the single
+best-covered patch for objects smaller than that) still represented by a surviving visual token
+after the last stage layer that keeps any (for the DUET presets: the first stage layer; for
+methods without LLM stages: the tokens entering the LLM). A merged token represents all of its
+member patches. ``random`` is the recall a random choice of as many patches would get on
+average (represented patches / all patches), the floor a query-blind method sits at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .budget import ReductionConfig
+
+
+def query_patches(sample: data.Sample, min_coverage: float = 0.5) -> set[int]:
+    patches = set()
+    for i in sample.query:
+        coverage = data.patch_coverage(sample.objects[i].mask).reshape(-1)
+        chosen = np.flatnonzero(coverage >= min_coverage)
+        patches |= set(chosen.tolist() if len(chosen) else [int(coverage.argmax())])
+    return patches
+
+
+def represented_patches(trace: dict) -> set[int]:
+    """Patches still represented after the last stage that keeps any token (single frame)."""
+    groups = trace["frames"][0]["token_patches"]
+    survivors = range(len(groups))
+    for stage in trace["t2v"]:
+        if stage["kept"]:
+            survivors = stage["kept"]
+    return {p for t in survivors for p in groups[t]}
+
+
+def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
+             max_new_tokens: int = 3, progress=None) -> dict:
+    rows = {(c.method, c.budget): {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}}
+            for c in configs}
+    for index in range(n):
+        sample = data.sample(seed, split, index)
+        query = query_patches(sample) if sample.query else set()
+        for cfg in configs:
+            trace = engine.answer(sample.image, sample.question, cfg, max_new_tokens=max_new_tokens)
+            row = rows[(cfg.method, cfg.budget)]
+            correct = trace["answer"] == sample.answer
+            row["correct"].append(correct)
+            row["kinds"].setdefault(sample.kind, []).append(correct)
+            row["tokens"].append(trace["avg_visual_tokens"])
+            if query:
+                kept = represented_patches(trace)
+                row["recall"].append(len(query & kept) / len(query))
+                row["random"].append(len(kept) / engine.n_patches)
+        if progress and (index + 1) % progress == 0:
+            print(f"  {index + 1}/{n} samples", flush=True)
+    full = rows.get(("full", next((c.budget for c in configs if c.method == "full"), None)))
+    full_acc = statistics.mean(full["correct"]) if full else None
+    table = []
+    for (method, budget), row in rows.items():
+        acc = statistics.mean(row["correct"])
+        table.append({
+            "method": method, "budget": budget, "n": len(row["correct"]),
+            "avg_visual_tokens": round(statistics.mean(row["tokens"]), 1),
+            "accuracy": acc, "retention": acc / full_acc if full_acc else None,
+            "query_recall": statistics.mean(row["recall"]) if row["recall"] else None,
+            "random_recall": statistics.mean(row["random"]) if row["random"] else None,
+            "by_kind": {k: statistics.mean(v) for k, v in sorted(row["kinds"].items())},
+        })
+    return {"model": engine.name, "split": split, "n": n, "seed": seed, "rows": table}
+
+
+def markdown(result: dict) -> str:
+    kinds = sorted({k for r in result["rows"] for k in r["by_kind"]})
+    head = ["method", "budget", "avg tokens", "accuracy", "retention", "query recall", "random-keep recall", *kinds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [
+            r["method"], "—" if r["method"] == "full" else str(r["budget"]), f"{r['avg_visual_tokens']:.1f}",
+            f"{100 * r['accuracy']:.1f} %", "—" if r["retention"] is None else f"{100 * r['retention']:.1f} %",
+            "—" if r["query_recall"] is None else f"{r['query_recall']:.3f}",
+            "—" if r["random_recall"] is None else f"{r['random_recall']:.3f}",
+            *[f"{100 * r['by_kind'].get(k, float('nan')):.0f} %" for k in kinds],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="checkpoint folder (default: the shipped model)")
+    parser.add_argument("--split", default="test", choices=list(data.SPLITS))
+    parser.add_argument("--methods", default="full,duet,visionzip,fastv,pyramiddrop")
+    parser.add_argument("--budgets", default="192,128,64")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging
+
+    from .engine import DuetLlava
+
+    logging.disable_progress_bar()
+    engine = DuetLlava.load(args.model, device=args.device)
+    methods = args.methods.split(",")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    configs = [ReductionConfig("full", engine.n_patches)] if "full" in methods else []
+    configs += [ReductionConfig(m, b) for m in methods if m != "full" for b in budgets]
+    started = time.time()
+    result = evaluate(engine, args.split, args.n, configs, seed=args.seed, progress=max(1, args.n // 10))
+    result["wall_s"] = round(time.time() - started, 1)
+    print(markdown(result))
+    print(f"\n{args.n} {args.split} samples x {len(configs)} configurations in {result['wall_s']} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0

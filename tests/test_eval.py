@@ -1,0 +1,42 @@
+import pytest
+
+from model import data
+from model.budget import ReductionConfig
+from model.cli import main
+from model.eval import evaluate, markdown, query_patches, represented_patches
+
+
+def test_query_patches_follow_the_mask():
+    sample = next(s for s in (data.sample(0, "test", i) for i in range(50)) if s.query)
+    patches = query_patches(sample)
+    coverage = sum(data.patch_coverage(sample.objects[i].mask).reshape(-1) for i in sample.query)
+    assert patches and all(coverage[p] > 0 for p in patches)
+
+
+def test_represented_patches_use_the_last_stage_that_keeps_tokens():
+    trace = {"frames": [{"token_patches": [[0, 1], [2], [3, 4, 5]]}],
+             "t2v": [{"kept": [0, 2]}, {"kept": []}]}
+    assert represented_patches(trace) == {0, 1, 3, 4, 5}
+    trace["t2v"] = []
+    assert represented_patches(trace) == set(range(6))
+
+
+def test_eval_runs_end_to_end_on_a_tiny_n(engine):
+    configs = [ReductionConfig("full", 576), ReductionConfig("duet", 64), ReductionConfig("fastv", 64)]
+    result = evaluate(engine, "test", 3, configs, max_new_tokens=2)
+    rows = {(r["method"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {("full", 576), ("duet", 64), ("fastv", 64)}
+    assert all(r["n"] == 3 for r in rows.values())
+    if rows[("full", 576)]["accuracy"] > 0:
+        assert rows[("full", 576)]["retention"] == pytest.approx(1.0)
+    for r in rows.values():
+        assert r["query_recall"] is None or 0.0 <= r["query_recall"] <= 1.0
+    assert rows[("full", 576)]["query_recall"] in (None, 1.0)
+    assert "| duet | 64 |" in markdown(result)
+
+
+def test_eval_cli_json(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_checkpoint), "--n", "2", "--budgets", "64", "--methods", "full,duet",
+                 "--json", str(out)]) == 0
+    assert "| full |" in capsys.readouterr().out and out.exists()
