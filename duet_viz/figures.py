@@ -213,7 +213,8 @@ def tokens_per_layer(traces: list[dict]) -> go.Figure:
 
 
 def answer_rows(traces: list[dict]) -> list[list]:
-    return [[t["method"], t["budget"], t["avg_visual_tokens"], t["answer"]] for t in traces]
+    return [[t["method"], "—" if t["method"] == "full" else t["budget"], t["avg_visual_tokens"], t["answer"]]
+            for t in traces]
 
 
 ANSWER_HEADERS = ["method", "budget", "avg visual tokens", "answer"]

@@ -28,8 +28,10 @@ from . import figures
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
-EXAMPLES = [
-    ("scene-shapes.png", "what color is the triangle ?"),
+EXAMPLES = [  # synthetic scenes from the test split (model.data) + scikit-image photos
+    ("scene-shapes.png", "what color is the diamond ?"),
+    ("scene-position.png", "is the blue square on the left or right ?"),
+    ("scene-count.png", "how many orange objects are there ?"),
     ("astronaut.jpg", "what is the woman holding ?"),
     ("chelsea.jpg", "what animal is this ?"),
     ("coffee.jpg", "what color is the cup ?"),

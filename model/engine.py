@@ -434,7 +434,7 @@ class DuetLlava:
         token = int(first.logits.argmax())
         timer.stop("prefill", started)
 
-        generated = []
+        generated, steps = [], 0
         started = timer.start()
         while token not in self.eos_ids and len(generated) < max_new_tokens:
             generated.append(token)
@@ -447,6 +447,7 @@ class DuetLlava:
                 logits = self.prefill(grown, visual_rows, salient, p, use_cache=False, force=first.kept,
                                       record=False, n_frames=n_frames).logits
             token = int(logits.argmax())
+            steps += 1
         timer.stop("decode", started)
         timer.stop("total", started_total)
 
@@ -454,7 +455,6 @@ class DuetLlava:
         n_visual_full = self.n_patches * len(frames)
         text_len = embeds.shape[1] - len(visual_rows)
         lm_cfg, vc = self.lm.config, self.model.config.vision_config
-        steps = max(1, len(generated) - 1)
         return {
             "model": self.name,
             "method": p.method,
@@ -481,7 +481,7 @@ class DuetLlava:
                 "vision": round(ms.get("vision", 0.0), 3),
                 "v2v": round(ms.get("v2v", 0.0), 3),
                 "prefill": round(ms["prefill"], 3),
-                "decode_per_token": round(ms["decode"] / steps, 3) if len(generated) > 1 else 0.0,
+                "decode_per_token": round(ms["decode"] / steps, 3) if steps else 0.0,
                 "total": round(ms["total"], 3),
             },
             "flops": {
