@@ -46,7 +46,7 @@ LAYER_JS = """
   if (!plot || !window.Plotly || !plot.data) return;
   const visible = plot.data.map((t, i) => i === 0 || i - 1 === layer);
   const meta = plot.layout.meta || {};
-  window.Plotly.update(plot, {visible: visible},
+  return window.Plotly.update(plot, {visible: visible},
     {'title.text': `${meta.method || ''} · layer ${layer}: ${(meta.counts || [])[layer]} visual tokens survive`});
 }
 """

@@ -16,3 +16,11 @@ def test_quick_bench_runs_end_to_end_with_every_row(tiny_checkpoint, tmp_path, c
     assert duet["llm_flops"] < result["rows"][0]["llm_flops"]
     assert duet["kv_bytes"] < result["rows"][0]["kv_bytes"]
     assert abs(duet["avg_visual_tokens"] - 64) <= 2
+
+
+def test_ui_render_bench_reports_every_view(engine):
+    from duet_viz.bench_ui import server_side
+
+    result = server_side(engine, reps=2)
+    assert len(result) == 4
+    assert all(r["n"] == 2 and 0 < r["p50_ms"] <= r["p95_ms"] for r in result.values())
