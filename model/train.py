@@ -6,13 +6,14 @@ the stock processor and chat template: "USER: <image>\\n{question} ASSISTANT: {a
 language loss is cross-entropy on the answer tokens (answer word + </s>) only.
 
 Answer loss alone stays at chance once scenes hold several objects (SPEC §8): the model has to
-bind the asked shape to its colour across 576 visual tokens. Three things fix that here:
+bind the asked shape to its colour across 576 visual tokens. Four things address that here:
 - dense auxiliary supervision: linear heads read each projected visual token (the projector output
   the LLM sees, computed from the layer -2 features) and classify the patch's colour, shape and
   whether it holds an object's centroid, with labels from the exact object masks
   (`data.patch_labels`). The heads live beside the model and are never exported.
 - a vision pre-stage: the first `pre_steps` steps train the tower + projector on the auxiliary
   loss alone, which costs a fraction of a full step because the decoder is not run.
+- the vision tower's position embeddings start as a 2D sine-cosine grid (`init_grid_positions`).
 - a curriculum: training scenes hold 1..k objects, k growing by one every `curriculum_steps`
   until 6. Validation always uses the full 1-6 range.
 
@@ -23,7 +24,7 @@ answer token, so the two are the same test.
 Everything needed to continue lives in the run folder (`state.pt`: model, heads, optimizer, step,
 data position, RNG, best accuracy; `train.log`; `metrics.jsonl`) and a run resumes from it by
 default. Whenever validation accuracy improves, the model and processor are exported as a
-standard HF folder to `<run>/best` and to `--export` if given.
+standard HF folder to `<run>/best`, and to `--export` when it beats the model already there.
 """
 
 from __future__ import annotations
@@ -108,6 +109,22 @@ class AuxHeads(nn.Module):
             hits = (logits.argmax(-1) == targets[name]).flatten()[positive]
             stats[f"aux_{name}_recall"] = hits.float().mean().item() if positive.any() else 0.0
         return total, stats
+
+
+def init_grid_positions(model, scale: float = 0.5) -> None:
+    """Start the vision tower's learned position embeddings at 2D sine-cosine values of each patch's
+    (row, col) (CLS at zero), instead of noise. Shape and position answers need a token to know
+    where it and its neighbours are; from random init that takes thousands of steps to appear."""
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    vision = model.config.vision_config
+    side, width = vision.image_size // vision.patch_size, table.shape[1]
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    freqs = 1.0 / 100 ** (torch.arange(width // 4) / (width // 4))
+    parts = [f(axis.flatten()[:, None] * freqs) for axis in (rows, cols) for f in (torch.sin, torch.cos)]
+    grid = torch.cat(parts, 1)
+    with torch.no_grad():
+        table.zero_()
+        table[1:, : grid.shape[1]] = scale * grid
 
 
 # ----------------------------------------------------------------------------- batches
@@ -227,6 +244,17 @@ def export(model, processor, folder: Path, info: dict) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def exported_accuracy(folder: Path, info: dict) -> float:
+    """Validation accuracy of the model already in `folder` on the same validation subset, or -1:
+    a new run never replaces a better shipped model with its early, worse ones."""
+    path = folder / "training.json"
+    if not path.exists():
+        return -1.0
+    old = json.loads(path.read_text())
+    same_subset = all(old.get(k) == info[k] for k in ("data_seed", "val_samples"))
+    return old.get("val_acc", -1.0) if same_subset else -1.0
+
+
 def save_state(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -282,6 +310,7 @@ def train_main(argv: list[str]) -> int:
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, next_index, best_acc = 0, 0, -1.0
+    init_grid_positions(model)
     if state:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
@@ -342,15 +371,19 @@ def train_main(argv: list[str]) -> int:
             result = evaluate(model, processor, cfg)
             improved = result["val_acc"] > best_acc
             best_acc = max(best_acc, result["val_acc"])
-            log(f"eval step {step} " + " ".join(f"{n} {v:.3f}" for n, v in result.items())
-                + (" (best: exported)" if improved else ""))
-            metrics_file.write(json.dumps({"step": step, **result}) + "\n")
-            metrics_file.flush()
+            exported = []
             if improved:
                 info = {"step": step, "train_samples_seen": next_index, "data_seed": cfg.seed,
-                        "val_samples": cfg.eval_samples, **result}
-                for folder in filter(None, [run / "best", cfg.export]):
-                    export(model, processor, Path(folder), info)
+                        "val_samples": cfg.eval_samples, "run": str(run), **result}
+                exported.append(run / "best")
+                if cfg.export and result["val_acc"] > exported_accuracy(Path(cfg.export), info):
+                    exported.append(Path(cfg.export))
+                for folder in exported:
+                    export(model, processor, folder, info)
+            log(f"eval step {step} " + " ".join(f"{n} {v:.3f}" for n, v in result.items())
+                + (f" (new best, exported to {', '.join(map(str, exported))})" if exported else ""))
+            metrics_file.write(json.dumps({"step": step, **result}) + "\n")
+            metrics_file.flush()
             checkpoint()
             started = time.perf_counter()
         elif step % cfg.save_every == 0:

@@ -8,7 +8,9 @@ from model import data
 from model.budget import ReductionConfig
 from model.checkpoint import build_processor
 from model.engine import DuetLlava
-from model.train import TrainConfig, encode, lr_at, max_objects_at, train_main
+from model.checkpoint import TinyLlavaSpec, build_model
+from model.train import (TrainConfig, encode, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
+                         train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
         "--text-hidden", "16", "--text-layers", "12", "--text-heads", "2", "--text-kv-heads", "1",
@@ -96,3 +98,30 @@ def test_schedule_warms_up_holds_then_decays_and_curriculum_grows():
     assert lr_at(0, cfg) == pytest.approx(1e-5) and lr_at(99, cfg) == pytest.approx(1e-3)
     assert lr_at(500, cfg) == pytest.approx(1e-3) and lr_at(1000, cfg) == pytest.approx(1e-4)
     assert [max_objects_at(s, cfg) for s in (0, 149, 150, 10_000)] == [1, 1, 2, 6]
+
+
+def test_grid_positions_make_neighbouring_patches_more_alike_than_distant_ones():
+    processor = build_processor(data.vocabulary(), data.IMAGE_SIZE, data.PATCH_SIZE)
+    model = build_model(TinyLlavaSpec(vision_hidden=32), processor)
+    init_grid_positions(model)
+    table = model.model.vision_tower.embeddings.position_embedding.weight[1:].detach()
+    assert table.shape == (576, 32)
+
+    def similarity(a, b):
+        return torch.nn.functional.cosine_similarity(table[a[0] * 24 + a[1]], table[b[0] * 24 + b[1]], dim=0)
+
+    assert similarity((5, 5), (5, 6)) > similarity((5, 5), (5, 20))
+    assert similarity((5, 5), (6, 5)) > similarity((5, 5), (20, 5))
+
+
+def test_a_run_only_replaces_a_shipped_model_it_beats(trained, tmp_path):
+    info = json.loads((trained / "shipped" / "training.json").read_text())
+    assert exported_accuracy(trained / "shipped", info) == info["val_acc"]
+    assert exported_accuracy(trained / "shipped", {**info, "val_samples": 999}) == -1.0
+    assert exported_accuracy(tmp_path, info) == -1.0
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "training.json").write_text(json.dumps({**info, "val_acc": 2.0}))
+    assert run(tmp_path / "run", 3, "--export", str(shipped)) == 0
+    assert sorted(p.name for p in shipped.iterdir()) == ["training.json"]
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
