@@ -43,9 +43,11 @@ COLOURS = {  # name -> RGB; saturated, far apart, none grey
     "purple": (145, 55, 195),
     "orange": (245, 130, 20),
 }
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "cross": "crosses", "diamond": "diamonds"}
+# Four shapes whose edge orientations differ (axis-aligned, +-60 deg, spiky, smooth): a cross or a
+# diamond shares its edge directions with the square or the triangle, and a tiny ViT trained from
+# scratch on one CPU core did not separate six shapes within thousands of steps.
+SHAPES = ("circle", "square", "triangle", "star")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
 SIZES_PX = {"small": (18, 26), "large": (28, 40)}  # radius of the circle the shape fits in
 COUNT_WORDS = ("one", "two", "three", "four", "five", "six")
 KINDS = ("colour", "shape", "count", "exist", "position")
@@ -169,13 +171,6 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return polar([r] * 3, -90)
     if shape == "star":
         return polar([r, 0.45 * r] * 5, -90)
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
-    if shape == "cross":
-        a, w = 0.95 * r, 0.33 * r
-        return [(cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w), (cx + a, cy + w),
-                (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a), (cx - w, cy + w), (cx - a, cy + w),
-                (cx - a, cy - w), (cx - w, cy - w)]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -253,10 +248,11 @@ def _exist_question(rng, objects):
         query = [i for i, o in enumerate(objects) if (o.colour, o.shape) == (anchor.colour, anchor.shape)]
         return f"is there a {anchor.colour} {anchor.shape} ?", "yes", query
     # keep one attribute of a present object, change the other to a combination that is absent
-    if rng.random() < 0.5:
-        pairs = [(c, anchor.shape) for c in COLOURS if (c, anchor.shape) not in present]
-    else:
-        pairs = [(anchor.colour, s) for s in SHAPES if (anchor.colour, s) not in present]
+    # (if every recolouring, or every reshaping, is present, the other one cannot be)
+    recoloured = [(c, anchor.shape) for c in COLOURS if (c, anchor.shape) not in present]
+    reshaped = [(anchor.colour, s) for s in SHAPES if (anchor.colour, s) not in present]
+    first, second = (recoloured, reshaped) if rng.random() < 0.5 else (reshaped, recoloured)
+    pairs = first or second
     colour, shape = pairs[rng.integers(len(pairs))]
     return f"is there a {colour} {shape} ?", "no", []
 

@@ -12,7 +12,8 @@ bind the asked shape to its colour across 576 visual tokens. Four things address
   whether it holds an object's centroid, with labels from the exact object masks
   (`data.patch_labels`). The heads live beside the model and are never exported.
 - a vision pre-stage: the first `pre_steps` steps train the tower + projector on the auxiliary
-  loss alone, which costs a fraction of a full step because the decoder is not run.
+  loss alone, on full 1-6 object scenes (more labelled patches per image); a step costs a
+  fraction of a full one because the decoder is not run.
 - the vision tower's position embeddings start as a 2D sine-cosine grid (`init_grid_positions`).
 - a curriculum: training scenes hold 1..k objects, k growing by one every `curriculum_steps`
   until 6. Validation always uses the full 1-6 range.
@@ -222,6 +223,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def max_objects_at(step: int, cfg: TrainConfig) -> int:
+    if step < cfg.pre_steps:
+        return data.MAX_OBJECTS
     return min(data.MAX_OBJECTS, 1 + max(0, step - cfg.pre_steps) // cfg.curriculum_steps)
 
 

@@ -99,6 +99,16 @@ def test_query_mask_is_the_union_of_the_queried_objects():
         assert s.query_mask.any() == (s.answer != "no")
 
 
+def test_a_no_is_always_possible_even_when_one_colour_takes_every_shape():
+    rng = np.random.default_rng(0)
+    objects = [data.SceneObject(shape, "red", "small", 20.0, (0.0, 0.0), np.ones((2, 2), bool))
+               for shape in data.SHAPES]
+    for _ in range(20):
+        question, answer, query = data.QUESTION_MAKERS["exist"](rng, objects)
+        colour, shape = question.split()[3:5]
+        assert answer == "yes" or (colour != "red" and not query)
+
+
 def test_existence_answers_are_balanced_and_negatives_share_an_attribute():
     exist = [data.sample(1, "val", i) for i in range(300)]
     exist = [s for s in exist if s.kind == "exist"]

@@ -97,7 +97,7 @@ def test_schedule_warms_up_holds_then_decays_and_curriculum_grows():
                       pre_steps=50, curriculum_steps=100)
     assert lr_at(0, cfg) == pytest.approx(1e-5) and lr_at(99, cfg) == pytest.approx(1e-3)
     assert lr_at(500, cfg) == pytest.approx(1e-3) and lr_at(1000, cfg) == pytest.approx(1e-4)
-    assert [max_objects_at(s, cfg) for s in (0, 149, 150, 10_000)] == [1, 1, 2, 6]
+    assert [max_objects_at(s, cfg) for s in (0, 50, 149, 150, 10_000)] == [6, 1, 1, 2, 6]
 
 
 def test_grid_positions_make_neighbouring_patches_more_alike_than_distant_ones():
