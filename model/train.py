@@ -248,13 +248,14 @@ def export(model, processor, folder: Path, info: dict) -> None:
 
 
 def exported_accuracy(folder: Path, info: dict) -> float:
-    """Validation accuracy of the model already in `folder` on the same validation subset, or -1:
-    a new run never replaces a better shipped model with its early, worse ones."""
+    """Validation accuracy of the model already in `folder` on the same validation subset (same
+    seed, size and data vocabulary), or -1: a new run never replaces a better shipped model with
+    its early, worse ones, and a model scored on other data is not compared."""
     path = folder / "training.json"
     if not path.exists():
         return -1.0
     old = json.loads(path.read_text())
-    same_subset = all(old.get(k) == info[k] for k in ("data_seed", "val_samples"))
+    same_subset = all(old.get(k) == info[k] for k in ("data_seed", "val_samples", "vocabulary"))
     return old.get("val_acc", -1.0) if same_subset else -1.0
 
 
@@ -377,7 +378,8 @@ def train_main(argv: list[str]) -> int:
             exported = []
             if improved:
                 info = {"step": step, "train_samples_seen": next_index, "data_seed": cfg.seed,
-                        "val_samples": cfg.eval_samples, "run": str(run), **result}
+                        "val_samples": cfg.eval_samples, "vocabulary": data.vocabulary(), "run": str(run),
+                        **result}
                 exported.append(run / "best")
                 if cfg.export and result["val_acc"] > exported_accuracy(Path(cfg.export), info):
                     exported.append(Path(cfg.export))

@@ -118,6 +118,7 @@ def test_a_run_only_replaces_a_shipped_model_it_beats(trained, tmp_path):
     info = json.loads((trained / "shipped" / "training.json").read_text())
     assert exported_accuracy(trained / "shipped", info) == info["val_acc"]
     assert exported_accuracy(trained / "shipped", {**info, "val_samples": 999}) == -1.0
+    assert exported_accuracy(trained / "shipped", {**info, "vocabulary": ["other"]}) == -1.0
     assert exported_accuracy(tmp_path, info) == -1.0
     shipped = tmp_path / "shipped"
     shipped.mkdir()
