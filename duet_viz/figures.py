@@ -125,7 +125,8 @@ def layer_view(trace: dict, image: Image.Image, frame: int = 0, layer: int = 0) 
     rows, cols = trace["grid"]
     cell = VIEW_PX / cols
     grids = layer_grids(trace, frame)
-    counts = trace["visual_tokens_per_layer"]
+    counts = (trace["visual_tokens_per_frame_layer"][frame] if len(trace["frames"]) > 1
+              else trace["visual_tokens_per_layer"])
     fig = _base_figure(frame_view(image, record["view_box"]), layer_title(trace["method"], layer, counts[layer]))
     token_of = np.full(rows * cols, -1)
     for local, patches in enumerate(record["token_patches"]):
@@ -200,15 +201,31 @@ def tokens_per_layer(traces: list[dict]) -> go.Figure:
             name=f"{trace['method']} (avg {trace['avg_visual_tokens']:.1f})",
             line=dict(width=2.5, color=PALETTE[i % len(PALETTE)]),
         ))
-    budgets = sorted({t["budget"] for t in traces if t["method"] != "full"})
-    for budget in budgets:
-        fig.add_hline(y=budget, line_dash="dash", line_color="grey",
-                      annotation_text=f"budget {budget}", annotation_position="top right")
+    budgets = sorted({(t["budget"], len(t["frames"])) for t in traces if t["method"] != "full"})
+    for budget, n_frames in budgets:
+        label = f"budget {budget}" if n_frames == 1 else f"budget {budget} × {n_frames} frames"
+        fig.add_hline(y=budget * n_frames, line_dash="dash", line_color="grey",
+                      annotation_text=label, annotation_position="top right")
     fig.update_layout(
         title=dict(text="Visual tokens per LLM layer", x=0.02, font=dict(size=14)),
         xaxis_title="LLM layer", yaxis_title="visual tokens", height=330,
         margin=dict(l=50, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25),
     )
+    return fig
+
+
+def frames_by_layers(trace: dict) -> go.Figure:
+    """Visual tokens each frame keeps at each LLM layer: where T2V spends a video's budget."""
+    counts = np.asarray(trace["visual_tokens_per_frame_layer"])
+    fig = go.Figure(go.Heatmap(
+        z=counts, x=list(range(counts.shape[1])), y=[f"frame {f}" for f in range(counts.shape[0])],
+        colorscale="Viridis", text=counts, texttemplate="%{text}", zmin=0,
+        hovertemplate="%{y} · layer %{x}: %{z} tokens<extra></extra>", colorbar=dict(title="tokens"),
+    ))
+    fig.update_layout(title=dict(text=f"{trace['method']}: visual tokens per frame (rows) and LLM layer",
+                                 x=0.02, font=dict(size=14)),
+                      xaxis_title="LLM layer", height=80 + 28 * counts.shape[0], margin=dict(l=70, r=10, t=40, b=40),
+                      yaxis=dict(autorange="reversed"))
     return fig
 
 

@@ -48,7 +48,7 @@ def request(kind: str, rng: random.Random, junk: Path) -> tuple[list, str | None
     elif kind == "not-an-image":
         image, expected = handle_file(str(junk)), "not an image"
     compare = ["full"] if kind == "valid" and rng.random() < 0.3 else []
-    return [image, question, method, budget, 96, compare, None, None, 4, "", "", "", 4, 0], expected
+    return [image, question, method, budget, 96, compare, None, None, 4, "", "", "", 4, 0, None, 8], expected
 
 
 def session(url: str, index: int, n_requests: int, deadline: float, junk: Path, invalid_share: float) -> list[dict]:

@@ -23,6 +23,7 @@ from PIL import Image
 from model.budget import METHODS, PRESET_BUDGETS, ReductionConfig
 from model.engine import DuetLlava
 from model.inputs import InputError, check_question, load_image
+from model.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, read_frames
 
 from . import figures
 
@@ -35,6 +36,9 @@ EXAMPLES = [  # synthetic scenes from the test split (model.data) + scikit-image
     ("astronaut.jpg", "what is the woman holding ?"),
     ("chelsea.jpg", "what animal is this ?"),
     ("coffee.jpg", "what color is the cup ?"),
+]
+VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene generator
+    ("clip-moving.webm", "what color is the diamond ?"),
 ]
 METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
                 "pyramiddrop": "PyramidDrop"}
@@ -138,12 +142,18 @@ class App:
             raise gr.Error(f"Invalid settings: {error}") from None
 
     def run(self, image, question, method, budget_choice, custom_budget, compare, k1, k2, cluster_width,
-            stage_layers, stage_ratios, salient, max_new_tokens, layer, progress=gr.Progress()):
-        if image is None:
-            raise gr.Error("Upload an image (or click an example) first.")
+            stage_layers, stage_ratios, salient, max_new_tokens, layer, video=None,
+            num_frames=DEFAULT_NUM_FRAMES, mode="image", progress=gr.Progress()):
+        use_video = video is not None and (mode == "video" or image is None)
+        if image is None and not use_video:
+            raise gr.Error("Upload an image or a video (or click an example) first.")
         try:
             question = check_question(question, self.engine.tokenizer)
-            image = load_image(image)
+            if use_video:
+                progress(0, desc="Decoding the video")
+                frames = read_frames(video, int(num_frames)).frames
+            else:
+                frames = [load_image(image)]
         except InputError as error:
             raise gr.Error(str(error)) from None
         budget = custom_budget if budget_choice == "custom" else budget_choice
@@ -152,25 +162,29 @@ class App:
         primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient)
         others = [m for m in (compare or []) if m != method]
         configs = [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words) for m in others]
-        traces = self.run_models(image, question, configs, int(max_new_tokens), progress)
+        traces = self.run_models(frames, question, configs, int(max_new_tokens), progress)
         progress(1.0, desc="Drawing")
-        key = self.remember({"traces": traces, "image": image})
+        key = self.remember({"traces": traces, "frames": frames})
         shown = gr.Radio(choices=[(METHOD_NAMES[m], m) for m in traces], value=method, visible=len(traces) > 1)
         used = " ".join(f"`{s['token']}`" for s in traces[method]["salient"])
         salient_text = f"Salient text tokens that ranked the visual tokens: {used}" if traces[method]["t2v"] else ""
-        return (key, shown, *self.render(key, method, layer), *self.summary(key), salient_text)
+        many = len(frames) > 1
+        frame = gr.Slider(0, len(frames) - 1, value=0, step=1, visible=True) if many else gr.Slider(value=0, visible=False)
+        grid = figures.frames_by_layers(traces[method]) if many else None
+        return (key, shown, *self.render(key, method, layer, 0), *self.summary(key), salient_text, frame,
+                gr.Plot(grid, visible=many), gr.Gallery(self.strip(key, method, layer) if many else None, visible=many))
 
-    def _run_models(self, image, question, configs, max_new_tokens, progress) -> dict[str, dict]:
+    def _run_models(self, frames, question, configs, max_new_tokens, progress) -> dict[str, dict]:
         """All model work of one request (the one function that needs the GPU)."""
         traces = {}
         for i, cfg in enumerate(configs):
             progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
-            traces[cfg.method] = self._answer(image, question, cfg, max_new_tokens)
+            traces[cfg.method] = self._answer(frames, question, cfg, max_new_tokens)
         return traces
 
-    def _answer(self, image: Image.Image, question: str, cfg: ReductionConfig, max_new_tokens: int) -> dict:
+    def _answer(self, frames: list[Image.Image], question: str, cfg: ReductionConfig, max_new_tokens: int) -> dict:
         try:
-            return self.engine.answer(image, question, cfg, max_new_tokens=max_new_tokens)
+            return self.engine.answer(frames, question, cfg, max_new_tokens=max_new_tokens)
         except ValueError as error:
             raise gr.Error(str(error)) from None
         except torch.cuda.OutOfMemoryError:
@@ -181,15 +195,28 @@ class App:
             raise gr.Error(f"The model run failed: {type(error).__name__}: {error}") from None
 
     # --------------------------------------------------------------------- views
-    def render(self, key, method, layer):
+    def _pick(self, key, method, layer, frame=0):
         result = self.recall(key)
         if method not in result["traces"]:
             raise gr.Error(f"No {method} run in this result.")
-        trace, image = result["traces"][method], result["image"]
+        trace = result["traces"][method]
+        frame = min(int(frame or 0), len(result["frames"]) - 1)
         layer = min(int(layer), len(trace["visual_tokens_per_layer"]) - 1)
-        view = figures.layer_view(trace, image, layer=layer)
-        view.update_layout(meta={"method": trace["method"], "counts": trace["visual_tokens_per_layer"]})
-        return figures.cluster_map(trace, image), view
+        return trace, result["frames"], frame, layer
+
+    def render(self, key, method, layer, frame=0):
+        trace, frames, frame, layer = self._pick(key, method, layer, frame)
+        view = figures.layer_view(trace, frames[frame], frame=frame, layer=layer)
+        counts = trace["visual_tokens_per_frame_layer"][frame] if len(frames) > 1 else trace["visual_tokens_per_layer"]
+        view.update_layout(meta={"method": trace["method"], "counts": counts})
+        return figures.cluster_map(trace, frames[frame], frame=frame), view
+
+    def strip(self, key, method, layer):
+        """Every frame's overlay at ``layer``, for the frame strip."""
+        trace, frames, _, layer = self._pick(key, method, layer)
+        counts = trace["visual_tokens_per_frame_layer"]
+        return [(figures.overlay_png(trace, image, frame=f, layer=layer), f"frame {f}: {counts[f][layer]} tokens")
+                for f, image in enumerate(frames)]
 
     def summary(self, key):
         traces = list(self.recall(key)["traces"].values())
@@ -201,14 +228,15 @@ class App:
         path.write_text(json.dumps(traces if len(traces) > 1 else traces[0], indent=1))
         return figures.tokens_per_layer(traces), answers, latency, note, str(path)
 
-    def overlay(self, key, method, layer):
-        result = self.recall(key)
-        if method not in result["traces"]:
-            raise gr.Error(f"No {method} run in this result.")
-        trace = result["traces"][method]
-        layer = min(int(layer), len(trace["visual_tokens_per_layer"]) - 1)
-        path = Path(self.workdir.name) / f"overlay-{method}-layer{layer}-{key}.png"
-        figures.overlay_png(trace, result["image"], layer=layer).save(path)
+    def refresh_strip(self, key, method, layer):
+        if key is None or len(self.recall(key)["frames"]) == 1:
+            return gr.skip()
+        return self.strip(key, method, layer)
+
+    def overlay(self, key, method, layer, frame=0):
+        trace, frames, frame, layer = self._pick(key, method, layer, frame)
+        path = Path(self.workdir.name) / f"overlay-{method}-frame{frame}-layer{layer}-{key}.png"
+        figures.overlay_png(trace, frames[frame], frame=frame, layer=layer).save(path)
         return str(path)
 
 
@@ -223,9 +251,18 @@ def build_demo(engine: DuetLlava) -> gr.Blocks:
     with gr.Blocks(title="DUET-Viz", delete_cache=(600, 3600)) as demo:
         gr.Markdown(header, elem_classes="duet-header")
         state = gr.State()
+        mode = gr.State("image")
         with gr.Row():
             with gr.Column(scale=4, min_width=320):
-                image = UploadedImage(type="filepath", label="Image", sources=["upload", "clipboard"], height=300)
+                with gr.Tabs():
+                    with gr.Tab("Image") as image_tab:
+                        image = UploadedImage(type="filepath", label="Image", sources=["upload", "clipboard"],
+                                              height=300)
+                    with gr.Tab("Video") as video_tab:
+                        video = gr.Video(label="Video (mp4, webm, avi; ≤ 120 s)", sources=["upload"],
+                                         include_audio=True, height=300)
+                        num_frames = gr.Slider(1, MAX_NUM_FRAMES, value=DEFAULT_NUM_FRAMES, step=1,
+                                               label="Frames sampled uniformly (budget applies per frame)")
                 question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
                 method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value="duet", label="Method")
                 with gr.Row():
@@ -248,7 +285,10 @@ def build_demo(engine: DuetLlava) -> gr.Blocks:
                     max_new_tokens = gr.Slider(1, 64, value=16, step=1, label="Max new tokens")
                 run = gr.Button("Run", variant="primary")
                 gr.Examples([[str(ASSETS / name), q] for name, q in EXAMPLES if (ASSETS / name).exists()],
-                            inputs=[image, question], label="Examples (click to load)")
+                            inputs=[image, question], label="Image examples (click to load)")
+                clips = [[str(ASSETS / name), q] for name, q in VIDEO_EXAMPLES if (ASSETS / name).exists()]
+                if clips:
+                    gr.Examples(clips, inputs=[video, question], label="Video examples (click, then open the Video tab)")
             with gr.Column(scale=7):
                 answers = gr.Dataframe(headers=figures.ANSWER_HEADERS, label="Answers", interactive=False,
                                        wrap=True, column_widths=["14%", "10%", "14%", "62%"])
@@ -262,6 +302,10 @@ def build_demo(engine: DuetLlava) -> gr.Blocks:
                         layer_view = gr.Plot(label="Layer view", elem_id="layer-view")
                         layer = gr.Slider(0, n_layers - 1, value=n_layers // 2, step=1, label="LLM layer",
                                           elem_id="layer-slider")
+                frame = gr.Slider(0, 1, value=0, step=1, label="Frame", visible=False, elem_id="frame-slider")
+                frame_grid = gr.Plot(label="Visual tokens kept per frame and layer", visible=False)
+                strip = gr.Gallery(label="Frame strip at this layer (updates when the slider is released)",
+                                   columns=8, height=160, visible=False)
                 pyramid = gr.Plot(label="Tokens per layer")
                 with gr.Row():
                     trace_file = gr.File(label="Trace (JSON)")
@@ -270,14 +314,19 @@ def build_demo(engine: DuetLlava) -> gr.Blocks:
                         png_file = gr.File(label="Overlay (PNG)")
 
         budget.change(lambda b: gr.Number(visible=b == "custom"), budget, custom_budget, api_visibility="private")
+        image_tab.select(lambda: "image", None, mode, api_visibility="private")
+        video_tab.select(lambda: "video", None, mode, api_visibility="private")
         run.click(
             app.run,
             [image, question, method, budget, custom_budget, compare, k1, k2, cluster_width, stage_layers,
-             stage_ratios, salient, max_new_tokens, layer],
-            [state, shown, clusters, layer_view, pyramid, answers, latency, timing_note, trace_file, salient_used],
+             stage_ratios, salient, max_new_tokens, layer, video, num_frames, mode],
+            [state, shown, clusters, layer_view, pyramid, answers, latency, timing_note, trace_file, salient_used,
+             frame, frame_grid, strip],
             api_name="run",
         )
-        shown.change(app.render, [state, shown, layer], [clusters, layer_view], api_visibility="private")
+        for control in (shown, frame):
+            control.change(app.render, [state, shown, layer, frame], [clusters, layer_view], api_visibility="private")
         layer.change(None, layer, None, js=LAYER_JS)
-        png_button.click(app.overlay, [state, shown, layer], png_file, api_name="overlay")
+        layer.release(app.refresh_strip, [state, shown, layer], strip, api_visibility="private")
+        png_button.click(app.overlay, [state, shown, layer, frame], png_file, api_name="overlay")
     return demo

@@ -34,11 +34,13 @@ def call_run(client, method="duet", budget="64", compare=("full",), layer=20):
     from gradio_client import handle_file
 
     return client.predict(handle_file(str(EXAMPLE)), QUESTION, method, budget, 96, list(compare), None, None, 4,
-                          "", "", "", 4, layer, api_name="/run")
+                          "", "", "", 4, layer, None, 8, api_name="/run")
 
 
 def test_api_run_matches_the_engine_trace(client, engine):
-    shown, clusters, layer_view, pyramid, answers, latency, note, trace_path, salient = call_run(client)
+    shown, clusters, layer_view, pyramid, answers, latency, note, trace_path, salient, frame, grid, strip = \
+        call_run(client)
+    assert frame["visible"] is False and grid["visible"] is False and strip["visible"] is False
     with Image.open(EXAMPLE) as image:
         expected = {m: engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(m, 64), max_new_tokens=4)
                     for m in ("duet", "full")}
@@ -65,9 +67,9 @@ def test_api_run_matches_the_engine_trace(client, engine):
 
 
 def test_api_overlay_png_is_the_layer_view_of_the_session_trace(client, engine):
-    *_, trace_path, _ = call_run(client, compare=())
+    trace_path = call_run(client, compare=())[7]
     trace = json.loads(Path(trace_path).read_text())
-    png = client.predict("duet", 18, api_name="/overlay")
+    png = client.predict("duet", 18, 0, api_name="/overlay")
     with Image.open(EXAMPLE) as image:
         expected = np.asarray(figures.overlay_png(trace, image.convert("RGB"), layer=18))
     assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), expected)
@@ -86,8 +88,7 @@ def test_api_rejects_bad_settings_with_a_message(client, kwargs, message):
     args.update(kwargs)
     with pytest.raises(Exception, match=message):
         client.predict(handle_file(str(EXAMPLE)), QUESTION, args["method"], args["budget"], args["custom"], [],
-                       None, None,
-                       4, "", "", "", 4, 0, api_name="/run")
+                       None, None, 4, "", "", "", 4, 0, None, 8, api_name="/run")
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; .ci/run installs it
@@ -126,3 +127,73 @@ def test_browser_example_run_and_layer_scrub(served):
     assert a.shape == b.shape
     changed = np.mean(np.abs(a - b) > 20)
     assert changed > 0.1, f"only {changed:.1%} of the layer view changed when scrubbing 16 -> 26"
+
+
+CLIP = ASSETS / "clip-moving.webm"
+
+
+def test_api_video_clip_runs_per_frame_v2v_and_joint_t2v(client, engine):
+    from gradio_client import handle_file
+
+    from model.video import read_frames
+
+    out = client.predict(None, "what color is the diamond ?", "duet", "64", 96, [], None, None, 4, "", "",
+                         "", 2, 6, handle_file(str(CLIP)), 4, api_name="/run")
+    trace = json.loads(Path(out[7]).read_text())
+    expected = engine.answer(read_frames(CLIP, 4).frames, "what color is the diamond ?",
+                             ReductionConfig("duet", 64), max_new_tokens=2)
+    for key in ("frames", "t2v", "visual_tokens_per_frame_layer", "generated_ids"):
+        assert trace[key] == expected[key], key
+    frame, grid, strip = out[9], out[10], out[11]
+    assert frame["visible"] and frame["maximum"] == 3
+    assert grid["visible"] and strip["visible"] and len(strip["value"]) == 4
+    z = array(json.loads(grid["value"]["plot"])["data"][0]["z"])
+    assert z.tolist() == expected["visual_tokens_per_frame_layer"]
+
+
+def test_api_bad_video_is_a_message(client, tmp_path):
+    from gradio_client import handle_file
+
+    bad = tmp_path / "broken.mp4"
+    bad.write_text("not a video at all")
+    with pytest.raises(Exception, match="could not be read as a video"):
+        client.predict(None, QUESTION, "duet", "64", 96, [], None, None, 4, "", "", "", 2, 0,
+                       handle_file(str(bad)), 4, api_name="/run")
+
+
+def test_browser_video_upload_run_and_frame_scrub(served, tmp_path):
+    """A user uploads an mp4, asks, runs, then scrubs frames (server) and layers (browser)."""
+    from playwright.sync_api import sync_playwright
+
+    from model.video import read_frames, write_clip
+
+    clip = write_clip(tmp_path / "upload.mp4", read_frames(CLIP, 8).frames, fps=4)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        page.goto(served)
+        page.get_by_role("tab", name="Video").click()
+        page.locator("input[type=file][accept*='video']").set_input_files(str(clip))
+        page.get_by_label("Question").fill("what color is the diamond ?")
+        page.wait_for_timeout(1000)
+        page.get_by_role("button", name="Run").click()
+        page.wait_for_selector("#layer-view .js-plotly-plot .heatmaplayer", timeout=60_000)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "app-video-after-run.png"), full_page=True)
+        view = page.locator("#layer-view")
+        before = ARTIFACTS / "video-frame-0.png"
+        view.screenshot(path=str(before))
+        frame = page.locator("#frame-slider input[type=range]")
+        frame.focus()
+        for _ in range(5):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_timeout(2500)  # a frame change re-renders on the server (no model run)
+        after = ARTIFACTS / "video-frame-5.png"
+        view.screenshot(path=str(after))
+        browser.close()
+    a = np.asarray(Image.open(before).convert("L"), dtype=float)
+    b = np.asarray(Image.open(after).convert("L"), dtype=float)
+    assert a.shape == b.shape and np.mean(np.abs(a - b) > 20) > 0.005

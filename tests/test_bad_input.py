@@ -122,7 +122,7 @@ def run_args(image, **overrides):
 
     args = dict(image=handle_file(str(image)), question=QUESTION, method="duet", budget="64", custom=96,
                 compare=[], k1=None, k2=None, cluster_width=4, stage_layers="", stage_ratios="", salient="",
-                max_new_tokens=2, layer=0)
+                max_new_tokens=2, layer=0, video=None, num_frames=8)
     args.update(overrides)
     return list(args.values())
 
@@ -160,7 +160,7 @@ def test_overlay_before_any_run_is_a_message(served):
     from gradio_client import Client
 
     with pytest.raises(Exception, match="press Run"):
-        Client(served, verbose=False).predict(None, 3, api_name="/overlay")  # fresh session: no result
+        Client(served, verbose=False).predict(None, 3, 0, api_name="/overlay")  # fresh session: no result
 
 
 def test_result_cache_is_bounded_and_cleans_its_files(engine):
