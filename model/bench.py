@@ -120,6 +120,65 @@ def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int)
     }
 
 
+def train_batch(engine: DuetLlava, batch_size: int, seed: int = 0):
+    """A right-padded batch of synthetic VQA conversations with answer-only labels and the
+    salient positions of each prompt (the inputs of train_reduce.reduced_loss)."""
+    from . import data
+
+    proc = engine.processor
+    samples = [data.sample(seed, "train", i) for i in range(batch_size)]
+    users = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}] for s in samples]
+    prompts = [proc.apply_chat_template(u, add_generation_prompt=True) for u in users]
+    texts = [proc.apply_chat_template(u + [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}])
+             for u, s in zip(users, samples)]
+    enc = proc(images=[s.image for s in samples], text=texts, padding=True, return_tensors="pt")
+    labels = torch.full_like(enc["input_ids"], -100)
+    salient = []
+    for row, (s, prompt) in enumerate(zip(samples, prompts)):
+        n_prompt = len(proc(images=s.image, text=prompt)["input_ids"][0])
+        end = int(enc["attention_mask"][row].sum())
+        labels[row, n_prompt:end] = enc["input_ids"][row, n_prompt:end]
+        salient.append(engine._salient_positions(prompt, s.question, enc["input_ids"][row, :n_prompt], None))
+    return enc["input_ids"], enc["pixel_values"], labels, salient
+
+
+def train_step_times(engine: DuetLlava, budgets: list[int], batch_size: int, reps: int) -> list[dict]:
+    """Forward + backward + AdamW step with full tokens vs DUET at each budget (SPEC §2 Training).
+    The steps really update the in-memory weights (lr 1e-5); nothing is saved."""
+    from .train_reduce import reduced_loss
+
+    ids, pixels, labels, salient = train_batch(engine, batch_size)
+    model = engine.model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    rows = []
+    for budget in [engine.n_patches, *budgets]:
+        p = plan(ReductionConfig("full" if budget == engine.n_patches else "duet", budget),
+                 engine.n_layers, engine.n_patches)
+        times = []
+        for rep in range(reps + 1):
+            started = time.perf_counter()
+            loss, _ = reduced_loss(engine, p, ids, pixels, labels, salient)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if rep:
+                times.append((time.perf_counter() - started) * 1e3)
+        rows.append({"method": p.method, "budget": budget, "step_ms": _median_spread(times)})
+    model.eval()
+    return rows
+
+
+def train_markdown(rows: list[dict], batch_size: int) -> str:
+    full = rows[0]["step_ms"][0]
+    lines = [f"Training step (forward + backward + AdamW), batch {batch_size}:", "",
+             "| method | budget | step ms | vs full |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget'] if r['method'] != 'full' else '—'} | "
+                     f"{r['step_ms'][0]:.0f} ({r['step_ms'][1]:.0f}-{r['step_ms'][2]:.0f}) | "
+                     f"{100 * (r['step_ms'][0] / full - 1):+.0f} % |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -171,6 +230,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--train", action="store_true",
+                        help="also time training steps, full vs DUET (the model must know the scene vocabulary)")
+    parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="1 rep, 2 decode steps, budget 64 only")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
@@ -185,6 +247,11 @@ def bench_main(argv: list[str] | None = None) -> int:
     result = run_bench(engine, args.methods.split(","), [int(b) for b in args.budgets.split(",")],
                        args.reps, args.decode_steps)
     print(markdown(result))
+    if args.train:
+        with torch.enable_grad():
+            result["train"] = train_step_times(engine, [int(b) for b in args.budgets.split(",")],
+                                               args.train_batch, args.reps)
+        print("\n" + train_markdown(result["train"], args.train_batch))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
