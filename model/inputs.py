@@ -26,16 +26,23 @@ class InputError(ValueError):
     """Bad user input; the message is written for the user."""
 
 
-def load_image(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-               min_side: int = MIN_IMAGE_SIDE_PX) -> Image.Image:
+def check_upload(path: str | os.PathLike, kind: str, max_bytes: int, error: type[InputError] = InputError) -> Path:
+    """The uploaded file's path once it exists, is not empty and is at most ``max_bytes`` --
+    checked from the file system, before anything opens the file."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"Image file not found: {path.name}")
+        raise error(f"{kind.capitalize()} file not found: {path.name}")
     size = path.stat().st_size
     if size == 0:
-        raise InputError("The image file is empty (0 bytes).")
+        raise error(f"The {kind} file is empty (0 bytes).")
     if size > max_bytes:
-        raise InputError(f"The image file is too large ({size / 2**20:.1f} MB; at most {max_bytes / 2**20:.0f} MB).")
+        raise error(f"The {kind} file is too large ({size / 2**20:.1f} MB; at most {max_bytes / 2**20:.0f} MB).")
+    return path
+
+
+def load_image(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+               min_side: int = MIN_IMAGE_SIDE_PX) -> Image.Image:
+    path = check_upload(path, "image", max_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

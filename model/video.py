@@ -58,7 +58,7 @@ except ImportError:  # no wheel for this platform: OpenCV alone reads videos
 import numpy as np
 from PIL import Image
 
-from model.inputs import MIN_IMAGE_SIDE_PX, InputError
+from .inputs import MIN_IMAGE_SIDE_PX, InputError, check_upload
 
 DEFAULT_NUM_FRAMES = 8
 MAX_NUM_FRAMES = 16
@@ -125,15 +125,7 @@ def read_frames(path, num_frames: int = DEFAULT_NUM_FRAMES, *, max_frames: int =
     """
     if not 1 <= num_frames <= max_frames or int(num_frames) != num_frames:
         raise VideoError(f"Choose a whole number of frames from 1 to {max_frames} (got {num_frames}).")
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(f"Video file not found: {path.name}")
-    size = path.stat().st_size
-    if size == 0:
-        raise VideoError("The video file is empty (0 bytes).")
-    if size > max_bytes:
-        raise VideoError(f"The video file is too large ({size / 2**20:.1f} MB; "
-                         f"at most {max_bytes / 2**20:.0f} MB).")
+    path = check_upload(path, "video", max_bytes, VideoError)
     readers = {"auto": (_read_decord, _read_opencv), "decord": (_read_decord,),
                "opencv": (_read_opencv,)}[backend]
     check = partial(_check_limits, max_duration_s=max_duration_s, min_side_px=min_side_px)

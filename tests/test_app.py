@@ -94,15 +94,19 @@ def test_api_rejects_bad_settings_with_a_message(client, kwargs, message):
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; .ci/run installs it
 
 
+def open_page(playwright):
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])
+    return browser, browser.new_page(viewport={"width": 1500, "height": 1400})
+
+
 def test_browser_example_run_and_layer_scrub(served):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        browser, page = open_page(p)
         page.goto(served)
         page.get_by_text(QUESTION, exact=True).click()
         page.get_by_role("button", name="Run").click()
@@ -170,10 +174,7 @@ def test_browser_video_upload_run_and_frame_scrub(served, tmp_path):
     clip = write_clip(tmp_path / "upload.mp4", read_frames(CLIP, 8).frames, fps=4)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        browser, page = open_page(p)
         page.goto(served)
         page.get_by_role("tab", name="Video").click()
         page.locator("input[type=file][accept*='video']").set_input_files(str(clip))
