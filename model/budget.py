@@ -148,8 +148,8 @@ def _plan_duet(cfg: ReductionConfig, base: Plan) -> Plan:
     met; a budget >= the patch count therefore means no reduction at all.
     """
     L, P, b = base.n_layers, base.n_patches, base.budget
-    layers = cfg.stage_layers or (_scaled(16, L), _scaled(24, L))
-    ratios = cfg.stage_ratios or DUET_STAGE_RATIOS
+    layers = cfg.stage_layers if cfg.stage_layers is not None else (_scaled(16, L), _scaled(24, L))
+    ratios = cfg.stage_ratios if cfg.stage_ratios is not None else DUET_STAGE_RATIOS
 
     def avg(n, rs):
         return average(layer_counts(n, _ratio_stages(n, layers, rs, "salient"), L))

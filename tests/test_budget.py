@@ -67,3 +67,8 @@ def test_overrides_win_over_solved_values():
 def test_invalid_configs_are_rejected_with_a_message(kwargs):
     with pytest.raises(ValueError):
         ReductionConfig(**kwargs)
+
+
+def test_duet_without_stage_layers_is_v2v_only_at_the_budget():
+    p = plan(ReductionConfig("duet", 64, stage_layers=(), stage_ratios=()), n_layers=12)
+    assert p.stages == () and p.k1 + p.k2 == 64 and p.k2 > 0
