@@ -30,15 +30,15 @@ from . import figures
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
 EXAMPLES = [  # synthetic scenes from the test split (model.data) + scikit-image photos
-    ("scene-shapes.png", "what color is the diamond ?"),
-    ("scene-position.png", "is the blue square on the left or right ?"),
+    ("scene-shapes.png", "what color is the star ?"),
+    ("scene-position.png", "is the blue circle on the left or right ?"),
     ("scene-count.png", "how many orange objects are there ?"),
     ("astronaut.jpg", "what is the woman holding ?"),
     ("chelsea.jpg", "what animal is this ?"),
     ("coffee.jpg", "what color is the cup ?"),
 ]
 VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene generator
-    ("clip-moving.webm", "what color is the diamond ?"),
+    ("clip-moving.webm", "what color is the star ?"),
 ]
 METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
                 "pyramiddrop": "PyramidDrop"}

@@ -29,7 +29,7 @@ from .budget import ReductionConfig, plan
 from .checkpoint import TinyLlavaSpec, build_processor
 from .engine import DuetLlava, Timer
 
-QUESTION = "what color is the diamond ?"
+QUESTION = "what color is the star ?"
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "scene-shapes.png"
 
 

@@ -141,10 +141,10 @@ def test_api_video_clip_runs_per_frame_v2v_and_joint_t2v(client, engine):
 
     from model.video import read_frames
 
-    out = client.predict(None, "what color is the diamond ?", "duet", "64", 96, [], None, None, 4, "", "",
+    out = client.predict(None, "what color is the star ?", "duet", "64", 96, [], None, None, 4, "", "",
                          "", 2, 6, handle_file(str(CLIP)), 4, api_name="/run")
     trace = json.loads(Path(out[7]).read_text())
-    expected = engine.answer(read_frames(CLIP, 4).frames, "what color is the diamond ?",
+    expected = engine.answer(read_frames(CLIP, 4).frames, "what color is the star ?",
                              ReductionConfig("duet", 64), max_new_tokens=2)
     for key in ("frames", "t2v", "visual_tokens_per_frame_layer", "generated_ids"):
         assert trace[key] == expected[key], key
@@ -178,7 +178,7 @@ def test_browser_video_upload_run_and_frame_scrub(served, tmp_path):
         page.goto(served)
         page.get_by_role("tab", name="Video").click()
         page.locator("input[type=file][accept*='video']").set_input_files(str(clip))
-        page.get_by_label("Question").fill("what color is the diamond ?")
+        page.get_by_label("Question").fill("what color is the star ?")
         page.wait_for_timeout(1000)
         page.get_by_role("button", name="Run").click()
         page.wait_for_selector("#layer-view .js-plotly-plot .heatmaplayer", timeout=60_000)
