@@ -45,14 +45,13 @@ def represented_patches(trace: dict) -> set[int]:
 
 def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
              max_new_tokens: int = 3, progress=None) -> dict:
-    rows = {(c.method, c.budget): {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}}
-            for c in configs}
+    rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}} for c in configs}
     for index in range(n):
         sample = data.sample(seed, split, index)
         query = query_patches(sample) if sample.query else set()
         for cfg in configs:
             trace = engine.answer(sample.image, sample.question, cfg, max_new_tokens=max_new_tokens)
-            row = rows[(cfg.method, cfg.budget)]
+            row = rows[cfg]
             correct = trace["answer"] == sample.answer
             row["correct"].append(correct)
             row["kinds"].setdefault(sample.kind, []).append(correct)
@@ -63,13 +62,13 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
                 row["random"].append(len(kept) / engine.n_patches)
         if progress and (index + 1) % progress == 0:
             print(f"  {index + 1}/{n} samples", flush=True)
-    full = rows.get(("full", next((c.budget for c in configs if c.method == "full"), None)))
+    full = next((row for c, row in rows.items() if c.method == "full"), None)
     full_acc = statistics.mean(full["correct"]) if full else None
     table = []
-    for (method, budget), row in rows.items():
+    for cfg, row in rows.items():
         acc = statistics.mean(row["correct"])
         table.append({
-            "method": method, "budget": budget, "n": len(row["correct"]),
+            "method": cfg.method, "budget": cfg.budget, "overrides": overrides(cfg), "n": len(row["correct"]),
             "avg_visual_tokens": round(statistics.mean(row["tokens"]), 1),
             "accuracy": acc, "retention": acc / full_acc if full_acc else None,
             "query_recall": statistics.mean(row["recall"]) if row["recall"] else None,
@@ -79,13 +78,22 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
     return {"model": engine.name, "split": split, "n": n, "seed": seed, "rows": table}
 
 
+def overrides(cfg: ReductionConfig) -> str:
+    """The knobs a configuration sets beyond method and budget, e.g. "stage_layers=(6, 9)"."""
+    default = ReductionConfig(cfg.method, cfg.budget)
+    return ", ".join(f"{k}={getattr(cfg, k)}" for k in ("k1", "k2", "cluster_width", "stage_layers", "stage_ratios",
+                                                        "fastv_k", "salient_words")
+                     if getattr(cfg, k) != getattr(default, k))
+
+
 def markdown(result: dict) -> str:
     kinds = sorted({k for r in result["rows"] for k in r["by_kind"]})
     head = ["method", "budget", "avg tokens", "accuracy", "retention", "query recall", "random-keep recall", *kinds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [
-            r["method"], "—" if r["method"] == "full" else str(r["budget"]), f"{r['avg_visual_tokens']:.1f}",
+            r["method"] + (f" ({r['overrides']})" if r["overrides"] else ""),
+            "—" if r["method"] == "full" else str(r["budget"]), f"{r['avg_visual_tokens']:.1f}",
             f"{100 * r['accuracy']:.1f} %", "—" if r["retention"] is None else f"{100 * r['retention']:.1f} %",
             "—" if r["query_recall"] is None else f"{r['query_recall']:.3f}",
             "—" if r["random_recall"] is None else f"{r['random_recall']:.3f}",

@@ -40,3 +40,10 @@ def test_eval_cli_json(tiny_checkpoint, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_checkpoint), "--n", "2", "--budgets", "64", "--methods", "full,duet",
                  "--json", str(out)]) == 0
     assert "| full |" in capsys.readouterr().out and out.exists()
+
+
+def test_variants_of_one_method_and_budget_stay_separate_rows(engine):
+    configs = [ReductionConfig("duet", 64), ReductionConfig("duet", 64, stage_layers=(), stage_ratios=())]
+    result = evaluate(engine, "test", 1, configs, max_new_tokens=1)
+    assert [r["overrides"] for r in result["rows"]] == ["", "stage_layers=(), stage_ratios=()"]
+    assert "duet (stage_layers=(), stage_ratios=())" in markdown(result)
