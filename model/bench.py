@@ -157,7 +157,7 @@ def train_step_times(engine: DuetLlava, budgets: list[int], batch_size: int, rep
         times = []
         for rep in range(reps + 1):
             started = time.perf_counter()
-            loss, _ = reduced_loss(engine, p, ids, pixels, labels, salient)
+            loss, *_ = reduced_loss(engine, p, ids, pixels, labels, salient)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -100,11 +100,34 @@ def per_frame_counts(frames: list[dict], stages: list[dict], n_layers: int) -> l
     return rows
 
 
+def salient_positions(tokenizer, image_token_id: int, text: str, question: str, input_ids: torch.Tensor,
+                      words=None) -> list[int]:
+    """Token positions (in the processor's expanded prompt ``input_ids``) of the question's salient
+    words plus the last prompt token. Offsets come from tokenizing ``text`` with a single image
+    token per image; if that does not reproduce the processor's ids, only the last token is used."""
+    last = len(input_ids) - 1
+    short = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = short["input_ids"], short["offset_mapping"]
+    expansion = (input_ids == image_token_id).sum().item() // max(1, ids.count(image_token_id))
+    shift, expanded_pos = 0, []
+    for token in ids:
+        expanded_pos.append(len(expanded_pos) + shift)
+        if token == image_token_id:
+            shift += expansion - 1
+    expanded = [t for t in ids for _ in range(expansion if t == image_token_id else 1)]
+    start = text.rfind(question)
+    if expanded != input_ids.tolist() or start < 0:
+        return [last]
+    spans = [(start + a, start + b) for a, b, _ in salient_spans(question, words)]
+    chosen = {expanded_pos[i] for i in tokens_overlapping(offsets, spans)}
+    return sorted(chosen | {last})
+
+
 class DuetLlava:
     """A loaded LLaVA checkpoint plus the DUET / baseline reduction machinery."""
 
     def __init__(self, model: LlavaForConditionalGeneration, processor, name: str):
-        self.model, self.processor, self.name = model.eval(), processor, name
+        self.model, self.processor, self.name = model, processor, name
         self.tokenizer = processor.tokenizer
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
@@ -142,7 +165,7 @@ class DuetLlava:
         dev = pick_device(device)
         model = LlavaForConditionalGeneration.from_pretrained(
             source, dtype=dtype or pick_dtype(dev), attn_implementation="sdpa"
-        ).to(dev)
+        ).to(dev).eval()
         processor = AutoProcessor.from_pretrained(source, backend="pil")
         return cls(model, processor, Path(source).name if Path(source).exists() else source)
 
@@ -171,23 +194,7 @@ class DuetLlava:
         )
 
     def _salient_positions(self, text: str, question: str, input_ids: torch.Tensor, words) -> list[int]:
-        """Token positions (in the expanded prompt) of the question's salient words + the last token."""
-        last = len(input_ids) - 1
-        short = self.tokenizer(text, return_offsets_mapping=True)
-        ids, offsets = short["input_ids"], short["offset_mapping"]
-        expansion = (input_ids == self.image_token_id).sum().item() // max(1, ids.count(self.image_token_id))
-        shift, expanded_pos = 0, []
-        for token in ids:
-            expanded_pos.append(len(expanded_pos) + shift)
-            if token == self.image_token_id:
-                shift += expansion - 1
-        expanded = [t for t in ids for _ in range(expansion if t == self.image_token_id else 1)]
-        start = text.rfind(question)
-        if expanded != input_ids.tolist() or start < 0:
-            return [last]  # tokenisation differs from the processor's: fall back to the last token
-        spans = [(start + a, start + b) for a, b, _ in salient_spans(question, words)]
-        chosen = {expanded_pos[i] for i in tokens_overlapping(offsets, spans)}
-        return sorted(chosen | {last})
+        return salient_positions(self.tokenizer, self.image_token_id, text, question, input_ids, words)
 
     def _view_box(self, size: tuple[int, int]) -> list[float]:
         """The part of the original image (x0, y0, x1, y1 in its pixels) that fills the model's

@@ -46,7 +46,10 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from . import data
+from .budget import ReductionConfig, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
+from .engine import DuetLlava, salient_positions
+from .train_reduce import reduced_loss
 
 
 @dataclass
@@ -156,6 +159,12 @@ def encode(processor, samples: list[data.Sample], min_coverage: float) -> dict[s
     for i, name in enumerate(("colour", "shape", "centre")):
         batch[name] = torch.from_numpy(np.stack([t[i].reshape(-1) for t in targets]))
     batch["labels"] = labels
+    image_token = tok.convert_tokens_to_ids("<image>")
+    batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
+        salient_positions(tok, image_token, prompt, s.question,
+                          batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())])
+        for row, (s, prompt) in enumerate(zip(samples, prompts))
+    ]
     return batch
 
 
@@ -164,12 +173,19 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(model.model.get_image_features(pixel_values=pixel_values).pooler_output)
 
 
-def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool):
-    """(answer loss or None, auxiliary loss, aux stats) for one batch."""
+def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, duet=None):
+    """(answer loss or None, auxiliary loss, aux stats) for one batch. ``duet`` = (engine wrapper,
+    plan) runs the answer forward with DUET's reductions (SPEC §2 Training)."""
     targets = {name: batch[name] for name in ("colour", "shape", "centre")}
     if not with_answer:
         aux, stats = heads.loss(visual_tokens(model, batch["pixel_values"]), targets)
         return None, aux, stats
+    if duet is not None:
+        engine, reduction = duet
+        loss, _, every_patch = reduced_loss(engine, reduction, batch["input_ids"], batch["pixel_values"],
+                                            batch["labels"], batch["salient"])
+        aux, stats = heads.loss(every_patch, targets)
+        return loss, aux, stats
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"], labels=batch["labels"])
     tokens = out.image_hidden_states.view(len(batch["input_ids"]), -1, out.image_hidden_states.shape[-1])
@@ -271,7 +287,7 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "reduction":
             parser.add_argument(flag, choices=("none", "duet"), default=f.default,
-                                help="token reduction during training (duet: not implemented yet)")
+                                help="token reduction in the training forward (duet: V2V + T2V at --budget)")
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     for name in SPEC_FLAGS:
@@ -286,8 +302,6 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
 
 
 def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
-    if cfg.reduction == "duet":
-        raise NotImplementedError("DUET token reduction in training is not implemented yet")
     if spec.text_layers < 12 or spec.text_layers % 4:
         raise ValueError("text layers must be a multiple of 4 and >= 12 (stage layers at L/4, L/2, 3L/4)")
     if min(cfg.batch_size, cfg.steps, cfg.eval_samples, cfg.curriculum_steps, cfg.save_every,
@@ -311,6 +325,10 @@ def train_main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     model = build_model(spec, processor).train()
     heads = AuxHeads(spec.text_hidden)
+    duet = None
+    if cfg.reduction == "duet":
+        duet = (DuetLlava(model, processor, "training"),
+                plan(ReductionConfig("duet", cfg.budget), spec.text_layers, (spec.image_size // spec.patch_size) ** 2))
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, next_index, best_acc = 0, 0, -1.0
@@ -347,7 +365,8 @@ def train_main(argv: list[str]) -> int:
         samples = [data.sample(cfg.seed, "train", i, max_objects=k)
                    for i in range(next_index, next_index + cfg.batch_size)]
         batch = encode(processor, samples, cfg.aux_min_coverage)
-        answer_loss, aux_loss, stats = forward_losses(model, heads, batch, with_answer=step >= cfg.pre_steps)
+        answer_loss, aux_loss, stats = forward_losses(model, heads, batch, with_answer=step >= cfg.pre_steps,
+                                                      duet=duet)
         loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:

@@ -19,8 +19,9 @@ from .t2v import keep_top
 
 
 def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                 labels: torch.Tensor, salient: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d)) under plan ``p``.
+                 labels: torch.Tensor, salient: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
+    (B, P, d) for per-patch supervision) under plan ``p``.
 
     ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule).
     """
@@ -30,7 +31,9 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     if (real[:, 1:] & ~real[:, :-1]).any():
         raise ValueError("reduced_loss needs right-padded rows")
     batch = input_ids.shape[0]
-    visual = engine.reduce(engine.vision_states(pixel_values), p, Timer(engine.device))
+    hidden = engine.vision_states(pixel_values)
+    visual = engine.reduce(hidden, p, Timer(engine.device))
+    every_patch = engine.projector(hidden[engine.feature_index][:, 1:])
     n = visual.tokens_per_frame[0]
     tokens = visual.features.view(batch, n, -1)
 
@@ -66,4 +69,4 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope)
     logits = engine.lm_head(lm.norm(h))
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
-    return loss, tokens
+    return loss, tokens, every_patch

@@ -85,9 +85,18 @@ def test_resuming_continues_exactly_where_the_run_stopped(trained, tmp_path):
         assert torch.equal(tensor, resumed["model"][name]), name
 
 
-def test_duet_training_is_not_available_yet_and_shallow_decoders_are_refused(tmp_path):
-    with pytest.raises(NotImplementedError):
-        run(tmp_path, 1, "--reduction", "duet", "--budget", "64")
+def test_duet_training_runs_and_exports_a_loadable_model(tmp_path):
+    assert run(tmp_path, 3, "--reduction", "duet", "--budget", "64", "--export", str(tmp_path / "twin")) == 0
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert state["step"] == 3
+    log = (tmp_path / "train.log").read_text()
+    assert "answer_loss" in log
+    engine = DuetLlava.load(tmp_path / "best")
+    assert engine.answer(data.sample(0, "val", 0).image, "what color is the circle ?",
+                         ReductionConfig("duet", 64), max_new_tokens=2)["avg_visual_tokens"] == pytest.approx(64, abs=2)
+
+
+def test_shallow_decoders_are_refused(tmp_path):
     with pytest.raises(ValueError):
         run(tmp_path, 1, "--no-resume", "--text-layers", "8")
 

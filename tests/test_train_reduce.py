@@ -32,7 +32,7 @@ def test_no_reduction_loss_equals_stock(engine, image):
     enc, labels, salient = batch(engine, image)
     stock = engine.model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"], labels=labels).loss
     for cfg in (ReductionConfig("full"), ReductionConfig("duet", 576)):
-        loss, _ = reduced_loss(engine, plan(cfg, engine.n_layers), enc["input_ids"], enc["pixel_values"], labels,
+        loss, *_ = reduced_loss(engine, plan(cfg, engine.n_layers), enc["input_ids"], enc["pixel_values"], labels,
                                salient)
         assert loss.item() == pytest.approx(stock.item(), abs=1e-5)
 
@@ -43,7 +43,7 @@ def test_reduced_training_loss_has_gradients_everywhere_tokens_survive(engine, i
     p = plan(ReductionConfig(method, 64), engine.n_layers)
     engine.model.zero_grad()
     with torch.enable_grad():
-        loss, tokens = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient)
+        loss, tokens, _ = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient)
         loss.backward()
     assert torch.isfinite(loss) and tokens.shape[:2] == (2, p.tokens_per_frame)
     tower = engine.vision.encoder.layers[0].self_attn.q_proj.weight.grad
