@@ -76,6 +76,7 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 1
     seed: int = 0
+    init_from: str = ""  # start a new run from an exported model folder (e.g. the shipped one)
     reduction: str = "none"
     budget: int = 192
 
@@ -339,6 +340,11 @@ def train_main(argv: list[str]) -> int:
         optimizer.load_state_dict(state["optimizer"])
         step, next_index, best_acc = state["step"], state["next_index"], state["best_acc"]
         torch.set_rng_state(state["torch_rng"])
+    elif cfg.init_from:
+        from transformers import LlavaForConditionalGeneration
+
+        # Runs do not outlive a machine; the shipped folder does, so a new session can go on from it.
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(cfg.init_from).state_dict())
 
     log_file = open(run / "train.log", "a")
     metrics_file = open(run / "metrics.jsonl", "a")

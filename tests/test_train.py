@@ -135,3 +135,11 @@ def test_a_run_only_replaces_a_shipped_model_it_beats(trained, tmp_path):
     assert run(tmp_path / "run", 3, "--export", str(shipped)) == 0
     assert sorted(p.name for p in shipped.iterdir()) == ["training.json"]
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+
+
+def test_a_new_run_can_start_from_an_exported_model(trained, tmp_path):
+    source = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
+    assert run(tmp_path, 1, "--init-from", str(trained / "shipped"), "--lr", "1e-12", "--weight-decay", "0") == 0
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    for name, tensor in source.state_dict().items():
+        assert torch.allclose(state["model"][name], tensor, atol=1e-6), name
