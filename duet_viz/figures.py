@@ -58,11 +58,6 @@ def _base_figure(picture: Image.Image, title: str) -> go.Figure:
     return fig
 
 
-def patch_tokens(trace: dict, frame: int = 0) -> list[list[int]]:
-    """Patches (frame-local ids) that each visual token of ``frame`` stands for."""
-    return trace["frames"][frame]["token_patches"]
-
-
 def kept_tokens_per_layer(trace: dict) -> list[set[int] | None]:
     """For every LLM layer, the visual token ids alive there (None = all of them)."""
     alive: set[int] | None = None

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from duet_viz import figures
-from duet_viz.ui import ASSETS, build_demo
+from duet_viz.ui import ASSETS
 from model.budget import ReductionConfig
 
 EXAMPLE = ASSETS / "chelsea.jpg"
