@@ -120,34 +120,15 @@ def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int)
     }
 
 
-def train_batch(engine: DuetLlava, batch_size: int, seed: int = 0):
-    """A right-padded batch of synthetic VQA conversations with answer-only labels and the
-    salient positions of each prompt (the inputs of train_reduce.reduced_loss)."""
-    from . import data
-
-    proc = engine.processor
-    samples = [data.sample(seed, "train", i) for i in range(batch_size)]
-    users = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}] for s in samples]
-    prompts = [proc.apply_chat_template(u, add_generation_prompt=True) for u in users]
-    texts = [proc.apply_chat_template(u + [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}])
-             for u, s in zip(users, samples)]
-    enc = proc(images=[s.image for s in samples], text=texts, padding=True, return_tensors="pt")
-    labels = torch.full_like(enc["input_ids"], -100)
-    salient = []
-    for row, (s, prompt) in enumerate(zip(samples, prompts)):
-        n_prompt = len(proc(images=s.image, text=prompt)["input_ids"][0])
-        end = int(enc["attention_mask"][row].sum())
-        labels[row, n_prompt:end] = enc["input_ids"][row, n_prompt:end]
-        salient.append(engine._salient_positions(prompt, s.question, enc["input_ids"][row, :n_prompt], None))
-    return enc["input_ids"], enc["pixel_values"], labels, salient
-
-
 def train_step_times(engine: DuetLlava, budgets: list[int], batch_size: int, reps: int) -> list[dict]:
     """Forward + backward + AdamW step with full tokens vs DUET at each budget (SPEC §2 Training).
     The steps really update the in-memory weights (lr 1e-5); nothing is saved."""
+    from . import data
+    from .train import encode
     from .train_reduce import reduced_loss
 
-    ids, pixels, labels, salient = train_batch(engine, batch_size)
+    batch = encode(engine.processor, [data.sample(0, "train", i) for i in range(batch_size)], 0.3)
+    ids, pixels, labels, salient = batch["input_ids"], batch["pixel_values"], batch["labels"], batch["salient"]
     model = engine.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     rows = []

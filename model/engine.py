@@ -188,13 +188,11 @@ class DuetLlava:
         return Prompt(
             input_ids=input_ids,
             pixel_values=inputs["pixel_values"],
-            salient=self._salient_positions(text, question, input_ids[0], salient_words),
+            salient=salient_positions(self.tokenizer, self.image_token_id, text, question, input_ids[0],
+                                      salient_words),
             question=question,
             view_boxes=[self._view_box(f.size) for f in rgb],
         )
-
-    def _salient_positions(self, text: str, question: str, input_ids: torch.Tensor, words) -> list[int]:
-        return salient_positions(self.tokenizer, self.image_token_id, text, question, input_ids, words)
 
     def _view_box(self, size: tuple[int, int]) -> list[float]:
         """The part of the original image (x0, y0, x1, y1 in its pixels) that fills the model's

@@ -3,33 +3,20 @@
 import pytest
 import torch
 
+from model import data
 from model.budget import ReductionConfig, plan
+from model.train import encode
 from model.train_reduce import reduced_loss
 
-QUESTIONS = [("what color is the red circle ?", "red"), ("what shape ?", "square")]
+def batch(engine):
+    """Two right-padded training rows built by the trainer's own encoder."""
+    enc = encode(engine.processor, [data.sample(0, "train", i) for i in range(2)], 0.3)
+    assert engine.tokenizer.padding_side == "right"
+    return enc, enc["labels"], enc["salient"]
 
 
-def batch(engine, image):
-    proc, tok = engine.processor, engine.tokenizer
-    texts, prompts = [], []
-    for q, a in QUESTIONS:
-        user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-        prompts.append(proc.apply_chat_template(user, add_generation_prompt=True))
-        texts.append(proc.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": a}]}]))
-    enc = proc(images=[image, image.rotate(90)], text=texts, padding=True, return_tensors="pt")
-    labels = torch.full_like(enc["input_ids"], -100)
-    salient = []
-    for row, ((q, _), prompt) in enumerate(zip(QUESTIONS, prompts)):
-        n_prompt = len(proc(images=image, text=prompt)["input_ids"][0])
-        end = int(enc["attention_mask"][row].sum())
-        labels[row, n_prompt:end] = enc["input_ids"][row, n_prompt:end]
-        salient.append(engine._salient_positions(prompt, q, enc["input_ids"][row, :n_prompt], None))
-    assert tok.padding_side == "right"
-    return enc, labels, salient
-
-
-def test_no_reduction_loss_equals_stock(engine, image):
-    enc, labels, salient = batch(engine, image)
+def test_no_reduction_loss_equals_stock(engine):
+    enc, labels, salient = batch(engine)
     stock = engine.model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"], labels=labels).loss
     for cfg in (ReductionConfig("full"), ReductionConfig("duet", 576)):
         loss, *_ = reduced_loss(engine, plan(cfg, engine.n_layers), enc["input_ids"], enc["pixel_values"], labels,
@@ -38,8 +25,8 @@ def test_no_reduction_loss_equals_stock(engine, image):
 
 
 @pytest.mark.parametrize("method", ["duet", "visionzip", "pyramiddrop"])
-def test_reduced_training_loss_has_gradients_everywhere_tokens_survive(engine, image, method):
-    enc, labels, salient = batch(engine, image)
+def test_reduced_training_loss_has_gradients_everywhere_tokens_survive(engine, method):
+    enc, labels, salient = batch(engine)
     p = plan(ReductionConfig(method, 64), engine.n_layers)
     engine.model.zero_grad()
     with torch.enable_grad():
