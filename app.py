@@ -31,6 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=os.environ.get("DUET_DEVICE", "auto"), help="auto, cpu or cuda")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    # On ZeroGPU a GPU exists only inside a request, so examples cannot run at start-up there.
+    zero_gpu = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+    parser.add_argument("--cache-examples", choices=("eager", "lazy"),
+                        default=os.environ.get("DUET_CACHE_EXAMPLES", "lazy" if zero_gpu else "eager"),
+                        help="run the examples at start-up in the background (eager) or on first click (lazy)")
     return parser.parse_args(argv)
 
 
@@ -38,7 +43,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
     engine = DuetLlava.load(resolve_model(args.model), device=args.device)
-    demo = build_demo(engine)
+    demo = build_demo(engine, cache_examples=args.cache_examples)
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.launch(server_name=args.host, server_port=args.port, css=CSS, max_file_size="20mb", show_error=True)
 

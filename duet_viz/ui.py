@@ -8,10 +8,12 @@ lines of JavaScript flip their visibility.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -40,6 +42,9 @@ EXAMPLES = [  # synthetic scenes from the test split (model.data) + scikit-image
 VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene generator
     ("clip-moving.webm", "what color is the star ?"),
 ]
+# What the controls show on page load; also the settings example results are cached for.
+DEFAULTS = dict(method="duet", budget="64", custom_budget=96, compare=["full"], k1=None, k2=None, cluster_width=4,
+                stage_layers="", stage_ratios="", salient="", max_new_tokens=16, num_frames=DEFAULT_NUM_FRAMES)
 METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
                 "pyramiddrop": "PyramidDrop"}
 
@@ -97,27 +102,57 @@ def _optional_int(value) -> int | None:
     return None if value in (None, "") else int(value)
 
 
+def fingerprint(source) -> str:
+    """Content hash of an upload (file path) or a pasted image (PIL), so a repeated input is found
+    whatever temp path it arrived under."""
+    digest = hashlib.sha256()
+    if isinstance(source, Image.Image):
+        digest.update(f"{source.mode}{source.size}".encode())
+        digest.update(source.tobytes())
+    else:
+        with open(source, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _no_progress(*args, **kwargs) -> None:
+    return None
+
+
 class App:
     """Callbacks bound to one loaded engine.
 
     Results live in a bounded LRU keyed by run id (the session state holds only the key), so
     memory and the files written for downloads stay flat however many sessions come and go.
+    A request whose input bytes and settings match a kept result reuses it instead of running
+    the model again ("cached" in the timing note). The examples' results at the default settings
+    are pinned: computed once (at start-up with ``cache_examples="eager"``, on first click with
+    "lazy") and never evicted, so clicking an example answers at once.
     """
 
     def __init__(self, engine: DuetLlava, max_results: int = 32):
         self.engine = engine
         self.max_results = max_results
         self.results: OrderedDict[str, dict] = OrderedDict()
+        self.memo: dict[str, str] = {}  # request fingerprint -> result key
+        self.example_requests: set[str] = set()  # fingerprints of the examples at the default settings
         self.lock = threading.Lock()
+        self.model_lock = threading.Lock()  # one model run at a time (start-up warm-up vs. requests)
         self.workdir = tempfile.TemporaryDirectory(prefix="duet-viz-")
         self.run_models = gpu_task(self._run_models)
 
-    def remember(self, result: dict) -> str:
+    def remember(self, result: dict, request: str | None = None) -> str:
         key = uuid.uuid4().hex[:16]
+        pinned = request in self.example_requests
         with self.lock:
-            self.results[key] = result
-            while len(self.results) > self.max_results:
-                old, _ = self.results.popitem(last=False)
+            self.results[key] = {**result, "request": request, "pinned": pinned, "created": time.time()}
+            if request is not None:
+                self.memo[request] = key
+            unpinned = [k for k, r in self.results.items() if not r["pinned"]]
+            for old in unpinned[: max(0, len(unpinned) - self.max_results)]:
+                evicted = self.results.pop(old)
+                self.memo.pop(evicted["request"], None)
                 for path in Path(self.workdir.name).glob(f"*{old}*"):
                     path.unlink(missing_ok=True)
         return key
@@ -128,6 +163,13 @@ class App:
                 raise gr.Error("No result to show: press Run (results of old sessions expire).")
             self.results.move_to_end(key)
             return self.results[key]
+
+    def lookup(self, request: str) -> str | None:
+        with self.lock:
+            key = self.memo.get(request)
+            if key is not None:
+                self.results.move_to_end(key)
+            return key
 
     # --------------------------------------------------------------------- model runs
     def reduction(self, method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient) -> ReductionConfig:
@@ -141,6 +183,68 @@ class App:
         except ValueError as error:
             raise gr.Error(f"Invalid settings: {error}") from None
 
+    def configs(self, method, budget_choice, custom_budget, compare, k1, k2, cluster_width, stage_layers,
+                stage_ratios, salient) -> list[ReductionConfig]:
+        """The selected method's config first, then each method to compare with at default knobs."""
+        budget = custom_budget if budget_choice == "custom" else budget_choice
+        if budget is None or not 1 <= int(budget) <= self.engine.n_patches:
+            raise gr.Error(f"The budget must be a whole number of visual tokens in 1..{self.engine.n_patches}.")
+        primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient)
+        others = [m for m in (compare or []) if m != method]
+        return [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words) for m in others]
+
+    def request(self, source, use_video: bool, question: str, configs, max_new_tokens: int, num_frames: int) -> str:
+        """Fingerprint of everything a result depends on."""
+        settings = (use_video, question, [repr(c) for c in configs], int(max_new_tokens),
+                    int(num_frames) if use_video else None)
+        return hashlib.sha256(f"{fingerprint(source)}|{settings!r}".encode()).hexdigest()
+
+    def result_for(self, source, use_video, question, configs, max_new_tokens, num_frames,
+                   progress=_no_progress) -> tuple[str, bool]:
+        """(result key, whether it was cached): the kept result of this exact request, or a new run."""
+        request = self.request(source, use_video, question, configs, max_new_tokens, num_frames)
+        key = self.lookup(request)
+        if key is not None:
+            return key, True
+        try:
+            if use_video:
+                progress(0, desc="Decoding the video")
+                frames = read_frames(source, int(num_frames)).frames
+            else:
+                frames = [load_image(source)]
+        except InputError as error:
+            raise gr.Error(str(error)) from None
+        traces = self.run_models(frames, question, configs, int(max_new_tokens), progress)
+        return self.remember({"traces": traces, "frames": frames}, request), False
+
+    def example_request(self, path: Path, question: str) -> tuple:
+        """Arguments of ``result_for`` for an example at the default settings."""
+        d = DEFAULTS
+        configs = self.configs(d["method"], d["budget"], d["custom_budget"], d["compare"], d["k1"], d["k2"],
+                               d["cluster_width"], d["stage_layers"], d["stage_ratios"], d["salient"])
+        use_video = path.suffix not in (".png", ".jpg", ".jpeg")
+        return str(path), use_video, check_question(question, self.engine.tokenizer), configs, d["max_new_tokens"], \
+            d["num_frames"]
+
+    def register_examples(self, examples: list[tuple[Path, str]], eager: bool) -> threading.Thread | None:
+        """Pin the examples' default-settings results; with ``eager`` compute them now, in a
+        background thread (returned) so the server starts at once."""
+        requests = [self.example_request(path, q) for path, q in examples]
+        self.example_requests |= {self.request(*args) for args in requests}
+        if not eager:
+            return None
+
+        def warm():
+            for args in requests:
+                try:
+                    self.result_for(*args)
+                except Exception:  # a broken example must not stop the others or the server
+                    log.exception("caching example %s failed", args[0])
+
+        thread = threading.Thread(target=warm, name="cache-examples", daemon=True)
+        thread.start()
+        return thread
+
     def run(self, image, question, method, budget_choice, custom_budget, compare, k1, k2, cluster_width,
             stage_layers, stage_ratios, salient, max_new_tokens, layer, video=None,
             num_frames=DEFAULT_NUM_FRAMES, mode="image", progress=gr.Progress()):
@@ -149,37 +253,31 @@ class App:
             raise gr.Error("Upload an image or a video (or click an example) first.")
         try:
             question = check_question(question, self.engine.tokenizer)
-            if use_video:
-                progress(0, desc="Decoding the video")
-                frames = read_frames(video, int(num_frames)).frames
-            else:
-                frames = [load_image(image)]
         except InputError as error:
             raise gr.Error(str(error)) from None
-        budget = custom_budget if budget_choice == "custom" else budget_choice
-        if budget is None or not 1 <= int(budget) <= self.engine.n_patches:
-            raise gr.Error(f"The budget must be a whole number of visual tokens in 1..{self.engine.n_patches}.")
-        primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient)
-        others = [m for m in (compare or []) if m != method]
-        configs = [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words) for m in others]
-        traces = self.run_models(frames, question, configs, int(max_new_tokens), progress)
+        configs = self.configs(method, budget_choice, custom_budget, compare, k1, k2, cluster_width, stage_layers,
+                               stage_ratios, salient)
+        key, cached = self.result_for(video if use_video else image, use_video, question, configs, max_new_tokens,
+                                      num_frames, progress)
         progress(1.0, desc="Drawing")
-        key = self.remember({"traces": traces, "frames": frames})
+        result = self.recall(key)
+        traces, frames = result["traces"], result["frames"]
         shown = gr.Radio(choices=[(METHOD_NAMES[m], m) for m in traces], value=method, visible=len(traces) > 1)
         used = " ".join(f"`{s['token']}`" for s in traces[method]["salient"])
         salient_text = f"Salient text tokens that ranked the visual tokens: {used}" if traces[method]["t2v"] else ""
         many = len(frames) > 1
         frame = gr.Slider(0, len(frames) - 1, value=0, step=1, visible=True) if many else gr.Slider(value=0, visible=False)
         grid = figures.frames_by_layers(traces[method]) if many else None
-        return (key, shown, *self.render(key, method, layer, 0), *self.summary(key), salient_text, frame,
+        return (key, shown, *self.render(key, method, layer, 0), *self.summary(key, cached), salient_text, frame,
                 gr.Plot(grid, visible=many), gr.Gallery(self.strip(key, method, layer) if many else None, visible=many))
 
     def _run_models(self, frames, question, configs, max_new_tokens, progress) -> dict[str, dict]:
         """All model work of one request (the one function that needs the GPU)."""
         traces = {}
-        for i, cfg in enumerate(configs):
-            progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
-            traces[cfg.method] = self._answer(frames, question, cfg, max_new_tokens)
+        with self.model_lock:
+            for i, cfg in enumerate(configs):
+                progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
+                traces[cfg.method] = self._answer(frames, question, cfg, max_new_tokens)
         return traces
 
     def _answer(self, frames: list[Image.Image], question: str, cfg: ReductionConfig, max_new_tokens: int) -> dict:
@@ -218,12 +316,16 @@ class App:
         return [(figures.overlay_png(trace, image, frame=f, layer=layer), f"frame {f}: {counts[f][layer]} tokens")
                 for f, image in enumerate(frames)]
 
-    def summary(self, key):
-        traces = list(self.recall(key)["traces"].values())
+    def summary(self, key, cached=False):
+        result = self.recall(key)
+        traces = list(result["traces"].values())
         answers, latency = figures.answer_rows(traces), figures.latency_rows(traces)
         device = traces[0]["device"]
         note = (f"Timings on **{device}** ({traces[0]['dtype']}), one run each (the first run after start-up includes warm-up); "
                 "speed-up = full prefill time / method prefill time.")
+        if cached:
+            ran = time.strftime("%H:%M:%S UTC", time.gmtime(result["created"]))
+            note += f"  \n**Cached result**: this input with these settings ran at {ran}; the model was not run again."
         path = Path(self.workdir.name) / f"trace-{'-'.join(t['method'] for t in traces)}-{key}.json"
         path.write_text(json.dumps(traces if len(traces) > 1 else traces[0], indent=1))
         return figures.tokens_per_layer(traces), answers, latency, note, str(path)
@@ -240,8 +342,16 @@ class App:
         return str(path)
 
 
-def build_demo(engine: DuetLlava) -> gr.Blocks:
+def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
+    """The page. ``cache_examples``: "eager" computes the examples' results in the background at
+    start-up, "lazy" on their first click; either way later clicks answer from the cache."""
+    if cache_examples not in ("eager", "lazy"):
+        raise ValueError(f"cache_examples must be 'eager' or 'lazy', not {cache_examples!r}")
     app = App(engine)
+    image_examples = [(ASSETS / name, q) for name, q in EXAMPLES if (ASSETS / name).exists()]
+    video_examples = [(ASSETS / name, q) for name, q in VIDEO_EXAMPLES if (ASSETS / name).exists()]
+    app.register_examples(image_examples + video_examples, eager=cache_examples == "eager")
+    d = DEFAULTS
     n_layers = engine.n_layers
     header = (f"## DUET-Viz\nWhich image patches DUET-VLM merges (V2V) and which visual tokens survive each LLM "
               f"layer (T2V), next to VisionZip, FastV, PyramidDrop and the full model.  \n"
@@ -254,41 +364,43 @@ def build_demo(engine: DuetLlava) -> gr.Blocks:
         mode = gr.State("image")
         with gr.Row():
             with gr.Column(scale=4, min_width=320):
-                with gr.Tabs():
-                    with gr.Tab("Image") as image_tab:
+                with gr.Tabs() as tabs:
+                    with gr.Tab("Image", id="image") as image_tab:
                         image = UploadedImage(type="filepath", label="Image", sources=["upload", "clipboard"],
                                               height=300)
-                    with gr.Tab("Video") as video_tab:
+                    with gr.Tab("Video", id="video") as video_tab:
                         video = gr.Video(label="Video (mp4, webm, avi; ≤ 120 s)", sources=["upload"],
                                          include_audio=True, height=300)
-                        num_frames = gr.Slider(1, MAX_NUM_FRAMES, value=DEFAULT_NUM_FRAMES, step=1,
+                        num_frames = gr.Slider(1, MAX_NUM_FRAMES, value=d["num_frames"], step=1,
                                                label="Frames sampled uniformly (budget applies per frame)")
                 question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
-                method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value="duet", label="Method")
+                method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value=d["method"], label="Method")
                 with gr.Row():
-                    budget = gr.Radio([str(b) for b in PRESET_BUDGETS] + ["custom"], value="64",
+                    budget = gr.Radio([str(b) for b in PRESET_BUDGETS] + ["custom"], value=d["budget"],
                                       label="Visual-token budget (avg per LLM layer)")
-                    custom_budget = gr.Number(value=96, precision=0, minimum=1, maximum=engine.n_patches,
+                    custom_budget = gr.Number(value=d["custom_budget"], precision=0, minimum=1, maximum=engine.n_patches,
                                               label="Custom budget", visible=False)
-                compare = gr.CheckboxGroup([(METHOD_NAMES[m], m) for m in METHODS], value=["full"],
+                compare = gr.CheckboxGroup([(METHOD_NAMES[m], m) for m in METHODS], value=d["compare"],
                                            label="Compare with (same input and budget, default knobs)")
                 with gr.Accordion("Advanced (applies to the selected method)", open=False):
                     with gr.Row():
                         k1 = gr.Number(label="k1 dominant (blank: auto)", precision=0, minimum=0)
                         k2 = gr.Number(label="k2 clusters (blank: auto)", precision=0, minimum=0)
-                    cluster_width = gr.Slider(0, max(engine.grid), value=4, step=1, label="V2V cluster width (patches)")
+                    cluster_width = gr.Slider(0, max(engine.grid), value=d["cluster_width"], step=1, label="V2V cluster width (patches)")
                     with gr.Row():
                         stage_layers = gr.Textbox(label="Stage layers", placeholder=f"auto, e.g. {n_layers // 2},{3 * n_layers // 4}")
                         stage_ratios = gr.Textbox(label="Keep ratios", placeholder="auto, e.g. 0.5,0.0")
                     salient = gr.Textbox(label="Salient words override (blank: automatic)",
                                          placeholder="e.g. color triangle")
-                    max_new_tokens = gr.Slider(1, 64, value=16, step=1, label="Max new tokens")
+                    max_new_tokens = gr.Slider(1, 64, value=d["max_new_tokens"], step=1, label="Max new tokens")
                 run = gr.Button("Run", variant="primary")
-                gr.Examples([[str(ASSETS / name), q] for name, q in EXAMPLES if (ASSETS / name).exists()],
-                            inputs=[image, question], label="Image examples (click to load)")
-                clips = [[str(ASSETS / name), q] for name, q in VIDEO_EXAMPLES if (ASSETS / name).exists()]
-                if clips:
-                    gr.Examples(clips, inputs=[video, question], label="Video examples (click, then open the Video tab)")
+                example_sets = [
+                    ("image", gr.Examples([[str(p), q] for p, q in image_examples], inputs=[image, question],
+                                          label="Image examples (click to load and run)"))]
+                if video_examples:
+                    example_sets.append(("video", gr.Examples([[str(p), q] for p, q in video_examples],
+                                                              inputs=[video, question],
+                                                              label="Video examples (click to load and run)")))
             with gr.Column(scale=7):
                 answers = gr.Dataframe(headers=figures.ANSWER_HEADERS, label="Answers", interactive=False,
                                        wrap=True, column_widths=["14%", "10%", "14%", "62%"])
@@ -316,14 +428,15 @@ def build_demo(engine: DuetLlava) -> gr.Blocks:
         budget.change(lambda b: gr.Number(visible=b == "custom"), budget, custom_budget, api_visibility="private")
         image_tab.select(lambda: "image", None, mode, api_visibility="private")
         video_tab.select(lambda: "video", None, mode, api_visibility="private")
-        run.click(
-            app.run,
-            [image, question, method, budget, custom_budget, compare, k1, k2, cluster_width, stage_layers,
-             stage_ratios, salient, max_new_tokens, layer, video, num_frames, mode],
-            [state, shown, clusters, layer_view, pyramid, answers, latency, timing_note, trace_file, salient_used,
-             frame, frame_grid, strip],
-            api_name="run",
-        )
+        run_inputs = [image, question, method, budget, custom_budget, compare, k1, k2, cluster_width, stage_layers,
+                      stage_ratios, salient, max_new_tokens, layer, video, num_frames, mode]
+        run_outputs = [state, shown, clusters, layer_view, pyramid, answers, latency, timing_note, trace_file,
+                       salient_used, frame, frame_grid, strip]
+        run.click(app.run, run_inputs, run_outputs, api_name="run")
+        for kind, examples in example_sets:  # an example click fills the inputs, opens its tab and runs
+            examples.load_input_event.then(
+                lambda kind=kind: (kind, gr.Tabs(selected=kind)), None, [mode, tabs], api_visibility="private",
+            ).then(app.run, run_inputs, run_outputs, api_visibility="private")
         for control in (shown, frame):
             control.change(app.render, [state, shown, layer, frame], [clusters, layer_view], api_visibility="private")
         layer.change(None, layer, None, js=LAYER_JS)

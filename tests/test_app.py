@@ -108,11 +108,12 @@ def test_browser_example_run_and_layer_scrub(served):
     with sync_playwright() as p:
         browser, page = open_page(p)
         page.goto(served)
-        page.get_by_text(QUESTION, exact=True).click()
-        page.get_by_role("button", name="Run").click()
+        page.get_by_text(QUESTION, exact=True).click()  # an example click loads and runs it
         page.wait_for_selector("#layer-view .js-plotly-plot .heatmaplayer", timeout=60_000)
         page.wait_for_timeout(500)
         page.screenshot(path=str(ARTIFACTS / "app-after-run.png"), full_page=True)
+        page.get_by_role("button", name="Run").click()  # the same request again: served from the cache
+        page.get_by_text("Cached result").wait_for(timeout=30_000)
         view = page.locator("#layer-view")
         before = ARTIFACTS / "layer-view-16.png"
         view.screenshot(path=str(before))
@@ -198,3 +199,38 @@ def test_browser_video_upload_run_and_frame_scrub(served, tmp_path):
     a = np.asarray(Image.open(before).convert("L"), dtype=float)
     b = np.asarray(Image.open(after).convert("L"), dtype=float)
     assert a.shape == b.shape and np.mean(np.abs(a - b) > 20) > 0.005
+
+
+def test_a_repeated_request_reuses_its_result_without_running_the_model(engine, tmp_path, monkeypatch):
+    from duet_viz.ui import App
+
+    app = App(engine)
+    args = (QUESTION, "duet", "64", 96, ["full"], None, None, 4, "", "", "", 2, 0)
+    first = app.run(str(EXAMPLE), *args)
+    assert "Cached result" not in first[7]
+    same_bytes = shutil.copy(EXAMPLE, tmp_path / "renamed-upload.jpg")  # another temp path, same file
+
+    def no_model(*a, **k):
+        raise AssertionError("the model ran for a request whose result is kept")
+
+    monkeypatch.setattr(app.engine, "answer", no_model)
+    again = app.run(same_bytes, *args)
+    assert again[0] == first[0] and "Cached result" in again[7]
+    with pytest.raises(Exception, match="model ran"):  # any other setting is a new request
+        app.run(same_bytes, QUESTION, "duet", "128", *args[3:])
+
+
+def test_example_results_are_computed_at_start_up_and_never_evicted(engine):
+    from duet_viz.ui import DEFAULTS, App
+
+    app = App(engine, max_results=2)
+    app.register_examples([(EXAMPLE, QUESTION)], eager=True).join()
+    pinned = next(iter(app.results))
+    for n_tokens in range(1, 4):  # more other results than the cache keeps
+        app.run(str(EXAMPLE), QUESTION, "fastv", "64", 96, [], None, None, 4, "", "", "", n_tokens, 0)
+    d = DEFAULTS
+    out = app.run(str(EXAMPLE), QUESTION, d["method"], d["budget"], d["custom_budget"], d["compare"], d["k1"],
+                  d["k2"], d["cluster_width"], d["stage_layers"], d["stage_ratios"], d["salient"],
+                  d["max_new_tokens"], 0)
+    assert out[0] == pinned and "Cached result" in out[7]
+    assert len(app.results) == 3  # two evictable results + the pinned example

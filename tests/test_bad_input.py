@@ -166,8 +166,8 @@ def test_overlay_before_any_run_is_a_message(served):
 def test_result_cache_is_bounded_and_cleans_its_files(engine):
     app = App(engine, max_results=2)
     keys = []
-    for _ in range(4):
-        outputs = app.run(str(EXAMPLE), QUESTION, "duet", "64", 96, ["full"], None, None, 4, "", "", "", 1, 0)
+    for n_tokens in range(1, 5):  # distinct requests: a repeated one would reuse its result
+        outputs = app.run(str(EXAMPLE), QUESTION, "duet", "64", 96, ["full"], None, None, 4, "", "", "", n_tokens, 0)
         keys.append(outputs[0])
         app.overlay(keys[-1], "duet", 3)
     assert list(app.results) == keys[-2:]
