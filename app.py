@@ -11,9 +11,9 @@ from transformers.utils import logging as hf_logging
 from duet_viz.ui import CSS, build_demo
 from model.engine import DuetLlava
 
-# Hub checkpoints a public deployment may load (LLaVA-1.5 family, llava-hf conversions); any
+# Hub checkpoints a public deployment may load (LLaVA-1.5 family, Video-LLaVA; HF conversions); any
 # local folder is allowed too. Nothing is ever loaded with trust_remote_code.
-ALLOWED_HUB_MODELS = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf")
+ALLOWED_HUB_MODELS = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "LanguageBind/Video-LLaVA-7B-hf")
 
 
 def resolve_model(name: str | None) -> str | None:

@@ -19,6 +19,9 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+    VideoLlavaImageProcessor,
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
@@ -157,4 +160,34 @@ def build_random_checkpoint(folder: str | Path, spec: TinyLlavaSpec | None = Non
     model = build_model(spec, processor).eval()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+def build_random_video_llava(folder: str | Path, spec: TinyLlavaSpec | None = None, seed: int = 0) -> Path:
+    """A randomly initialised Video-LLaVA (image + video towers, ``<image>`` and ``<video>`` tokens)
+    saved with its tokenizer and image processor, as LanguageBind/Video-LLaVA-7B-hf is laid out."""
+    spec = spec or TinyLlavaSpec(image_size=224)
+    folder = Path(folder)
+    tokenizer = build_tokenizer(spec.words)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    llava = spec.config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
+    config = VideoLlavaConfig(
+        vision_config=llava.vision_config.to_dict(),
+        text_config=llava.text_config.to_dict(),
+        image_token_id=llava.image_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_seq_length=llava.image_seq_length,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    VideoLlavaImageProcessor(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+    ).save_pretrained(folder)
     return folder

@@ -17,12 +17,19 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    DynamicCache,
+    LlavaForConditionalGeneration,
+    VideoLlavaForConditionalGeneration,
+)
 
 from . import flops as F
 from .budget import Plan, ReductionConfig, average, plan
 from .t2v import attention_mass, keep_top, salient_spans, tokens_overlapping
 from .v2v import cls_attention, duet_merge, visionzip_merge
+from .video_llava import Route, VideoLlavaInputs
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "duet-llava-tiny"
 
@@ -62,11 +69,12 @@ class Timer:
 
 @dataclass
 class Prompt:
-    input_ids: torch.Tensor  # (1, T) as the processor expands it: P image tokens per frame
+    input_ids: torch.Tensor  # (1, T) as the processor expands it: P (+ CLS) visual tokens per frame
     pixel_values: torch.Tensor  # (F, 3, H, W)
     salient: list[int]  # positions in input_ids of the salient text tokens (incl. the last)
     question: str
     view_boxes: list[list[float]]  # per frame: the region of the original image the model sees
+    route: Route
 
 
 @dataclass
@@ -124,18 +132,26 @@ def salient_positions(tokenizer, image_token_id: int, text: str, question: str, 
 
 
 class DuetLlava:
-    """A loaded LLaVA checkpoint plus the DUET / baseline reduction machinery."""
+    """A loaded LLaVA (or Video-LLaVA) checkpoint plus the DUET / baseline reduction machinery."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, processor, name: str):
+    def __init__(self, model: LlavaForConditionalGeneration | VideoLlavaForConditionalGeneration, processor,
+                 name: str):
         self.model, self.processor, self.name = model, processor, name
         self.tokenizer = processor.tokenizer
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
-        self.vision = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
-        self.lm = model.model.language_model
+        inner, cfg = model.model, model.config
+        self.video_llava = hasattr(inner, "video_tower")
+        if self.video_llava:
+            self.image_route = Route(inner.image_tower, cfg.image_token_id, "<image>", cls_kept=False)
+            self.video_route = Route(inner.video_tower, cfg.video_token_id, "<video>", cls_kept=True)
+        else:  # LLaVA: frames are a multi-image prompt through the one tower
+            self.image_route = self.video_route = Route(inner.vision_tower, cfg.image_token_id, "<image>",
+                                                        cls_kept=False)
+        self.vision = self.image_route.tower
+        self.projector = inner.multi_modal_projector
+        self.lm = inner.language_model
         self.lm_head = model.lm_head
-        cfg = model.config
         self.image_token_id = cfg.image_token_id
         if not isinstance(cfg.vision_feature_layer, int):
             raise NotImplementedError("multi-layer vision features are not supported by the engine")
@@ -158,15 +174,22 @@ class DuetLlava:
 
     @classmethod
     def load(cls, model_id: str | Path | None = None, device: str = "auto", dtype: torch.dtype | None = None):
-        """Load a LLaVA checkpoint (local folder or hub id) with SDPA attention and the PIL processor."""
+        """Load a LLaVA or Video-LLaVA checkpoint (local folder or hub id) with SDPA attention and a
+        PIL processor."""
         source = str(model_id or DEFAULT_MODEL)
         if model_id is None and not DEFAULT_MODEL.exists():
             raise FileNotFoundError(f"the shipped checkpoint is missing at {DEFAULT_MODEL}; pass --model")
         dev = pick_device(device)
-        model = LlavaForConditionalGeneration.from_pretrained(
+        config = AutoConfig.from_pretrained(source)
+        video = config.model_type == "video_llava"
+        model_class = VideoLlavaForConditionalGeneration if video else LlavaForConditionalGeneration
+        model = model_class.from_pretrained(
             source, dtype=dtype or pick_dtype(dev), attn_implementation="sdpa"
         ).to(dev).eval()
-        processor = AutoProcessor.from_pretrained(source, backend="pil")
+        if video:
+            processor = VideoLlavaInputs.from_pretrained(source, config)
+        else:
+            processor = AutoProcessor.from_pretrained(source, backend="pil")
         return cls(model, processor, Path(source).name if Path(source).exists() else source)
 
     # ----------------------------------------------------------------------------- inputs
@@ -174,9 +197,12 @@ class DuetLlava:
         question = " ".join(question.split())
         if not question:
             raise ValueError("the question is empty")
+        route = self.video_route if len(frames) > 1 else self.image_route
         content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": question}]
         conversation = [{"role": "user", "content": content}]
-        if getattr(self.processor, "chat_template", None):
+        if self.video_llava:
+            text = self.processor.prompt(question, len(frames))
+        elif getattr(self.processor, "chat_template", None):
             text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         else:
             text = "USER: " + "<image>\n" * len(frames) + question + " ASSISTANT:"
@@ -188,10 +214,11 @@ class DuetLlava:
         return Prompt(
             input_ids=input_ids,
             pixel_values=inputs["pixel_values"],
-            salient=salient_positions(self.tokenizer, self.image_token_id, text, question, input_ids[0],
+            salient=salient_positions(self.tokenizer, route.token_id, text, question, input_ids[0],
                                       salient_words),
             question=question,
             view_boxes=[self._view_box(f.size) for f in rgb],
+            route=route,
         )
 
     def _view_box(self, size: tuple[int, int]) -> list[float]:
@@ -217,21 +244,21 @@ class DuetLlava:
     def encode(self, prompt: Prompt, p: Plan, timer: Timer) -> Visual:
         """Vision tower -> optional V2V merge per frame -> projector."""
         started = timer.start()
-        hidden = self.vision_states(prompt.pixel_values)
+        hidden = self.vision_states(prompt.pixel_values, prompt.route.tower)
         timer.stop("vision", started)
-        visual = self.reduce(hidden, p, timer)
+        visual = self.reduce(hidden, p, timer, prompt.route)
         for record, box in zip(visual.frames, prompt.view_boxes):
             record["view_box"] = box
         return visual
 
-    def vision_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def vision_states(self, pixel_values: torch.Tensor, tower=None) -> tuple[torch.Tensor, ...]:
         """Hidden states of the vision layers up to the feature layer (index 0 = embeddings).
 
         For CLIP towers the loop stops at the feature layer: LLaVA-1.5 reads layer -2, so the
         stock forward would compute a last layer nobody uses. Other towers run stock.
         """
         pixels = pixel_values.to(self.device, self.dtype)
-        tower = self.vision
+        tower = tower or self.vision
         if not hasattr(tower, "pre_layrnorm"):
             return tower(pixels, output_hidden_states=True).hidden_states
         h = tower.pre_layrnorm(tower.embeddings(pixels))
@@ -241,8 +268,11 @@ class DuetLlava:
             states.append(h)
         return tuple(states)
 
-    def reduce(self, hidden: tuple[torch.Tensor, ...], p: Plan, timer: Timer) -> Visual:
-        """V2V (or VisionZip) merge per frame on the tower's states, then the projector."""
+    def reduce(self, hidden: tuple[torch.Tensor, ...], p: Plan, timer: Timer, route: Route | None = None) -> Visual:
+        """V2V (or VisionZip) merge per frame on the tower's states, then the projector. With
+        ``route.cls_kept`` (Video-LLaVA clips) each frame's CLS token goes first and is never merged:
+        the budget counts patch tokens."""
+        route = route or self.image_route
         features = hidden[self.feature_index][:, 1:]
         if p.k1 is None:
             records = [{"token_patches": [[i] for i in range(self.n_patches)]} for _ in range(len(features))]
@@ -250,7 +280,7 @@ class DuetLlava:
         else:
             started = timer.start()
             merged, records = [], []
-            layer = self.vision.encoder.layers[self.feature_index - 1]
+            layer = route.tower.encoder.layers[self.feature_index - 1]
             attn = layer.self_attn
             x = layer.layer_norm1(hidden[self.feature_index - 1])
             n_frames, n_tokens, _ = x.shape
@@ -266,6 +296,10 @@ class DuetLlava:
                 merged.append(m.tokens)
                 records.append({**m.record(scores), "token_patches": m.token_patches})
             timer.stop("v2v", started)
+        if route.cls_kept:
+            merged = [torch.cat([cls, m]) for cls, m in zip(hidden[self.feature_index][:, :1], merged)]
+            for record in records:
+                record["token_patches"] = [[], *record["token_patches"]]
         started = timer.start()
         counts = [len(m) for m in merged]
         projected = self.projector(torch.cat(merged, dim=0))
@@ -283,16 +317,18 @@ class DuetLlava:
         Returns (embeds (1, T', d), positions of visual tokens in it, salient positions in it).
         """
         ids = prompt.input_ids[0].to(self.device)
-        is_image = ids == self.image_token_id
+        token_id = prompt.route.token_id
+        per_frame = self.n_patches + prompt.route.cls_kept
+        is_image = ids == token_id
         run_index = torch.cumsum(is_image.long(), 0) - 1  # index of an image token among all image tokens
-        frame_of = torch.div(run_index, self.n_patches, rounding_mode="floor")
-        within = run_index - frame_of * self.n_patches
+        frame_of = torch.div(run_index, per_frame, rounding_mode="floor")
+        within = run_index - frame_of * per_frame
         limit = torch.tensor(visual.tokens_per_frame, device=self.device)[frame_of.clamp(min=0)]
         keep = ~is_image | (within < limit)
         new_index = torch.cumsum(keep.long(), 0) - 1
         short_ids = ids[keep]
         embeds = self.lm.embed_tokens(short_ids)[None]
-        visual_rows = torch.nonzero(short_ids == self.image_token_id).flatten()
+        visual_rows = torch.nonzero(short_ids == token_id).flatten()
         embeds[0, visual_rows] = visual.features.to(embeds.dtype)
         salient = sorted({int(new_index[p]) for p in prompt.salient if keep[p]})
         return embeds, visual_rows, salient
@@ -457,7 +493,7 @@ class DuetLlava:
         timer.stop("total", started_total)
 
         ms = timer.ms
-        n_visual_full = self.n_patches * len(frames)
+        n_visual_full = (self.n_patches + prompt.route.cls_kept) * len(frames)
         text_len = embeds.shape[1] - len(visual_rows)
         lm_cfg, vc = self.lm.config, self.model.config.vision_config
         return {
