@@ -1,35 +1,74 @@
 """``python -m duet_viz.load``: drive the app with concurrent API sessions on loopback.
 
-Starts the app in this process on 127.0.0.1 (a free port), then N client threads each send a
+Starts the app as its own process (``python app.py`` on 127.0.0.1, a free port, so the memory
+measured is the server's alone), then N client threads each send a
 bounded number of requests, mixing valid runs with invalid ones (unknown method, out-of-range
 budget, empty question, non-image upload). A valid request succeeds when it returns an answer;
 an invalid one succeeds when it is refused with a message. Reports the success rate, latency
-p50/p95 per kind, and the server's resident memory (sampled every 0.2 s) so a leak shows as a
-climbing RSS. Everything is bounded: ``--sessions`` x ``--requests`` calls and ``--timeout`` s.
+p50/p95 per kind, and the server's resident memory (sampled every 0.2 s) at the start, peak,
+end, and peak per quarter of the run, so a leak shows as a climbing RSS. Everything is bounded:
+``--sessions`` x ``--requests`` calls and ``--timeout`` s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .ui import ASSETS, build_demo
+from .ui import ASSETS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 VALID_QUESTIONS = ["what color is the triangle ?", "what animal is this ?", "how many circles are there ?"]
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
     return float("nan")
+
+
+def start_server(model: str | None, port: int, start_timeout_s: float = 180) -> subprocess.Popen:
+    """``python app.py`` on loopback, returned once it answers HTTP."""
+    command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+               "--cache-examples", "lazy"] + (["--model", str(model)] if model else [])
+    log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server
+    server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    deadline = time.time() + start_timeout_s
+    while time.time() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the app exited during start-up: {log.read().decode()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.3)
+    server.kill()
+    raise RuntimeError(f"the app did not answer within {start_timeout_s} s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def request(kind: str, rng: random.Random, junk: Path) -> tuple[list, str | None]:
@@ -78,30 +117,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_load(engine, sessions: int, requests: int, timeout_s: float, invalid_share: float, concurrency: int) -> dict:
-    demo = build_demo(engine)
-    demo.queue(default_concurrency_limit=concurrency, max_size=4 * sessions)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
-    samples, stop = [rss_mb()], threading.Event()
+def run_load(model: str | None, sessions: int, requests: int, timeout_s: float, invalid_share: float) -> dict:
+    port = free_port()
+    server = start_server(model, port)
+    url = f"http://127.0.0.1:{port}/"
+    samples, stop = [rss_mb(server.pid)], threading.Event()
 
     def sample():
         while not stop.wait(0.2):
-            samples.append(rss_mb())
+            samples.append(rss_mb(server.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        junk = Path(tmp) / "notes.png"
-        junk.write_text("definitely not a picture\n")
-        deadline = started + timeout_s
-        with ThreadPoolExecutor(sessions) as pool:
-            futures = [pool.submit(session, url, i, requests, deadline, junk, invalid_share) for i in range(sessions)]
-            results = [r for f in futures for r in f.result()]
-    stop.set()
-    sampler.join()
-    demo.close()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            junk = Path(tmp) / "notes.png"
+            junk.write_text("definitely not a picture\n")
+            deadline = started + timeout_s
+            with ThreadPoolExecutor(sessions) as pool:
+                futures = [pool.submit(session, url, i, requests, deadline, junk, invalid_share)
+                           for i in range(sessions)]
+                results = [r for f in futures for r in f.result()]
+    finally:
+        stop.set()
+        sampler.join()
+        server.terminate()
+        server.wait(30)
     kinds = sorted({r["kind"] for r in results})
+    quarter = max(1, len(samples) // 4)
     return {
         "sessions": sessions, "requests": len(results), "wall_s": round(time.time() - started, 1),
         "success_rate": sum(r["ok"] for r in results) / max(1, len(results)),
@@ -110,7 +154,7 @@ def run_load(engine, sessions: int, requests: int, timeout_s: float, invalid_sha
                         "p95_ms": round(percentile([r["ms"] for r in v], 0.95), 1)}
                     for k in kinds for v in [[r for r in results if r["kind"] == k]]},
         "rss_mb": {"start": round(samples[0], 1), "peak": round(max(samples), 1), "end": round(samples[-1], 1),
-                   "first_half_peak": round(max(samples[: max(1, len(samples) // 2)]), 1)},
+                   "quarter_peaks": [round(max(samples[i:i + quarter]), 1) for i in range(0, quarter * 4, quarter)]},
     }
 
 
@@ -121,16 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per session")
     parser.add_argument("--timeout", type=float, default=600, help="stop sending after this many seconds")
     parser.add_argument("--invalid-share", type=float, default=0.3)
-    parser.add_argument("--concurrency", type=int, default=1, help="model runs at once (the app's queue limit)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    from transformers.utils import logging
-
-    from model.engine import DuetLlava
-
-    logging.disable_progress_bar()
-    report = run_load(DuetLlava.load(args.model, device="cpu"), args.sessions, args.requests, args.timeout,
-                      args.invalid_share, args.concurrency)
+    report = run_load(args.model, args.sessions, args.requests, args.timeout, args.invalid_share)
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -8,6 +8,8 @@ lines of JavaScript flip their visibility.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -116,6 +118,33 @@ def fingerprint(source) -> str:
     return digest.hexdigest()
 
 
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return None
+
+
+_GLIBC = _glibc()
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def bound_heap_growth() -> None:
+    """Serve large blocks (activations) from mmap, so freeing them returns them to the OS. glibc
+    otherwise raises its mmap threshold after the first large frees and carves later activations
+    out of per-thread heaps that fragment; the server's RSS then creeps up request after request
+    (measured with ``python -m duet_viz.load``, BENCHMARKS.md)."""
+    if _GLIBC is not None:
+        _GLIBC.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS after a model run (glibc's malloc_trim)."""
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)
+
+
 def _no_progress(*args, **kwargs) -> None:
     return None
 
@@ -141,6 +170,7 @@ class App:
         self.model_lock = threading.Lock()  # one model run at a time (start-up warm-up vs. requests)
         self.workdir = tempfile.TemporaryDirectory(prefix="duet-viz-")
         self.run_models = gpu_task(self._run_models)
+        bound_heap_growth()
 
     def remember(self, result: dict, request: str | None = None) -> str:
         key = uuid.uuid4().hex[:16]
@@ -275,9 +305,12 @@ class App:
         """All model work of one request (the one function that needs the GPU)."""
         traces = {}
         with self.model_lock:
-            for i, cfg in enumerate(configs):
-                progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
-                traces[cfg.method] = self._answer(frames, question, cfg, max_new_tokens)
+            try:
+                for i, cfg in enumerate(configs):
+                    progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
+                    traces[cfg.method] = self._answer(frames, question, cfg, max_new_tokens)
+            finally:
+                release_memory()
         return traces
 
     def _answer(self, frames: list[Image.Image], question: str, cfg: ReductionConfig, max_new_tokens: int) -> dict:
