@@ -15,10 +15,14 @@ from scipy import ndimage
 from . import data
 
 
-def moving_clip(sample: data.Sample, n_frames: int = 6, step_px: tuple[int, int] = (28, 0)) -> list[Image.Image]:
-    if not sample.query:
-        raise ValueError("the sample has no queried object to move")
-    obj = sample.objects[sample.query[0]]
+def moving_clip(sample: data.Sample, n_frames: int = 6, step_px: tuple[int, int] = (28, 0),
+                index: int | None = None) -> list[Image.Image]:
+    """``n_frames`` frames in which object ``index`` (default: the first queried one) slides."""
+    if index is None:
+        if not sample.query:
+            raise ValueError("the sample has no queried object to move; pass index")
+        index = sample.query[0]
+    obj = sample.objects[index]
     scene = np.asarray(sample.image).copy()
     ring = ndimage.binary_dilation(obj.mask, iterations=6) & ~ndimage.binary_dilation(obj.mask, iterations=2)
     background = scene.copy()

@@ -8,6 +8,12 @@ after the last stage layer that keeps any (for the DUET presets: the first stage
 methods without LLM stages: the tokens entering the LLM). A merged token represents all of its
 member patches. ``random`` is the recall a random choice of as many patches would get on
 average (represented patches / all patches), the floor a query-blind method sits at.
+
+``--frames F`` (F > 1) evaluates clips instead: each sample becomes ``model.clips.moving_clip``
+with F frames in which one object slides across the scene (the queried one, or the first object
+for a "no" existence question), for the question kinds whose answer motion cannot change
+(colour, shape, count, existence). Budgets are per frame, as in the app, so a budget of 271 is
+53 % fewer visual tokens and 58 is 90 % fewer. Query recall is not computed for clips.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import numpy as np
 
 from . import data
 from .budget import ReductionConfig
+from .clips import moving_clip
+
+VIDEO_KINDS = ("colour", "shape", "count", "exist")  # answers that stay true while an object moves
 
 
 def query_patches(sample: data.Sample, min_coverage: float = 0.5) -> set[int]:
@@ -43,14 +52,29 @@ def represented_patches(trace: dict) -> set[int]:
     return {p for t in survivors for p in groups[t]}
 
 
-def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
-             max_new_tokens: int = 3, progress=None) -> dict:
-    rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}} for c in configs}
-    for index in range(n):
+def items(split: str, n: int, seed: int, frames: int):
+    """(sample, frames) for the first ``n`` usable samples of the split: every sample as one
+    image, or (frames > 1) the samples of VIDEO_KINDS as moving clips."""
+    index, found = 0, 0
+    while found < n:
         sample = data.sample(seed, split, index)
-        query = query_patches(sample) if sample.query else set()
+        index += 1
+        if frames == 1:
+            yield sample, [sample.image]
+        elif sample.kind in VIDEO_KINDS:
+            yield sample, moving_clip(sample, frames, index=sample.query[0] if sample.query else 0)
+        else:
+            continue
+        found += 1
+
+
+def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
+             max_new_tokens: int = 3, progress=None, frames: int = 1) -> dict:
+    rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}} for c in configs}
+    for index, (sample, images) in enumerate(items(split, n, seed, frames)):
+        query = query_patches(sample) if sample.query and frames == 1 else set()
         for cfg in configs:
-            trace = engine.answer(sample.image, sample.question, cfg, max_new_tokens=max_new_tokens)
+            trace = engine.answer(images, sample.question, cfg, max_new_tokens=max_new_tokens)
             row = rows[cfg]
             correct = trace["answer"] == sample.answer
             row["correct"].append(correct)
@@ -75,7 +99,7 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
             "random_recall": statistics.mean(row["random"]) if row["random"] else None,
             "by_kind": {k: statistics.mean(v) for k, v in sorted(row["kinds"].items())},
         })
-    return {"model": engine.name, "split": split, "n": n, "seed": seed, "rows": table}
+    return {"model": engine.name, "split": split, "n": n, "seed": seed, "frames": frames, "rows": table}
 
 
 def overrides(cfg: ReductionConfig) -> str:
@@ -111,6 +135,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int, default=1, help="> 1: evaluate moving clips of this many frames")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -125,10 +150,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     configs = [ReductionConfig("full", engine.n_patches)] if "full" in methods else []
     configs += [ReductionConfig(m, b) for m in methods if m != "full" for b in budgets]
     started = time.time()
-    result = evaluate(engine, args.split, args.n, configs, seed=args.seed, progress=max(1, args.n // 10))
+    result = evaluate(engine, args.split, args.n, configs, seed=args.seed, progress=max(1, args.n // 10),
+                      frames=args.frames)
     result["wall_s"] = round(time.time() - started, 1)
     print(markdown(result))
-    print(f"\n{args.n} {args.split} samples x {len(configs)} configurations in {result['wall_s']} s")
+    what = f"{args.frames}-frame clips" if args.frames > 1 else "samples"
+    print(f"\n{args.n} {args.split} {what} x {len(configs)} configurations in {result['wall_s']} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

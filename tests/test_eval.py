@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from model import data
@@ -47,3 +48,16 @@ def test_variants_of_one_method_and_budget_stay_separate_rows(engine):
     result = evaluate(engine, "test", 1, configs, max_new_tokens=1)
     assert [r["overrides"] for r in result["rows"]] == ["", "stage_layers=(), stage_ratios=()"]
     assert "duet (stage_layers=(), stage_ratios=())" in markdown(result)
+
+
+def test_clip_eval_uses_motion_invariant_questions_and_per_frame_budgets(engine):
+    from model.eval import VIDEO_KINDS, items
+
+    clips = list(items("test", 4, 0, frames=3))
+    assert len(clips) == 4 and all(s.kind in VIDEO_KINDS and len(frames) == 3 for s, frames in clips)
+    assert all(np.any(np.asarray(f[0]) != np.asarray(f[-1])) for _, f in clips)  # something moved
+    result = evaluate(engine, "test", 2, [ReductionConfig("full", 576), ReductionConfig("duet", 58)],
+                      max_new_tokens=1, frames=3)
+    full, duet = result["rows"]
+    assert result["frames"] == 3 and full["avg_visual_tokens"] == 3 * 576
+    assert duet["avg_visual_tokens"] <= 3 * 58 + 3 and duet["query_recall"] is None
