@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from . import clips as clips_module
 from . import data
 from .budget import ReductionConfig, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
@@ -79,6 +80,8 @@ class TrainConfig:
     init_from: str = ""  # start a new run from an exported model folder (e.g. the shipped one)
     reduction: str = "none"
     budget: int = 192
+    clip_every: int = 0  # > 0: every this many steps (after the pre-stage) train on a batch of moving clips
+    clip_frames: int = 3  # clips have 2..clip_frames frames
 
 
 # The shipped model: LLaVA-1.5 geometry, 12 decoder layers (stage layers 6/9 for DUET, 3/6/9 for
@@ -133,20 +136,25 @@ def init_grid_positions(model, scale: float = 0.5) -> None:
 
 
 # ----------------------------------------------------------------------------- batches
-def conversation(question: str, answer: str | None = None) -> list[dict]:
-    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def conversation(question: str, answer: str | None = None, n_images: int = 1) -> list[dict]:
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+    turns = [{"role": "user", "content": content}]
     if answer is not None:
         turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return turns
 
 
-def encode(processor, samples: list[data.Sample], min_coverage: float) -> dict[str, torch.Tensor]:
-    """Processor inputs for the full conversations, answer-only labels and per-patch targets."""
+def encode(processor, samples: list[data.Sample], min_coverage: float,
+           clips: list[list] | None = None) -> dict[str, torch.Tensor]:
+    """Processor inputs for the full conversations, answer-only labels and per-patch targets.
+    With ``clips`` (frames per sample) the prompts are multi-image and there are no patch targets."""
     tok = processor.tokenizer
-    full = [processor.apply_chat_template(conversation(s.question, s.answer)) for s in samples]
-    prompts = [processor.apply_chat_template(conversation(s.question), add_generation_prompt=True)
-               for s in samples]
-    batch = processor(images=[s.image for s in samples], text=full, padding=True, return_tensors="pt")
+    counts = [len(c) for c in clips] if clips else [1] * len(samples)
+    full = [processor.apply_chat_template(conversation(s.question, s.answer, n)) for s, n in zip(samples, counts)]
+    prompts = [processor.apply_chat_template(conversation(s.question, n_images=n), add_generation_prompt=True)
+               for s, n in zip(samples, counts)]
+    images = clips if clips else [s.image for s in samples]
+    batch = processor(images=images, text=full, padding=True, return_tensors="pt")
     labels = torch.full_like(batch["input_ids"], -100)
     lengths = batch["attention_mask"].sum(1).tolist()
     for row, (text, prompt) in enumerate(zip(full, prompts)):
@@ -156,9 +164,10 @@ def encode(processor, samples: list[data.Sample], min_coverage: float) -> dict[s
         n_answer = len(ids) - len(prompt_ids)  # the image expands inside the prompt, not here
         end = lengths[row]
         labels[row, end - n_answer:end] = batch["input_ids"][row, end - n_answer:end]
-    targets = [data.patch_labels(s.objects, min_coverage) for s in samples]
-    for i, name in enumerate(("colour", "shape", "centre")):
-        batch[name] = torch.from_numpy(np.stack([t[i].reshape(-1) for t in targets]))
+    if not clips:
+        targets = [data.patch_labels(s.objects, min_coverage) for s in samples]
+        for i, name in enumerate(("colour", "shape", "centre")):
+            batch[name] = torch.from_numpy(np.stack([t[i].reshape(-1) for t in targets]))
     batch["labels"] = labels
     image_token = tok.convert_tokens_to_ids("<image>")
     batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
@@ -176,7 +185,12 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, duet=None):
     """(answer loss or None, auxiliary loss, aux stats) for one batch. ``duet`` = (engine wrapper,
-    plan) runs the answer forward with DUET's reductions (SPEC §2 Training)."""
+    plan) runs the answer forward with DUET's reductions (SPEC §2 Training). A clip batch (no patch
+    targets) has no auxiliary loss."""
+    if "colour" not in batch:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], labels=batch["labels"])
+        return out.loss, out.loss.new_zeros(()), {}
     targets = {name: batch[name] for name in ("colour", "shape", "centre")}
     if not with_answer:
         aux, stats = heads.loss(visual_tokens(model, batch["pixel_values"]), targets)
@@ -237,6 +251,34 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr
     progress = min(1.0, (step - decay_start) / max(1.0, cfg.steps - decay_start))
     return cfg.lr * (1 - (1 - cfg.min_lr_frac) * progress)
+
+
+CLIP_INDEX_BASE = 10_000_000  # clip batches draw training samples far from the image batches' indices
+
+
+def clip_step(step: int, cfg: TrainConfig) -> bool:
+    return cfg.clip_every > 0 and step >= cfg.pre_steps and step % cfg.clip_every == cfg.clip_every - 1
+
+
+def clip_batch(cfg: TrainConfig, first: int, max_objects: int) -> tuple[list[data.Sample], list[list]]:
+    """Half a batch of moving clips (2..clip_frames frames, half the images of a batch per frame
+    pair) from training samples whose answer survives motion (eval.VIDEO_KINDS); the moving
+    object is the queried one (the first object for a "no") and slides 28 px per frame in one of
+    four directions."""
+    from .eval import VIDEO_KINDS
+
+    rng = np.random.default_rng([cfg.seed, first])
+    samples, clips, index = [], [], CLIP_INDEX_BASE + first
+    while len(samples) < max(1, cfg.batch_size // 2):
+        sample = data.sample(cfg.seed, "train", index, max_objects=max_objects)
+        index += 1
+        if sample.kind not in VIDEO_KINDS:
+            continue
+        step = [(28, 0), (-28, 0), (0, 28), (0, -28)][rng.integers(4)]
+        frames = int(rng.integers(2, cfg.clip_frames + 1))
+        samples.append(sample)
+        clips.append(clips_module.moving_clip(sample, frames, step, sample.query[0] if sample.query else 0))
+    return samples, clips
 
 
 def max_objects_at(step: int, cfg: TrainConfig) -> int:
@@ -303,6 +345,10 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
 
 
 def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
+    if cfg.clip_every and cfg.reduction != "none":
+        raise ValueError("clip batches train with full tokens only (the batched DUET forward is single-image)")
+    if cfg.clip_every and cfg.clip_frames < 2:
+        raise ValueError("--clip-frames must be at least 2")
     if spec.text_layers < 12 or spec.text_layers % 4:
         raise ValueError("text layers must be a multiple of 4 and >= 12 (stage layers at L/4, L/2, 3L/4)")
     if min(cfg.batch_size, cfg.steps, cfg.eval_samples, cfg.curriculum_steps, cfg.save_every,
@@ -368,9 +414,13 @@ def train_main(argv: list[str]) -> int:
     started = time.perf_counter()
     while step < cfg.steps:
         k = max_objects_at(step, cfg)
-        samples = [data.sample(cfg.seed, "train", i, max_objects=k)
-                   for i in range(next_index, next_index + cfg.batch_size)]
-        batch = encode(processor, samples, cfg.aux_min_coverage)
+        if clip_step(step, cfg):
+            samples, clips = clip_batch(cfg, next_index, k)
+        else:
+            samples = [data.sample(cfg.seed, "train", i, max_objects=k)
+                       for i in range(next_index, next_index + cfg.batch_size)]
+            clips = None
+        batch = encode(processor, samples, cfg.aux_min_coverage, clips)
         answer_loss, aux_loss, stats = forward_losses(model, heads, batch, with_answer=step >= cfg.pre_steps,
                                                       duet=duet)
         loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)

@@ -143,3 +143,26 @@ def test_a_new_run_can_start_from_an_exported_model(trained, tmp_path):
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     for name, tensor in source.state_dict().items():
         assert torch.allclose(state["model"][name], tensor, atol=1e-6), name
+
+
+def test_clip_batches_are_multi_image_prompts_with_answer_labels():
+    from model.train import clip_batch
+
+    processor = build_processor(data.vocabulary(), data.IMAGE_SIZE, data.PATCH_SIZE)
+    cfg = TrainConfig(batch_size=4, clip_frames=3)
+    samples, clips = clip_batch(cfg, 0, 6)
+    assert len(samples) == 2 and all(2 <= len(c) <= 3 for c in clips)
+    batch = encode(processor, samples, 0.3, clips)
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for row, (s, frames) in enumerate(zip(samples, clips)):
+        assert (batch["input_ids"][row] == image).sum() == 576 * len(frames)
+        answer_ids = batch["labels"][row][batch["labels"][row] != -100]
+        assert processor.tokenizer.convert_ids_to_tokens(answer_ids) == [s.answer, "</s>"]
+    assert batch["pixel_values"].shape[0] == sum(len(c) for c in clips) and "colour" not in batch
+
+
+def test_training_with_clip_batches_runs(tmp_path):
+    assert run(tmp_path, 4, "--clip-every", "2", "--clip-frames", "2") == 0
+    assert "answer_loss" in (tmp_path / "train.log").read_text()
+    with pytest.raises(ValueError, match="full tokens"):
+        run(tmp_path / "other", 2, "--clip-every", "2", "--reduction", "duet")
