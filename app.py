@@ -45,7 +45,10 @@ def main(argv=None) -> None:
     engine = DuetLlava.load(resolve_model(args.model), device=args.device)
     demo = build_demo(engine, cache_examples=args.cache_examples)
     demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.launch(server_name=args.host, server_port=args.port, css=CSS, max_file_size="20mb", show_error=True)
+    # Gradio keeps a copy of the page's component configs per browser session (~15 KB each, 10000
+    # sessions by default); 512 bounds it while covering far more concurrent users than one model serves.
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS, max_file_size="20mb", show_error=True,
+                state_session_capacity=512)
 
 
 if __name__ == "__main__":
