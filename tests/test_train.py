@@ -166,3 +166,39 @@ def test_training_with_clip_batches_runs(tmp_path):
     assert "answer_loss" in (tmp_path / "train.log").read_text()
     with pytest.raises(ValueError, match="full tokens"):
         run(tmp_path / "other", 2, "--clip-every", "2", "--reduction", "duet")
+
+
+def test_window_tokens_of_the_whole_grid_are_the_stock_image_features():
+    from model.train import visual_tokens, window_tokens
+
+    spec = TinyLlavaSpec(vision_layers=3)
+    processor = build_processor(spec.words, spec.image_size, spec.patch_size)
+    torch.manual_seed(0)
+    model = build_model(spec, processor).eval()
+    batch = encode(processor, [data.sample(0, "train", i) for i in range(2)], 0.3)
+    with torch.no_grad():
+        whole = window_tokens(model, batch["pixel_values"], torch.arange(576).expand(2, -1))
+        assert torch.allclose(whole, visual_tokens(model, batch["pixel_values"]), atol=1e-5)
+
+
+def test_crop_windows_carry_their_patches_targets_and_positions():
+    from model.train import crop_batch
+
+    processor = build_processor(data.vocabulary(), data.IMAGE_SIZE, data.PATCH_SIZE)
+    samples = [data.sample(0, "train", i) for i in range(2)]
+    batch = encode(processor, samples, 0.3)
+    pixels, indices, targets = crop_batch(TrainConfig(pre_crops=8), 0, batch, samples)
+    assert pixels.shape == (8, 3, 112, 112) and indices.shape == (8, 64)
+    for k in range(8):
+        row = k // 4
+        for name in ("colour", "shape", "centre"):
+            assert torch.equal(targets[name][k], batch[name][row][indices[k]])
+        first = int(indices[k][0])
+        r0, c0 = divmod(first, 24)
+        assert torch.equal(pixels[k], batch["pixel_values"][row, :, r0 * 14:r0 * 14 + 112, c0 * 14:c0 * 14 + 112])
+        assert (targets["colour"][k] > 0).any()  # each window is cut around an object
+
+
+def test_training_with_a_window_pre_stage_runs(tmp_path):
+    assert run(tmp_path, 3, "--pre-steps", "2", "--pre-crops", "6") == 0
+    assert "aux_shape_recall" in (tmp_path / "train.log").read_text()
