@@ -241,11 +241,12 @@ class DuetLlava:
         return [round(v, 2) for v in (x0, y0, x1, y1)]
 
     # ----------------------------------------------------------------------------- vision
-    def encode(self, prompt: Prompt, p: Plan, timer: Timer) -> Visual:
-        """Vision tower -> optional V2V merge per frame -> projector."""
-        started = timer.start()
-        hidden = self.vision_states(prompt.pixel_values, prompt.route.tower)
-        timer.stop("vision", started)
+    def encode(self, prompt: Prompt, p: Plan, timer: Timer, hidden: tuple[torch.Tensor, ...] | None = None) -> Visual:
+        """Vision tower (unless its ``hidden`` states are given) -> optional V2V merge per frame -> projector."""
+        if hidden is None:
+            started = timer.start()
+            hidden = self.vision_states(prompt.pixel_values, prompt.route.tower)
+            timer.stop("vision", started)
         visual = self.reduce(hidden, p, timer, prompt.route)
         for record, box in zip(visual.frames, prompt.view_boxes):
             record["view_box"] = box
@@ -457,8 +458,13 @@ class DuetLlava:
         max_new_tokens: int = 16,
         use_cache: bool = True,
         record: bool = True,
+        hidden: tuple[torch.Tensor, ...] | None = None,
     ) -> dict:
-        """Answer ``question`` about one image (or several frames) and return the SPEC §4 trace."""
+        """Answer ``question`` about one image (or several frames) and return the SPEC §4 trace.
+
+        ``hidden``: the tower's states for these frames (``vision_states`` of the prepared
+        prompt's pixels), so an evaluation can run the tower once for many configurations; the
+        trace's vision time then excludes the tower."""
         frames = [frames] if isinstance(frames, Image.Image) else list(frames)
         if not frames:
             raise ValueError("at least one image is required")
@@ -467,7 +473,7 @@ class DuetLlava:
         timer = Timer(self.device)
         started_total = timer.start()
         prompt = self.prepare(frames, question, reduction.salient_words)
-        visual = self.encode(prompt, p, timer)
+        visual = self.encode(prompt, p, timer, hidden)
         embeds, visual_rows, salient = self.llm_inputs(prompt, visual)
         started = timer.start()
         n_frames = len(frames)

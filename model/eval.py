@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import data
 from .budget import ReductionConfig
@@ -73,8 +74,11 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
     rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}} for c in configs}
     for index, (sample, images) in enumerate(items(split, n, seed, frames)):
         query = query_patches(sample) if sample.query and frames == 1 else set()
+        prompt = engine.prepare(images, sample.question)
+        with torch.inference_mode():  # one tower pass serves every configuration
+            hidden = engine.vision_states(prompt.pixel_values, prompt.route.tower)
         for cfg in configs:
-            trace = engine.answer(images, sample.question, cfg, max_new_tokens=max_new_tokens)
+            trace = engine.answer(images, sample.question, cfg, max_new_tokens=max_new_tokens, hidden=hidden)
             row = rows[cfg]
             correct = trace["answer"] == sample.answer
             row["correct"].append(correct)

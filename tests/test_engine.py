@@ -172,3 +172,14 @@ def test_frames_enter_as_a_multi_image_prompt_with_joint_t2v(engine, image):
     first = trace["t2v"][0]
     assert first["n_in"] == 4 * 102 and len(first["kept"]) == 204  # ranked jointly across frames
     assert trace["avg_visual_tokens"] == pytest.approx(4 * 63.75, abs=0.01)
+
+
+def test_precomputed_tower_states_give_the_same_trace(engine, image):
+    cfg = ReductionConfig("duet", 64)
+    prompt = engine.prepare([image], QUESTION)
+    with torch.inference_mode():
+        hidden = engine.vision_states(prompt.pixel_values)
+    reused = engine.answer(image, QUESTION, cfg, max_new_tokens=4, hidden=hidden)
+    fresh = engine.answer(image, QUESTION, cfg, max_new_tokens=4)
+    for key in ("generated_ids", "frames", "t2v", "visual_tokens_per_layer"):
+        assert reused[key] == fresh[key], key
