@@ -234,3 +234,19 @@ def test_example_results_are_computed_at_start_up_and_never_evicted(engine):
                   d["max_new_tokens"], 0)
     assert out[0] == pinned and "Cached result" in out[7]
     assert len(app.results) == 3  # two evictable results + the pinned example
+
+
+def test_browser_video_example_click_opens_the_video_tab_and_runs(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = open_page(p)
+        page.goto(served)
+        page.get_by_text("what color is the star ?", exact=True).last.click()  # the video example's row
+        page.locator("#frame-slider input[type=range]").wait_for(timeout=60_000)
+        page.wait_for_selector("#layer-view .js-plotly-plot .heatmaplayer", timeout=60_000)
+        page.wait_for_timeout(500)
+        selected = page.get_by_role("tab", name="Video").get_attribute("aria-selected")
+        page.screenshot(path=str(ARTIFACTS / "app-video-example.png"), full_page=True)
+        browser.close()
+    assert selected == "true"
