@@ -361,6 +361,12 @@ def exported_accuracy(folder: Path, info: dict) -> float:
     return old.get("val_acc", -1.0) if same_subset else -1.0
 
 
+def export_info(cfg: TrainConfig, run: Path, step: int, next_index: int, result: dict) -> dict:
+    """training.json of an exported model: where it came from and how it scored."""
+    return {"step": step, "train_samples_seen": next_index, "data_seed": cfg.seed, "val_samples": cfg.eval_samples,
+            "vocabulary": data.vocabulary(), "run": str(run), "config": asdict(cfg), **result}
+
+
 def save_state(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -501,9 +507,7 @@ def train_main(argv: list[str]) -> int:
             best_acc = max(best_acc, result["val_acc"])
             exported = []
             if improved:
-                info = {"step": step, "train_samples_seen": next_index, "data_seed": cfg.seed,
-                        "val_samples": cfg.eval_samples, "vocabulary": data.vocabulary(), "run": str(run),
-                        **result}
+                info = export_info(cfg, run, step, next_index, result)
                 exported.append(run / "best")
                 if cfg.export and result["val_acc"] > exported_accuracy(Path(cfg.export), info):
                     exported.append(Path(cfg.export))
@@ -518,7 +522,11 @@ def train_main(argv: list[str]) -> int:
         elif step % cfg.save_every == 0:
             checkpoint()
     checkpoint()
-    log(f"done at step {step}; best validation accuracy {best_acc:.3f}")
+    # The last weights too, whatever their score: a twin trained with DUET is judged at its own
+    # budget, not by the full-token validation that picks "best". Re-running a finished run's
+    # command only writes this folder.
+    export(model, processor, run / "final", export_info(cfg, run, step, next_index, evaluate(model, processor, cfg)))
+    log(f"done at step {step}; best validation accuracy {best_acc:.3f}; last weights in {run / 'final'}")
     return 0
 
 

@@ -202,3 +202,11 @@ def test_crop_windows_carry_their_patches_targets_and_positions():
 def test_training_with_a_window_pre_stage_runs(tmp_path):
     assert run(tmp_path, 3, "--pre-steps", "2", "--pre-crops", "6") == 0
     assert "aux_shape_recall" in (tmp_path / "train.log").read_text()
+
+
+def test_the_last_weights_are_exported_whatever_their_score(trained):
+    final = json.loads((trained / "final" / "training.json").read_text())
+    assert final["step"] == 4 and final["config"]["steps"] == 4
+    state = torch.load(trained / "state.pt", weights_only=False)
+    model = LlavaForConditionalGeneration.from_pretrained(trained / "final")
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
