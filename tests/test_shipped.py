@@ -1,4 +1,5 @@
-"""The shipped checkpoint in assets/: a standard HF folder the engine serves by default."""
+"""The shipped checkpoints in assets/: the default model the engine serves, and its DUET-trained
+twin; standard HF folders."""
 
 from __future__ import annotations
 
@@ -11,17 +12,14 @@ from model import data
 from model.budget import ReductionConfig
 from model.engine import DEFAULT_MODEL, DuetLlava
 
-INFO = json.loads((DEFAULT_MODEL / "training.json").read_text())
+TWIN = DEFAULT_MODEL.with_name("duet-llava-tiny-duet64")
+FOLDERS = [DEFAULT_MODEL, TWIN]
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return DuetLlava.load(device="cpu")
-
-
-def test_loads_with_stock_transformers_alone():
-    model = LlavaForConditionalGeneration.from_pretrained(DEFAULT_MODEL)
-    processor = AutoProcessor.from_pretrained(DEFAULT_MODEL, backend="pil")
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
+def test_loads_with_stock_transformers_alone(folder):
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder, backend="pil")
     assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the star ?"}]}],
@@ -32,11 +30,14 @@ def test_loads_with_stock_transformers_alone():
         ["what", "color", "is", "the", "star", "?"]
 
 
-def test_engine_answers_reproduce_the_recorded_validation_accuracy(shipped):
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
+def test_engine_answers_reproduce_the_recorded_validation_accuracy(folder):
     """The trainer scores teacher-forced batches; the engine decodes one prompt at a time. Both
     read the same weights, so greedy answers must give the accuracy training.json records."""
-    assert INFO["data_seed"] == 0 and INFO["vocabulary"] == data.vocabulary()
-    samples = [data.sample(0, "val", i) for i in range(INFO["val_samples"])]
+    info = json.loads((folder / "training.json").read_text())
+    assert info["data_seed"] == 0 and info["vocabulary"] == data.vocabulary()
+    engine = DuetLlava.load(folder, device="cpu")
+    samples = [data.sample(0, "val", i) for i in range(info["val_samples"])]
     full = ReductionConfig("full")
-    correct = sum(shipped.answer(s.image, s.question, full, max_new_tokens=2)["answer"] == s.answer for s in samples)
-    assert correct == round(INFO["val_acc"] * len(samples))
+    correct = sum(engine.answer(s.image, s.question, full, max_new_tokens=2)["answer"] == s.answer for s in samples)
+    assert correct == round(info["val_acc"] * len(samples))
