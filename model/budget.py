@@ -39,6 +39,7 @@ class ReductionConfig:
     stage_ratios: tuple[float, ...] | None = None
     fastv_k: int | None = None
     salient_words: tuple[str, ...] | None = None
+    positions: str = "contiguous"  # position ids after V2V: "contiguous" (reference) or "original" (engine.positions)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -49,6 +50,8 @@ class ReductionConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.positions not in ("contiguous", "original"):
+            raise ValueError(f"positions must be 'contiguous' or 'original', got {self.positions!r}")
         if self.cluster_width < 0:
             raise ValueError(f"cluster_width must be >= 0, got {self.cluster_width}")
         if self.stage_ratios is not None and any(not 0.0 <= r <= 1.0 for r in self.stage_ratios):

@@ -26,13 +26,15 @@ def add_reduction_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage-layers", type=_ints, help="comma-separated T2V/PDrop stage layers")
     parser.add_argument("--stage-ratios", type=_floats, help="comma-separated keep ratios, one per stage layer")
     parser.add_argument("--fastv-k", type=int, help="FastV drop layer K")
+    parser.add_argument("--positions", choices=("contiguous", "original"), default="contiguous",
+                        help="position ids after V2V: a shorter sequence (reference) or the full prompt's")
 
 
 def reduction_from_args(args: argparse.Namespace) -> ReductionConfig:
     return ReductionConfig(
         method=args.method, budget=args.budget, k1=args.k1, k2=args.k2,
         cluster_width=args.cluster_width, stage_layers=args.stage_layers,
-        stage_ratios=args.stage_ratios, fastv_k=args.fastv_k,
+        stage_ratios=args.stage_ratios, fastv_k=args.fastv_k, positions=args.positions,
     )
 
 

@@ -312,6 +312,27 @@ class DuetLlava:
         return Visual(projected, records, counts)
 
     # ----------------------------------------------------------------------------- LLM
+    def _kept(self, prompt: Prompt, visual: Visual) -> torch.Tensor:
+        """Which rows of the full-length prompt the reduced sequence keeps: all text, and the first
+        n_f visual slots of each frame f (n_f = its number of reduced tokens)."""
+        ids = prompt.input_ids[0].to(self.device)
+        per_frame = self.n_patches + prompt.route.cls_kept
+        is_image = ids == prompt.route.token_id
+        run_index = torch.cumsum(is_image.long(), 0) - 1  # index of an image token among all image tokens
+        frame_of = torch.div(run_index, per_frame, rounding_mode="floor")
+        within = run_index - frame_of * per_frame
+        limit = torch.tensor(visual.tokens_per_frame, device=self.device)[frame_of.clamp(min=0)]
+        return ~is_image | (within < limit)
+
+    def positions(self, prompt: Prompt, visual: Visual, layout: str = "contiguous") -> torch.Tensor:
+        """Position ids of the reduced LLM input. "contiguous" (the reference's, as in VisionZip):
+        0..T'-1, the sequence is simply shorter. "original": every token keeps its position in the
+        full-length prompt, so the question sits as far from the start as without reduction."""
+        keep = self._kept(prompt, visual)
+        if layout == "original":
+            return torch.nonzero(keep).flatten()
+        return torch.arange(int(keep.sum()), device=self.device)
+
     def llm_inputs(self, prompt: Prompt, visual: Visual) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Embeddings with each frame's P image tokens replaced by its reduced tokens.
 
@@ -319,13 +340,7 @@ class DuetLlava:
         """
         ids = prompt.input_ids[0].to(self.device)
         token_id = prompt.route.token_id
-        per_frame = self.n_patches + prompt.route.cls_kept
-        is_image = ids == token_id
-        run_index = torch.cumsum(is_image.long(), 0) - 1  # index of an image token among all image tokens
-        frame_of = torch.div(run_index, per_frame, rounding_mode="floor")
-        within = run_index - frame_of * per_frame
-        limit = torch.tensor(visual.tokens_per_frame, device=self.device)[frame_of.clamp(min=0)]
-        keep = ~is_image | (within < limit)
+        keep = self._kept(prompt, visual)
         new_index = torch.cumsum(keep.long(), 0) - 1
         short_ids = ids[keep]
         embeds = self.lm.embed_tokens(short_ids)[None]
@@ -366,6 +381,7 @@ class DuetLlava:
         record: bool = True,
         timer: Timer | None = None,
         n_frames: int = 1,
+        positions: torch.Tensor | None = None,
     ) -> Prefill:
         """Run the decoder layers, dropping visual tokens at the plan's stage layers.
 
@@ -378,11 +394,11 @@ class DuetLlava:
             raise ValueError("the engine runs one sequence at a time (batch size 1)")
         lm = self.lm
         h = embeds
-        pos = torch.arange(h.shape[1], device=self.device)
+        pos = torch.arange(h.shape[1], device=self.device) if positions is None else positions.to(self.device)
         visual_ids = torch.arange(len(visual_rows), device=self.device)
         is_visual = torch.zeros(h.shape[1], dtype=torch.bool, device=self.device)
         is_visual[visual_rows] = True
-        salient_pos = torch.tensor(salient, device=self.device)
+        salient_pos = pos[torch.tensor(salient, device=self.device, dtype=torch.long)]  # rows -> position ids
         stage_at = {s.layer: s for s in p.stages}
         score_at = {s.score_layer: s for s in p.stages if not (force and s.layer in force)}
         cache = DynamicCache(config=lm.config) if use_cache else None
@@ -475,9 +491,11 @@ class DuetLlava:
         prompt = self.prepare(frames, question, reduction.salient_words)
         visual = self.encode(prompt, p, timer, hidden)
         embeds, visual_rows, salient = self.llm_inputs(prompt, visual)
+        positions = self.positions(prompt, visual, reduction.positions)
         started = timer.start()
         n_frames = len(frames)
-        first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record, n_frames=n_frames)
+        first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record, n_frames=n_frames,
+                             positions=positions)
         token = int(first.logits.argmax())
         timer.stop("prefill", started)
 
@@ -488,11 +506,13 @@ class DuetLlava:
             if len(generated) == max_new_tokens:
                 break
             if use_cache:
-                logits = self._step(token, embeds.shape[1] + len(generated) - 1, first.cache)
+                logits = self._step(token, int(positions[-1]) + len(generated), first.cache)
             else:
                 grown = torch.cat([embeds, self.lm.embed_tokens(torch.tensor([generated], device=self.device))], 1)
+                grown_pos = torch.cat([positions, positions[-1] + torch.arange(1, len(generated) + 1,
+                                                                              device=positions.device)])
                 logits = self.prefill(grown, visual_rows, salient, p, use_cache=False, force=first.kept,
-                                      record=False, n_frames=n_frames).logits
+                                      record=False, n_frames=n_frames, positions=grown_pos).logits
             token = int(logits.argmax())
             steps += 1
         timer.stop("decode", started)

@@ -110,7 +110,7 @@ def overrides(cfg: ReductionConfig) -> str:
     """The knobs a configuration sets beyond method and budget, e.g. "stage_layers=(6, 9)"."""
     default = ReductionConfig(cfg.method, cfg.budget)
     return ", ".join(f"{k}={getattr(cfg, k)}" for k in ("k1", "k2", "cluster_width", "stage_layers", "stage_ratios",
-                                                        "fastv_k", "salient_words")
+                                                        "fastv_k", "salient_words", "positions")
                      if getattr(cfg, k) != getattr(default, k))
 
 
@@ -140,6 +140,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=1, help="> 1: evaluate moving clips of this many frames")
+    parser.add_argument("--positions", choices=("contiguous", "original"), default="contiguous",
+                        help="position ids after V2V for the reduced configurations (see engine.positions)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -152,7 +154,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     budgets = [int(b) for b in args.budgets.split(",")]
     configs = [ReductionConfig("full", engine.n_patches)] if "full" in methods else []
-    configs += [ReductionConfig(m, b) for m in methods if m != "full" for b in budgets]
+    configs += [ReductionConfig(m, b, positions=args.positions) for m in methods if m != "full" for b in budgets]
     started = time.time()
     result = evaluate(engine, args.split, args.n, configs, seed=args.seed, progress=max(1, args.n // 10),
                       frames=args.frames)

@@ -183,3 +183,25 @@ def test_precomputed_tower_states_give_the_same_trace(engine, image):
     fresh = engine.answer(image, QUESTION, cfg, max_new_tokens=4)
     for key in ("generated_ids", "frames", "t2v", "visual_tokens_per_layer"):
         assert reused[key] == fresh[key], key
+
+
+@pytest.mark.parametrize("method", ["duet", "visionzip"])
+def test_original_positions_keep_the_full_prompt_layout_and_cache_faithfully(engine, image, method):
+    cfg = ReductionConfig(method, 64, positions="original")
+    p = plan(cfg, engine.n_layers, engine.n_patches)
+    prompt = engine.prepare([image], QUESTION)
+    with torch.inference_mode():
+        visual = engine.encode(prompt, p, Timer(engine.device))
+    original = engine.positions(prompt, visual, "original")
+    n_text = prompt.input_ids.shape[1] - engine.n_patches
+    assert len(original) == n_text + len(visual.features)
+    assert original[-1] == prompt.input_ids.shape[1] - 1  # the question ends where it does unreduced
+    assert engine.positions(prompt, visual)[-1] == len(original) - 1
+    cached = engine.answer(image, QUESTION, cfg, max_new_tokens=8)
+    assert cached["generated_ids"] == engine.answer(image, QUESTION, cfg, max_new_tokens=8, use_cache=False)["generated_ids"]
+
+
+def test_original_positions_change_nothing_without_reduction(engine, image):
+    a = engine.answer(image, QUESTION, ReductionConfig("full"), max_new_tokens=6)
+    b = engine.answer(image, QUESTION, ReductionConfig("full", positions="original"), max_new_tokens=6)
+    assert a["generated_ids"] == b["generated_ids"]
