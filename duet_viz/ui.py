@@ -46,7 +46,12 @@ VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene gen
 ]
 # What the controls show on page load; also the settings example results are cached for.
 DEFAULTS = dict(method="duet", budget="64", custom_budget=96, compare=["full"], k1=None, k2=None, cluster_width=4,
-                stage_layers="", stage_ratios="", salient="", max_new_tokens=16, num_frames=DEFAULT_NUM_FRAMES)
+                stage_layers="", stage_ratios="", salient="", max_new_tokens=16, num_frames=DEFAULT_NUM_FRAMES,
+                positions="original")
+# Position ids after V2V. The reference implementations keep the shorter sequence contiguous; the
+# shipped tiny model, trained on full-length prompts only, answers nonsense that way (EVAL.md), so
+# the app defaults to the full prompt's positions and offers the reference layout beside it.
+POSITION_CHOICES = [("original (full prompt's positions)", "original"), ("contiguous (reference)", "contiguous")]
 METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
                 "pyramiddrop": "PyramidDrop"}
 
@@ -202,26 +207,29 @@ class App:
             return key
 
     # --------------------------------------------------------------------- model runs
-    def reduction(self, method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient) -> ReductionConfig:
+    def reduction(self, method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient,
+                  positions=DEFAULTS["positions"]) -> ReductionConfig:
         try:
             return ReductionConfig(
                 method=method, budget=int(budget), k1=_optional_int(k1), k2=_optional_int(k2),
                 cluster_width=int(cluster_width), stage_layers=_ints(stage_layers),
                 stage_ratios=_floats(stage_ratios),
                 salient_words=tuple(salient.split()) if salient and salient.strip() else None,
+                positions=positions,
             )
         except ValueError as error:
             raise gr.Error(f"Invalid settings: {error}") from None
 
     def configs(self, method, budget_choice, custom_budget, compare, k1, k2, cluster_width, stage_layers,
-                stage_ratios, salient) -> list[ReductionConfig]:
+                stage_ratios, salient, positions=DEFAULTS["positions"]) -> list[ReductionConfig]:
         """The selected method's config first, then each method to compare with at default knobs."""
         budget = custom_budget if budget_choice == "custom" else budget_choice
         if budget is None or not 1 <= int(budget) <= self.engine.n_patches:
             raise gr.Error(f"The budget must be a whole number of visual tokens in 1..{self.engine.n_patches}.")
-        primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient)
+        primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient, positions)
         others = [m for m in (compare or []) if m != method]
-        return [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words) for m in others]
+        return [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words,
+                                            positions=primary.positions) for m in others]
 
     def request(self, source, use_video: bool, question: str, configs, max_new_tokens: int, num_frames: int) -> str:
         """Fingerprint of everything a result depends on."""
@@ -251,7 +259,7 @@ class App:
         """Arguments of ``result_for`` for an example at the default settings."""
         d = DEFAULTS
         configs = self.configs(d["method"], d["budget"], d["custom_budget"], d["compare"], d["k1"], d["k2"],
-                               d["cluster_width"], d["stage_layers"], d["stage_ratios"], d["salient"])
+                               d["cluster_width"], d["stage_layers"], d["stage_ratios"], d["salient"], d["positions"])
         use_video = path.suffix not in (".png", ".jpg", ".jpeg")
         return str(path), use_video, check_question(question, self.engine.tokenizer), configs, d["max_new_tokens"], \
             d["num_frames"]
@@ -277,7 +285,7 @@ class App:
 
     def run(self, image, question, method, budget_choice, custom_budget, compare, k1, k2, cluster_width,
             stage_layers, stage_ratios, salient, max_new_tokens, layer, video=None,
-            num_frames=DEFAULT_NUM_FRAMES, mode="image", progress=gr.Progress()):
+            num_frames=DEFAULT_NUM_FRAMES, positions=DEFAULTS["positions"], mode="image", progress=gr.Progress()):
         use_video = video is not None and (mode == "video" or image is None)
         if image is None and not use_video:
             raise gr.Error("Upload an image or a video (or click an example) first.")
@@ -286,7 +294,7 @@ class App:
         except InputError as error:
             raise gr.Error(str(error)) from None
         configs = self.configs(method, budget_choice, custom_budget, compare, k1, k2, cluster_width, stage_layers,
-                               stage_ratios, salient)
+                               stage_ratios, salient, positions)
         key, cached = self.result_for(video if use_video else image, use_video, question, configs, max_new_tokens,
                                       num_frames, progress)
         progress(1.0, desc="Drawing")
@@ -425,6 +433,8 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
                         stage_ratios = gr.Textbox(label="Keep ratios", placeholder="auto, e.g. 0.5,0.0")
                     salient = gr.Textbox(label="Salient words override (blank: automatic)",
                                          placeholder="e.g. color triangle")
+                    positions = gr.Radio(POSITION_CHOICES, value=d["positions"],
+                                         label="Position ids after the V2V merge (all methods compared)")
                     max_new_tokens = gr.Slider(1, 64, value=d["max_new_tokens"], step=1, label="Max new tokens")
                 run = gr.Button("Run", variant="primary")
                 example_sets = [
@@ -462,7 +472,7 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
         image_tab.select(lambda: "image", None, mode, api_visibility="private")
         video_tab.select(lambda: "video", None, mode, api_visibility="private")
         run_inputs = [image, question, method, budget, custom_budget, compare, k1, k2, cluster_width, stage_layers,
-                      stage_ratios, salient, max_new_tokens, layer, video, num_frames, mode]
+                      stage_ratios, salient, max_new_tokens, layer, video, num_frames, positions, mode]
         run_outputs = [state, shown, clusters, layer_view, pyramid, answers, latency, timing_note, trace_file,
                        salient_used, frame, frame_grid, strip]
         run.click(app.run, run_inputs, run_outputs, api_name="run")

@@ -540,6 +540,7 @@ class DuetLlava:
             ],
             "plan": {**{k: v for k, v in asdict(p).items() if k != "stages"},
                      "stages": [asdict(s) for s in p.stages]},
+            "positions": reduction.positions,  # position-id layout after V2V (see positions())
             "t2v": first.stages,
             "visual_tokens_per_layer": first.counts,
             "visual_tokens_per_frame_layer": per_frame_counts(visual.frames, first.stages, self.n_layers),

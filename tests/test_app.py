@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from duet_viz import figures
-from duet_viz.ui import ASSETS
+from duet_viz.ui import ASSETS, DEFAULTS
 from model.budget import ReductionConfig
 
 EXAMPLE = ASSETS / "chelsea.jpg"
@@ -42,7 +42,7 @@ def test_api_run_matches_the_engine_trace(client, engine):
         call_run(client)
     assert frame["visible"] is False and grid["visible"] is False and strip["visible"] is False
     with Image.open(EXAMPLE) as image:
-        expected = {m: engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(m, 64), max_new_tokens=4)
+        expected = {m: engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(m, 64, positions=DEFAULTS["positions"]), max_new_tokens=4)
                     for m in ("duet", "full")}
     served_traces = {t["method"]: t for t in json.loads(Path(trace_path).read_text())}
     for method, trace in expected.items():
@@ -146,7 +146,7 @@ def test_api_video_clip_runs_per_frame_v2v_and_joint_t2v(client, engine):
                          "", 2, 6, handle_file(str(CLIP)), 4, api_name="/run")
     trace = json.loads(Path(out[7]).read_text())
     expected = engine.answer(read_frames(CLIP, 4).frames, "what color is the star ?",
-                             ReductionConfig("duet", 64), max_new_tokens=2)
+                             ReductionConfig("duet", 64, positions=DEFAULTS["positions"]), max_new_tokens=2)
     for key in ("frames", "t2v", "visual_tokens_per_frame_layer", "generated_ids"):
         assert trace[key] == expected[key], key
     frame, grid, strip = out[9], out[10], out[11]
@@ -250,3 +250,16 @@ def test_browser_video_example_click_opens_the_video_tab_and_runs(served):
         page.screenshot(path=str(ARTIFACTS / "app-video-example.png"), full_page=True)
         browser.close()
     assert selected == "true"
+
+
+def test_api_positions_choice_reaches_every_compared_method(client, engine):
+    from gradio_client import handle_file
+
+    out = client.predict(handle_file(str(EXAMPLE)), QUESTION, "duet", "64", 96, ["visionzip"], None, None, 4, "", "",
+                         "", 3, 0, None, 8, "contiguous", api_name="/run")
+    traces = {t["method"]: t for t in json.loads(Path(out[7]).read_text())}
+    with Image.open(EXAMPLE) as image:
+        for method in ("duet", "visionzip"):
+            expected = engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(method, 64), max_new_tokens=3)
+            assert traces[method]["generated_ids"] == expected["generated_ids"]
+            assert traces[method]["positions"] == "contiguous"
