@@ -14,14 +14,15 @@ from scipy import ndimage
 
 from . import data
 
+VIDEO_KINDS = ("colour", "shape", "count", "exist")  # answers that stay true while an object moves
+
 
 def moving_clip(sample: data.Sample, n_frames: int = 6, step_px: tuple[int, int] = (28, 0),
                 index: int | None = None) -> list[Image.Image]:
-    """``n_frames`` frames in which object ``index`` (default: the first queried one) slides."""
+    """``n_frames`` frames in which object ``index`` slides (default: the first queried one, or the
+    first object when the question queries none, as a "no" existence question)."""
     if index is None:
-        if not sample.query:
-            raise ValueError("the sample has no queried object to move; pass index")
-        index = sample.query[0]
+        index = sample.query[0] if sample.query else 0
     obj = sample.objects[index]
     scene = np.asarray(sample.image).copy()
     ring = ndimage.binary_dilation(obj.mask, iterations=6) & ~ndimage.binary_dilation(obj.mask, iterations=2)

@@ -143,11 +143,10 @@ class DuetLlava:
         inner, cfg = model.model, model.config
         self.video_llava = hasattr(inner, "video_tower")
         if self.video_llava:
-            self.image_route = Route(inner.image_tower, cfg.image_token_id, "<image>", cls_kept=False)
-            self.video_route = Route(inner.video_tower, cfg.video_token_id, "<video>", cls_kept=True)
+            self.image_route = Route(inner.image_tower, cfg.image_token_id, cls_kept=False)
+            self.video_route = Route(inner.video_tower, cfg.video_token_id, cls_kept=True)
         else:  # LLaVA: frames are a multi-image prompt through the one tower
-            self.image_route = self.video_route = Route(inner.vision_tower, cfg.image_token_id, "<image>",
-                                                        cls_kept=False)
+            self.image_route = self.video_route = Route(inner.vision_tower, cfg.image_token_id, cls_kept=False)
         self.vision = self.image_route.tower
         self.projector = inner.multi_modal_projector
         self.lm = inner.language_model

@@ -29,9 +29,7 @@ import torch
 
 from . import data
 from .budget import ReductionConfig
-from .clips import moving_clip
-
-VIDEO_KINDS = ("colour", "shape", "count", "exist")  # answers that stay true while an object moves
+from .clips import VIDEO_KINDS, moving_clip
 
 
 def query_patches(sample: data.Sample, min_coverage: float = 0.5) -> set[int]:
@@ -63,7 +61,7 @@ def items(split: str, n: int, seed: int, frames: int):
         if frames == 1:
             yield sample, [sample.image]
         elif sample.kind in VIDEO_KINDS:
-            yield sample, moving_clip(sample, frames, index=sample.query[0] if sample.query else 0)
+            yield sample, moving_clip(sample, frames)
         else:
             continue
         found += 1

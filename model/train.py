@@ -305,22 +305,20 @@ def clip_step(step: int, cfg: TrainConfig) -> bool:
 
 def clip_batch(cfg: TrainConfig, first: int, max_objects: int) -> tuple[list[data.Sample], list[list]]:
     """Half a batch of moving clips (2..clip_frames frames, half the images of a batch per frame
-    pair) from training samples whose answer survives motion (eval.VIDEO_KINDS); the moving
+    pair) from training samples whose answer survives motion (clips.VIDEO_KINDS); the moving
     object is the queried one (the first object for a "no") and slides 28 px per frame in one of
     four directions."""
-    from .eval import VIDEO_KINDS
-
     rng = np.random.default_rng([cfg.seed, first])
     samples, clips, index = [], [], CLIP_INDEX_BASE + first
     while len(samples) < max(1, cfg.batch_size // 2):
         sample = data.sample(cfg.seed, "train", index, max_objects=max_objects)
         index += 1
-        if sample.kind not in VIDEO_KINDS:
+        if sample.kind not in clips_module.VIDEO_KINDS:
             continue
         step = [(28, 0), (-28, 0), (0, 28), (0, -28)][rng.integers(4)]
         frames = int(rng.integers(2, cfg.clip_frames + 1))
         samples.append(sample)
-        clips.append(clips_module.moving_clip(sample, frames, step, sample.query[0] if sample.query else 0))
+        clips.append(clips_module.moving_clip(sample, frames, step))
     return samples, clips
 
 
@@ -462,6 +460,7 @@ def train_main(argv: list[str]) -> int:
                    torch_rng=torch.get_rng_state(), spec=asdict(spec), config=asdict(cfg))
 
     window: dict[str, list[float]] = {}
+    last_result = None
     started = time.perf_counter()
     while step < cfg.steps:
         k = max_objects_at(step, cfg)
@@ -502,7 +501,7 @@ def train_main(argv: list[str]) -> int:
             metrics_file.flush()
             window = {}
         if step > cfg.pre_steps and step % cfg.eval_every == 0 or step == cfg.steps:  # no answers to score before
-            result = evaluate(model, processor, cfg)
+            result = last_result = evaluate(model, processor, cfg)
             improved = result["val_acc"] > best_acc
             best_acc = max(best_acc, result["val_acc"])
             exported = []
@@ -525,7 +524,9 @@ def train_main(argv: list[str]) -> int:
     # The last weights too, whatever their score: a twin trained with DUET is judged at its own
     # budget, not by the full-token validation that picks "best". Re-running a finished run's
     # command only writes this folder.
-    export(model, processor, run / "final", export_info(cfg, run, step, next_index, evaluate(model, processor, cfg)))
+    # The loop's last evaluation is at the final step; a finished run re-run scores once here.
+    final_result = last_result if last_result is not None else evaluate(model, processor, cfg)
+    export(model, processor, run / "final", export_info(cfg, run, step, next_index, final_result))
     log(f"done at step {step}; best validation accuracy {best_acc:.3f}; last weights in {run / 'final'}")
     return 0
 

@@ -28,14 +28,11 @@ class Route:
 
     tower: nn.Module
     token_id: int
-    placeholder: str
     cls_kept: bool  # the LLM sees each frame's CLS token ahead of its patch tokens
 
 
 class VideoLlavaInputs:
     """Processor for Video-LLaVA checkpoints without torchvision: tokenizer + image processor."""
-
-    chat_template = None
 
     def __init__(self, tokenizer, image_processor, patch_size: int):
         self.tokenizer, self.image_processor, self.patch_size = tokenizer, image_processor, patch_size
