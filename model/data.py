@@ -314,3 +314,14 @@ def patch_labels(objects: list[SceneObject], min_coverage: float = 0.3, patch: i
         x, y = o.centroid
         centre[int(y) // patch, int(x) // patch] = 1
     return colour, shape, centre
+
+
+def query_patches(sample: Sample, min_coverage: float = 0.5) -> set[int]:
+    """Patches of the objects the question is about: those the mask covers >= ``min_coverage``
+    of, or the single best-covered patch of an object smaller than that (SPEC §7 query recall)."""
+    patches = set()
+    for i in sample.query:
+        coverage = patch_coverage(sample.objects[i].mask).reshape(-1)
+        chosen = np.flatnonzero(coverage >= min_coverage)
+        patches |= set(chosen.tolist() if len(chosen) else [int(coverage.argmax())])
+    return patches

@@ -24,21 +24,12 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import data
 from .budget import ReductionConfig
 from .clips import VIDEO_KINDS, moving_clip
-
-
-def query_patches(sample: data.Sample, min_coverage: float = 0.5) -> set[int]:
-    patches = set()
-    for i in sample.query:
-        coverage = data.patch_coverage(sample.objects[i].mask).reshape(-1)
-        chosen = np.flatnonzero(coverage >= min_coverage)
-        patches |= set(chosen.tolist() if len(chosen) else [int(coverage.argmax())])
-    return patches
+from .data import query_patches
 
 
 def represented_patches(trace: dict) -> set[int]:

@@ -51,10 +51,10 @@ from transformers.utils import logging as hf_logging
 
 from . import clips as clips_module
 from . import data
-from .budget import ReductionConfig, plan
+from .budget import Plan, ReductionConfig, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
-from .train_reduce import reduced_loss
+from .train_reduce import query_attention_loss, reduced_loss
 
 
 @dataclass
@@ -73,6 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_weight: float = 1.0
     aux_min_coverage: float = 0.3  # a patch is labelled with an object covering >= this fraction
+    attn_weight: float = 0.0  # > 0: supervise the salient rows' attention at the first stage layer (query_attention_loss)
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
     curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
@@ -174,6 +175,7 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
         for i, name in enumerate(("colour", "shape", "centre")):
             batch[name] = torch.from_numpy(np.stack([t[i].reshape(-1) for t in targets]))
     batch["labels"] = labels
+    batch["query"] = [data.query_patches(s) for s in samples]
     image_token = tok.convert_tokens_to_ids("<image>")
     batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
         salient_positions(tok, image_token, prompt, s.question,
@@ -226,29 +228,58 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(model.model.get_image_features(pixel_values=pixel_values).pooler_output)
 
 
-def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, duet=None):
-    """(answer loss or None, auxiliary loss, aux stats) for one batch. ``duet`` = (engine wrapper,
-    plan) runs the answer forward with DUET's reductions (SPEC §2 Training). A clip batch (no patch
-    targets) has no auxiliary loss."""
+def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engine: DuetLlava,
+                   duet: Plan | None = None, attention: bool = False):
+    """(answer loss or None, auxiliary loss, query attention loss or None, aux stats) for one batch.
+    ``duet`` runs the answer forward with DUET's reductions under that plan (SPEC §2 Training).
+    ``attention`` adds the query attention loss (``query_attention_loss``) at the first DUET stage
+    layer. A clip batch (no patch targets) has neither auxiliary loss."""
     if "colour" not in batch:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"], labels=batch["labels"])
-        return out.loss, out.loss.new_zeros(()), {}
+        return out.loss, out.loss.new_zeros(()), None, {}
     targets = {name: batch[name] for name in ("colour", "shape", "centre")}
     if not with_answer:
         aux, stats = heads.loss(visual_tokens(model, batch["pixel_values"]), targets)
-        return None, aux, stats
+        return None, aux, None, stats
     if duet is not None:
-        engine, reduction = duet
-        loss, _, every_patch = reduced_loss(engine, reduction, batch["input_ids"], batch["pixel_values"],
-                                            batch["labels"], batch["salient"])
+        loss, _, every_patch, attn = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
+                                                  batch["labels"], batch["salient"],
+                                                  batch["query"] if attention else None)
         aux, stats = heads.loss(every_patch, targets)
-        return loss, aux, stats
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"], labels=batch["labels"])
+        return loss, aux, attn, stats
+    captured = {}
+
+    def grab(_module, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        captured["rope"] = kwargs["position_embeddings"]
+
+    layer = engine.lm.layers[stage_layer(engine)]
+    hook = layer.register_forward_pre_hook(grab, with_kwargs=True) if attention else None
+    try:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], labels=batch["labels"])
+    finally:
+        if hook is not None:
+            hook.remove()
     tokens = out.image_hidden_states.view(len(batch["input_ids"]), -1, out.image_hidden_states.shape[-1])
     aux, stats = heads.loss(tokens, targets)
-    return out.loss, aux, stats
+    attn = None
+    if attention:
+        ids = batch["input_ids"]
+        is_visual = ids == engine.image_token_id
+        on_query = [torch.tensor([p in patches for p in range(engine.n_patches)]) if patches else None
+                    for patches in batch["query"]]
+        pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
+        salient = [torch.tensor(rows) for rows in batch["salient"]]
+        rope = tuple(r.expand(len(ids), -1, -1) for r in captured["rope"])  # the stock forward shares one row
+        attn = query_attention_loss(engine, layer, captured["h"], rope, pos, salient, is_visual, on_query)
+    return out.loss, aux, attn, stats
+
+
+def stage_layer(engine: DuetLlava) -> int:
+    """The first DUET stage layer (L/2): where T2V first ranks the visual tokens."""
+    return plan(ReductionConfig("duet", 64), engine.n_layers, engine.n_patches).stages[0].layer
 
 
 @torch.no_grad()
@@ -421,10 +452,8 @@ def train_main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     model = build_model(spec, processor).train()
     heads = AuxHeads(spec.text_hidden)
-    duet = None
-    if cfg.reduction == "duet":
-        duet = (DuetLlava(model, processor, "training"),
-                plan(ReductionConfig("duet", cfg.budget), spec.text_layers, (spec.image_size // spec.patch_size) ** 2))
+    engine = DuetLlava(model, processor, "training")
+    duet = plan(ReductionConfig("duet", cfg.budget), engine.n_layers, engine.n_patches) if cfg.reduction == "duet" else None
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, next_index, best_acc = 0, 0, -1.0
@@ -473,11 +502,16 @@ def train_main(argv: list[str]) -> int:
         batch = encode(processor, samples, cfg.aux_min_coverage, clips)
         if step < cfg.pre_steps and cfg.pre_crops:
             pixels, indices, targets = crop_batch(cfg, next_index, batch, samples)
-            answer_loss, (aux_loss, stats) = None, heads.loss(window_tokens(model, pixels, indices), targets)
+            answer_loss, attn_loss = None, None
+            aux_loss, stats = heads.loss(window_tokens(model, pixels, indices), targets)
         else:
-            answer_loss, aux_loss, stats = forward_losses(model, heads, batch, with_answer=step >= cfg.pre_steps,
-                                                          duet=duet)
+            answer_loss, aux_loss, attn_loss, stats = forward_losses(
+                model, heads, batch, with_answer=step >= cfg.pre_steps, engine=engine, duet=duet,
+                attention=cfg.attn_weight > 0)
         loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)
+        if attn_loss is not None:
+            loss = loss + cfg.attn_weight * attn_loss
+            stats["attn_loss"] = attn_loss.item()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -6,6 +6,10 @@ same number of visual tokens (its own top-ranked by its own salient text tokens,
 gradient), so the batch stays rectangular and index gathers carry gradients for everything that
 survives. Right padding needs no attention mask under causal attention: real tokens never
 attend to the pad tokens after them. Kept tokens keep their position ids, as at inference.
+
+``query_attention_loss`` supervises what T2V ranks by: the salient rows' attention at the first
+stage layer, pushed onto the visual tokens of the objects the question is about (both training
+paths use it, on all 576 tokens or on the V2V-merged ones).
 """
 
 from __future__ import annotations
@@ -18,12 +22,37 @@ from .engine import DuetLlava, Timer
 from .t2v import keep_top
 
 
-def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                 labels: torch.Tensor, salient: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
-    (B, P, d) for per-patch supervision) under plan ``p``.
+def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                         pos: torch.Tensor, salient: list[torch.Tensor], is_visual: torch.Tensor,
+                         on_query: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Mean over rows with a query of -log(share of the T2V score on the query's visual tokens).
 
-    ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule).
+    ``h`` (B, T, d) enters ``layer``; ``salient[b]`` are row b's salient rows; ``on_query[b]`` (bool,
+    one per visual row of b in order) marks the tokens showing a queried object, None when the
+    question is about no object ("is there ...?" answered no). The score is the engine's
+    (``DuetLlava._scores``: softmax attention of the salient rows, mean over rows and heads), so
+    the loss trains exactly the ranking T2V keeps tokens by. None when no row has a query."""
+    losses = []
+    for b, target in enumerate(on_query):
+        if target is None or not target.any():
+            continue
+        visual_rows = torch.nonzero(is_visual[b]).flatten()
+        scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b], salient[b],
+                                visual_rows)
+        share = scores[target].sum() / scores.sum().clamp_min(1e-12)
+        losses.append(-torch.log(share.clamp_min(1e-6)))
+    return torch.stack(losses).mean() if losses else None
+
+
+def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                 labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
+    (B, P, d) for per-patch supervision, query attention loss at the first stage layer or None)
+    under plan ``p``.
+
+    ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule); ``queried[b]``
+    the patches of row b's queried objects (empty: none), given to get the attention loss.
     """
     lm = engine.lm
     pad = engine.tokenizer.pad_token_id
@@ -50,7 +79,14 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     pos = torch.arange(ids.shape[1], device=ids.device).expand(batch, -1)
     rope = lm.rotary_emb(h, pos)
     stage_at = {s.layer: s for s in p.stages}
+    attention = None
     for index, layer in enumerate(lm.layers):
+        if queried is not None and index == p.stages[0].layer:
+            on_query = [None if not patches else torch.tensor([bool(patches & set(members)) for members in
+                                                               visual.frames[b]["token_patches"]])
+                        for b, patches in enumerate(queried)]
+            salient_rows = [torch.nonzero(torch.isin(pos[b], salient_pos[b])).flatten() for b in range(batch)]
+            attention = query_attention_loss(engine, layer, h, rope, pos, salient_rows, is_visual, on_query)
         if index in stage_at:
             with torch.no_grad():
                 rows = []
@@ -69,4 +105,4 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope)
     logits = engine.lm_head(lm.norm(h))
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
-    return loss, tokens, every_patch
+    return loss, tokens, every_patch, attention

@@ -4,7 +4,8 @@ import pytest
 from model import data
 from model.budget import ReductionConfig
 from model.cli import main
-from model.eval import evaluate, markdown, query_patches, represented_patches
+from model.data import query_patches
+from model.eval import evaluate, markdown, represented_patches
 
 
 def test_query_patches_follow_the_mask():

@@ -96,6 +96,15 @@ def test_duet_training_runs_and_exports_a_loadable_model(tmp_path):
                          ReductionConfig("duet", 64), max_new_tokens=2)["avg_visual_tokens"] == pytest.approx(64, abs=2)
 
 
+@pytest.mark.parametrize("reduction", ["none", "duet"])
+def test_training_with_query_attention_supervision_logs_its_loss(tmp_path, reduction):
+    assert run(tmp_path, 3, "--attn-weight", "1", "--reduction", reduction, "--budget", "64") == 0
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    answered = [m for m in logged if "answer_loss" in m]
+    assert answered and all(m["attn_loss"] > 0 for m in answered)
+    assert not any("attn_loss" in m for m in logged if "answer_loss" not in m and "aux_loss" in m)
+
+
 def test_shallow_decoders_are_refused(tmp_path):
     with pytest.raises(ValueError):
         run(tmp_path, 1, "--no-resume", "--text-layers", "8")

@@ -1,11 +1,16 @@
-"""Training-time reductions: same loss as stock with reduction off, gradients with it on."""
+"""Training-time reductions: same loss as stock with reduction off, gradients with it on; the query
+attention loss reads the same attention the stock model computes."""
+
+import math
 
 import pytest
 import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from model import data
 from model.budget import ReductionConfig, plan
-from model.train import encode
+from model.engine import DuetLlava
+from model.train import AuxHeads, encode, forward_losses, stage_layer
 from model.train_reduce import reduced_loss
 
 def batch(engine):
@@ -30,7 +35,7 @@ def test_reduced_training_loss_has_gradients_everywhere_tokens_survive(engine, m
     p = plan(ReductionConfig(method, 64), engine.n_layers)
     engine.model.zero_grad()
     with torch.enable_grad():
-        loss, tokens, _ = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient)
+        loss, tokens, _, _ = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient)
         loss.backward()
     assert torch.isfinite(loss) and tokens.shape[:2] == (2, p.tokens_per_frame)
     tower = engine.vision.encoder.layers[0].self_attn.q_proj.weight.grad
@@ -38,3 +43,50 @@ def test_reduced_training_loss_has_gradients_everywhere_tokens_survive(engine, m
     assert engine.projector.linear_1.weight.grad.abs().sum() > 0
     assert engine.lm.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
     engine.model.zero_grad()
+
+
+def stock_query_share(model, enc, rows: list[int], layer: int, image_token: int) -> list[float]:
+    """Share of the salient rows' attention on the queried patches, from the stock eager forward's
+    attention maps (mean over heads and salient rows, renormalised over the visual columns)."""
+    out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                pixel_values=enc["pixel_values"], output_attentions=True)
+    shares = []
+    for b in rows:
+        visual = torch.nonzero(enc["input_ids"][b] == image_token).flatten()
+        score = out.attentions[layer][b][:, enc["salient"][b]][:, :, visual].mean((0, 1))
+        on = torch.tensor([p in enc["query"][b] for p in range(len(visual))])
+        shares.append(float(score[on].sum() / score.sum()))
+    return shares
+
+
+def test_query_attention_loss_is_minus_log_of_the_stock_attention_share(tiny_checkpoint):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    engine = DuetLlava(model, processor, "eager")
+    samples = [data.sample(0, "train", i) for i in range(6)]
+    enc = encode(processor, samples, 0.3)
+    rows = [b for b, patches in enumerate(enc["query"]) if patches]
+    assert rows
+    with torch.no_grad():
+        _, _, attention, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
+                                            attention=True)
+        shares = stock_query_share(model, enc, rows, stage_layer(engine), engine.image_token_id)
+    assert attention.item() == pytest.approx(-sum(math.log(s) for s in shares) / len(shares), rel=1e-4)
+
+
+def test_query_attention_loss_on_merged_tokens_trains_the_stage_layer(engine):
+    enc, labels, salient = batch(engine)
+    p = plan(ReductionConfig("duet", 64), engine.n_layers)
+    engine.model.zero_grad()
+    with torch.enable_grad():
+        *_, attention = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"])
+        attention.backward()
+    # a fraction of the V2V tokens show the queried objects, so the share is below 1 at random init
+    assert torch.isfinite(attention) and attention.item() > 0
+    stage = p.stages[0].layer
+    assert engine.lm.layers[stage].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert engine.lm.layers[stage - 1].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert engine.lm.layers[stage].mlp.down_proj.weight.grad is None  # the loss reads the layer's input only
+    engine.model.zero_grad()
+    *_, none = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient)
+    assert none is None
