@@ -47,11 +47,11 @@ VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene gen
 # What the controls show on page load; also the settings example results are cached for.
 DEFAULTS = dict(method="duet", budget="64", custom_budget=96, compare=["full"], k1=None, k2=None, cluster_width=4,
                 stage_layers="", stage_ratios="", salient="", max_new_tokens=16, num_frames=DEFAULT_NUM_FRAMES,
-                positions="original")
-# Position ids after V2V. The reference implementations keep the shorter sequence contiguous; the
-# shipped tiny model, trained on full-length prompts only, answers nonsense that way (EVAL.md), so
-# the app defaults to the full prompt's positions and offers the reference layout beside it.
-POSITION_CHOICES = [("original (full prompt's positions)", "original"), ("contiguous (reference)", "contiguous")]
+                positions="contiguous")
+# Position ids after V2V: the reference implementations keep the shorter sequence contiguous (the
+# default); "original" keeps the full prompt's positions, which an earlier shipped model needed
+# (EVAL.md).
+POSITION_CHOICES = [("contiguous (reference)", "contiguous"), ("original (full prompt's positions)", "original")]
 METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
                 "pyramiddrop": "PyramidDrop"}
 

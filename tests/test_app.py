@@ -256,10 +256,11 @@ def test_api_positions_choice_reaches_every_compared_method(client, engine):
     from gradio_client import handle_file
 
     out = client.predict(handle_file(str(EXAMPLE)), QUESTION, "duet", "64", 96, ["visionzip"], None, None, 4, "", "",
-                         "", 3, 0, None, 8, "contiguous", api_name="/run")
+                         "", 3, 0, None, 8, "original", api_name="/run")
     traces = {t["method"]: t for t in json.loads(Path(out[7]).read_text())}
     with Image.open(EXAMPLE) as image:
         for method in ("duet", "visionzip"):
-            expected = engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(method, 64), max_new_tokens=3)
+            expected = engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(method, 64, positions="original"),
+                                     max_new_tokens=3)
             assert traces[method]["generated_ids"] == expected["generated_ids"]
-            assert traces[method]["positions"] == "contiguous"
+            assert traces[method]["positions"] == "original"
