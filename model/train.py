@@ -275,8 +275,8 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
     if attention:
         ids = batch["input_ids"]
         is_visual = ids == engine.image_token_id
-        on_query = [torch.tensor([p in patches for p in range(engine.n_patches)]) if patches else None
-                    for patches in batch["query"]]
+        on_query = [torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(patches)), True)
+                    if patches else None for patches in batch["query"]]
         pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
         salient = [torch.tensor(rows) for rows in batch["salient"]]
         rope = tuple(r.expand(len(ids), -1, -1) for r in captured["rope"])  # the stock forward shares one row

@@ -85,8 +85,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
             on_query = [None if not patches else torch.tensor([bool(patches & set(members)) for members in
                                                                visual.frames[b]["token_patches"]])
                         for b, patches in enumerate(queried)]
-            salient_rows = [torch.nonzero(torch.isin(pos[b], salient_pos[b])).flatten() for b in range(batch)]
-            attention = query_attention_loss(engine, layer, h, rope, pos, salient_rows, is_visual, on_query)
+            # no stage has run yet, so rows are still positions and salient_pos are the salient rows
+            attention = query_attention_loss(engine, layer, h, rope, pos, salient_pos, is_visual, on_query)
         if index in stage_at:
             with torch.no_grad():
                 rows = []

@@ -29,6 +29,7 @@ def test_ui_render_bench_reports_every_view(engine):
     assert len(result) == 4
     assert all(r["n"] == 2 and 0 < r["p50_ms"] <= r["p95_ms"] for r in result.values())
 
+
 def test_full_in_methods_does_not_repeat_the_baseline(engine):
     result = run_bench(engine, ["full", "duet"], [192, 64], reps=1, decode_steps=1)
     assert [(r["method"], r["budget"]) for r in result["rows"]] == [("full", 576), ("duet", 192), ("duet", 64)]
