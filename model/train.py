@@ -29,6 +29,16 @@ shipped model's layer-6 attention kept 29 % of the queried object's tokens when 
 all tokens (measured on validation scenes; its layer-3 attention kept 78 %): the model answered
 from what earlier layers had already gathered, and T2V's ranking was not about the question.
 
+`--bind-weight W` puts the same loss on the last prompt token alone at L/4: the token that
+answers has to find the asked object early enough for later layers to read it. Why (measured on
+the shipped model, validation): it answers 89 % of one-object scenes, 62 % of two-object and 47 %
+of six-object ones; its last token's attention share on the queried object is <= 0.5 in every
+layer and head; a free query per question reaches only ~0.35-0.44 against its layer-1 and
+layer-3 keys, while a fresh key projection of the same visual tokens reaches 0.78. With
+`--bind-weight 1` from the shipped model the share stayed near 0.37 (loss ~1.0) for 1070
+full-token and 1750 DUET-64 steps, and validation did not pass the shipped model's: not used
+for the shipped model (EVAL.md, *Reading*).
+
 Validation accuracy is exact match of the greedy answer, computed in one teacher-forced forward
 pass: greedy decoding emits "answer</s>" exactly when the argmax at every answer position is the
 answer token, so the two are the same test.
@@ -81,6 +91,7 @@ class TrainConfig:
     aux_weight: float = 1.0
     aux_min_coverage: float = 0.3  # a patch is labelled with an object covering >= this fraction
     attn_weight: float = 0.0  # > 0: supervise the salient rows' attention at the first stage layer (query_attention_loss)
+    bind_weight: float = 0.0  # > 0: supervise the last prompt token's attention at L/4 (query_attention_loss)
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
     curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
@@ -236,57 +247,75 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engine: DuetLlava,
-                   duet: Plan | None = None, attention: bool = False):
-    """(answer loss or None, auxiliary loss, query attention loss or None, aux stats) for one batch.
-    ``duet`` runs the answer forward with DUET's reductions under that plan (SPEC §2 Training).
-    ``attention`` adds the query attention loss (``query_attention_loss``) at the first DUET stage
-    layer. A clip batch (no patch targets) has neither auxiliary loss."""
+                   duet: Plan | None = None, supervised: dict[str, tuple[int, bool]] | None = None):
+    """(answer loss or None, auxiliary loss, {name: query attention loss or None}, aux stats) for
+    one batch. ``duet`` runs the answer forward with DUET's reductions under that plan (SPEC §2
+    Training). ``supervised`` names the attentions scored by ``query_attention_loss``
+    ({name: (layer, last prompt row only)}, see ``supervised_attention``). A clip batch (no patch
+    targets) has neither auxiliary loss."""
+    supervised = supervised or {}
     if "colour" not in batch:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"], labels=batch["labels"])
-        return out.loss, out.loss.new_zeros(()), None, {}
+        return out.loss, out.loss.new_zeros(()), {}, {}
     targets = {name: batch[name] for name in ("colour", "shape", "centre")}
     if not with_answer:
         aux, stats = heads.loss(visual_tokens(model, batch["pixel_values"]), targets)
-        return None, aux, None, stats
+        return None, aux, {}, stats
     if duet is not None:
-        loss, _, every_patch, attn = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
-                                                  batch["labels"], batch["salient"],
-                                                  batch["query"] if attention else None)
+        loss, _, every_patch, attention = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
+                                                       batch["labels"], batch["salient"],
+                                                       batch["query"] if supervised else None, supervised)
         aux, stats = heads.loss(every_patch, targets)
-        return loss, aux, attn, stats
+        return loss, aux, attention, stats
     captured = {}
 
-    def grab(_module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-        captured["rope"] = kwargs["position_embeddings"]
+    def grab(index):
+        def hook(_module, args, kwargs):
+            captured[index] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+        return hook
 
-    layer = engine.lm.layers[stage_layer(engine)]
-    hook = layer.register_forward_pre_hook(grab, with_kwargs=True) if attention else None
+    layers = {layer for layer, _ in supervised.values()}
+    hooks = [engine.lm.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in layers]
     try:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"], labels=batch["labels"])
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     tokens = out.image_hidden_states.view(len(batch["input_ids"]), -1, out.image_hidden_states.shape[-1])
     aux, stats = heads.loss(tokens, targets)
-    attn = None
-    if attention:
+    attention = {}
+    if supervised:
         ids = batch["input_ids"]
         is_visual = ids == engine.image_token_id
         on_query = [torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(patches)), True)
                     if patches else None for patches in batch["query"]]
         pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
-        salient = [torch.tensor(rows) for rows in batch["salient"]]
-        rope = tuple(r.expand(len(ids), -1, -1) for r in captured["rope"])  # the stock forward shares one row
-        attn = query_attention_loss(engine, layer, captured["h"], rope, pos, salient, is_visual, on_query)
-    return out.loss, aux, attn, stats
+        for name, (index, last_only) in supervised.items():
+            h, rope = captured[index]
+            rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
+            rows = [torch.tensor(r[-1:] if last_only else r) for r in batch["salient"]]
+            attention[name] = query_attention_loss(engine, engine.lm.layers[index], h, rope, pos, rows,
+                                                   is_visual, on_query)
+    return out.loss, aux, attention, stats
 
 
 def stage_layer(engine: DuetLlava) -> int:
     """The first DUET stage layer (L/2): where T2V first ranks the visual tokens."""
     return plan(ReductionConfig("duet", 64), engine.n_layers, engine.n_patches).stages[0].layer
+
+
+def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, tuple[int, bool]]:
+    """The attentions the trainer supervises, {name: (layer, last prompt row only)}: ``attn``, the
+    T2V score at the first stage layer (all salient rows); ``bind``, the last prompt token at L/4,
+    which has to find the asked object early enough for later layers to read its attributes."""
+    chosen = {}
+    if cfg.attn_weight > 0:
+        chosen["attn"] = (stage_layer(engine), False)
+    if cfg.bind_weight > 0:
+        chosen["bind"] = (engine.n_layers // 4, True)
+    return chosen
 
 
 @torch.no_grad()
@@ -461,6 +490,8 @@ def train_main(argv: list[str]) -> int:
     heads = AuxHeads(spec.text_hidden)
     engine = DuetLlava(model, processor, "training")
     duet = plan(ReductionConfig("duet", cfg.budget), engine.n_layers, engine.n_patches) if cfg.reduction == "duet" else None
+    supervised = supervised_attention(cfg, engine)
+    weights = {"attn": cfg.attn_weight, "bind": cfg.bind_weight}
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, next_index, best_acc = 0, 0, -1.0
@@ -509,16 +540,17 @@ def train_main(argv: list[str]) -> int:
         batch = encode(processor, samples, cfg.aux_min_coverage, clips)
         if step < cfg.pre_steps and cfg.pre_crops:
             pixels, indices, targets = crop_batch(cfg, next_index, batch, samples)
-            answer_loss, attn_loss = None, None
+            answer_loss, attention = None, {}
             aux_loss, stats = heads.loss(window_tokens(model, pixels, indices), targets)
         else:
-            answer_loss, aux_loss, attn_loss, stats = forward_losses(
+            answer_loss, aux_loss, attention, stats = forward_losses(
                 model, heads, batch, with_answer=step >= cfg.pre_steps, engine=engine, duet=duet,
-                attention=cfg.attn_weight > 0)
+                supervised=supervised)
         loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)
-        if attn_loss is not None:
-            loss = loss + cfg.attn_weight * attn_loss
-            stats["attn_loss"] = attn_loss.item()
+        for name, value in attention.items():
+            if value is not None:
+                loss = loss + weights[name] * value
+                stats[f"{name}_loss"] = value.item()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -9,7 +9,10 @@ attend to the pad tokens after them. Kept tokens keep their position ids, as at 
 
 ``query_attention_loss`` supervises what T2V ranks by: the salient rows' attention at the first
 stage layer, pushed onto the visual tokens of the objects the question is about (both training
-paths use it, on all 576 tokens or on the V2V-merged ones).
+paths use it, on all 576 tokens or on the V2V-merged ones). The same loss on the last prompt
+token alone at an earlier layer supervises binding (the trainer's ``--bind-weight``).
+A supervised attention is named by ``{name: (layer, last row only)}``; no such layer may come
+after the first stage layer: up to its input, rows are still the prompt's positions.
 """
 
 from __future__ import annotations
@@ -46,14 +49,20 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
 
 def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                  labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 supervised: dict[str, tuple[int, bool]] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
-    (B, P, d) for per-patch supervision, query attention loss at the first stage layer or None)
-    under plan ``p``.
+    (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
 
     ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule); ``queried[b]``
-    the patches of row b's queried objects (empty: none), given to get the attention loss.
+    the patches of row b's queried objects (empty: none); ``supervised`` the attentions to score
+    against them ({name: (layer, last row only)}; default: none).
     """
+    supervised = supervised or {}
+    if any(layer > p.stages[0].layer for layer, _ in supervised.values()):
+        raise ValueError("supervised attention layers must not come after the first stage layer")
+    if supervised and queried is None:
+        raise ValueError("supervised attention needs the queried patches")
     lm = engine.lm
     pad = engine.tokenizer.pad_token_id
     real = input_ids != pad
@@ -79,14 +88,17 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     pos = torch.arange(ids.shape[1], device=ids.device).expand(batch, -1)
     rope = lm.rotary_emb(h, pos)
     stage_at = {s.layer: s for s in p.stages}
-    attention = None
+    attention = {}
+    on_query = None if queried is None else [
+        None if not patches else torch.tensor([bool(patches & set(members))
+                                               for members in visual.frames[b]["token_patches"]])
+        for b, patches in enumerate(queried)]
     for index, layer in enumerate(lm.layers):
-        if queried is not None and index == p.stages[0].layer:
-            on_query = [None if not patches else torch.tensor([bool(patches & set(members)) for members in
-                                                               visual.frames[b]["token_patches"]])
-                        for b, patches in enumerate(queried)]
-            # no stage has run yet, so rows are still positions and salient_pos are the salient rows
-            attention = query_attention_loss(engine, layer, h, rope, pos, salient_pos, is_visual, on_query)
+        for name, (at, last_only) in supervised.items():
+            if at == index:
+                # no stage has run yet, so rows are still positions and salient_pos are the salient rows
+                rows = [r[-1:] for r in salient_pos] if last_only else salient_pos
+                attention[name] = query_attention_loss(engine, layer, h, rope, pos, rows, is_visual, on_query)
         if index in stage_at:
             with torch.no_grad():
                 rows = []

@@ -98,11 +98,11 @@ def test_duet_training_runs_and_exports_a_loadable_model(tmp_path):
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
 def test_training_with_query_attention_supervision_logs_its_loss(tmp_path, reduction):
-    assert run(tmp_path, 3, "--attn-weight", "1", "--reduction", reduction, "--budget", "64") == 0
+    assert run(tmp_path, 3, "--attn-weight", "1", "--bind-weight", "1", "--reduction", reduction, "--budget", "64") == 0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     answered = [m for m in logged if "answer_loss" in m]
-    assert answered and all(m["attn_loss"] > 0 for m in answered)
-    assert not any("attn_loss" in m for m in logged if "answer_loss" not in m and "aux_loss" in m)
+    assert answered and all(m["attn_loss"] > 0 and m["bind_loss"] > 0 for m in answered)
+    assert not any("attn_loss" in m or "bind_loss" in m for m in logged if "answer_loss" not in m and "aux_loss" in m)
 
 
 def test_shallow_decoders_are_refused(tmp_path):
@@ -219,3 +219,4 @@ def test_the_last_weights_are_exported_whatever_their_score(trained):
     state = torch.load(trained / "state.pt", weights_only=False)
     model = LlavaForConditionalGeneration.from_pretrained(trained / "final")
     assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+

@@ -69,9 +69,9 @@ def test_query_attention_loss_is_minus_log_of_the_stock_attention_share(tiny_che
     assert rows
     with torch.no_grad():
         _, _, attention, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
-                                            attention=True)
+                                            supervised={"attn": (stage_layer(engine), False)})
         shares = stock_query_share(model, enc, rows, stage_layer(engine), engine.image_token_id)
-    assert attention.item() == pytest.approx(-sum(math.log(s) for s in shares) / len(shares), rel=1e-4)
+    assert attention["attn"].item() == pytest.approx(-sum(math.log(s) for s in shares) / len(shares), rel=1e-4)
 
 
 def test_query_attention_loss_on_merged_tokens_trains_the_stage_layer(engine):
@@ -79,7 +79,9 @@ def test_query_attention_loss_on_merged_tokens_trains_the_stage_layer(engine):
     p = plan(ReductionConfig("duet", 64), engine.n_layers)
     engine.model.zero_grad()
     with torch.enable_grad():
-        *_, attention = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"])
+        *_, attention = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"],
+                                     {"attn": (p.stages[0].layer, False)})
+        attention = attention["attn"]
         attention.backward()
     # a fraction of the V2V tokens show the queried objects, so the share is below 1 at random init
     assert torch.isfinite(attention) and attention.item() > 0
@@ -89,4 +91,4 @@ def test_query_attention_loss_on_merged_tokens_trains_the_stage_layer(engine):
     assert engine.lm.layers[stage].mlp.down_proj.weight.grad is None  # the loss reads the layer's input only
     engine.model.zero_grad()
     *_, none = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient)
-    assert none is None
+    assert none == {}
