@@ -60,7 +60,7 @@ def items(split: str, n: int, seed: int, frames: int):
 
 def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
              max_new_tokens: int = 3, progress=None, frames: int = 1) -> dict:
-    rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}} for c in configs}
+    rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}, "objects": {}} for c in configs}
     for index, (sample, images) in enumerate(items(split, n, seed, frames)):
         query = query_patches(sample) if sample.query and frames == 1 else set()
         prompt = engine.prepare(images, sample.question)
@@ -72,6 +72,7 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
             correct = trace["answer"] == sample.answer
             row["correct"].append(correct)
             row["kinds"].setdefault(sample.kind, []).append(correct)
+            row["objects"].setdefault(len(sample.objects), []).append(correct)
             row["tokens"].append(trace["avg_visual_tokens"])
             if query:
                 kept = represented_patches(trace)
@@ -91,6 +92,7 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
             "query_recall": statistics.mean(row["recall"]) if row["recall"] else None,
             "random_recall": statistics.mean(row["random"]) if row["random"] else None,
             "by_kind": {k: statistics.mean(v) for k, v in sorted(row["kinds"].items())},
+            "by_objects": {n: statistics.mean(v) for n, v in sorted(row["objects"].items())},
         })
     return {"model": engine.name, "split": split, "n": n, "seed": seed, "frames": frames, "rows": table}
 
@@ -103,19 +105,38 @@ def overrides(cfg: ReductionConfig) -> str:
                      if getattr(cfg, k) != getattr(default, k))
 
 
+def label(row: dict) -> str:
+    return row["method"] + (f" ({row['overrides']})" if row["overrides"] else "")
+
+
 def markdown(result: dict) -> str:
     kinds = sorted({k for r in result["rows"] for k in r["by_kind"]})
     head = ["method", "budget", "avg tokens", "accuracy", "retention", "query recall", "random-keep recall", *kinds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [
-            r["method"] + (f" ({r['overrides']})" if r["overrides"] else ""),
+            label(r),
             "—" if r["method"] == "full" else str(r["budget"]), f"{r['avg_visual_tokens']:.1f}",
             f"{100 * r['accuracy']:.1f} %", "—" if r["retention"] is None else f"{100 * r['retention']:.1f} %",
             "—" if r["query_recall"] is None else f"{r['query_recall']:.3f}",
             "—" if r["random_recall"] is None else f"{r['random_recall']:.3f}",
             *[f"{100 * r['by_kind'].get(k, float('nan')):.0f} %" for k in kinds],
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_objects(result: dict) -> str:
+    """Accuracy by the number of objects in the scene: where a model that cannot tell the asked
+    object from the others loses its answers (one object needs no binding). Accepts results read
+    back from JSON, whose keys are strings."""
+    rows = [(r, {int(n): acc for n, acc in r["by_objects"].items()}) for r in result["rows"]]
+    counts = sorted({n for _, by in rows for n in by})
+    head = ["method", "budget", *(f"{n} object{'s' if n > 1 else ''}" for n in counts)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r, by in rows:
+        cells = [label(r), "—" if r["method"] == "full" else str(r["budget"]),
+                 *[f"{100 * by[n]:.0f} %" if n in by else "—" for n in counts]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,6 +170,8 @@ def eval_main(argv: list[str] | None = None) -> int:
                       frames=args.frames)
     result["wall_s"] = round(time.time() - started, 1)
     print(markdown(result))
+    print()
+    print(markdown_objects(result))
     what = f"{args.frames}-frame clips" if args.frames > 1 else "samples"
     print(f"\n{args.n} {args.split} {what} x {len(configs)} configurations in {result['wall_s']} s")
     if args.json:

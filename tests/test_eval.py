@@ -1,3 +1,6 @@
+import json
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -5,7 +8,7 @@ from model import data
 from model.budget import ReductionConfig
 from model.cli import main
 from model.data import query_patches
-from model.eval import evaluate, markdown, represented_patches
+from model.eval import evaluate, markdown, markdown_objects, represented_patches
 
 
 def test_query_patches_follow_the_mask():
@@ -35,6 +38,19 @@ def test_eval_runs_end_to_end_on_a_tiny_n(engine):
         assert r["query_recall"] is None or 0.0 <= r["query_recall"] <= 1.0
     assert rows[("full", 576)]["query_recall"] in (None, 1.0)
     assert "| duet | 64 |" in markdown(result)
+
+
+def test_accuracy_by_object_count_partitions_the_samples(engine):
+    n = 8
+    result = evaluate(engine, "test", n, [ReductionConfig("full", 576)], max_new_tokens=2)
+    row = result["rows"][0]
+    counts = Counter(len(data.sample(0, "test", i).objects) for i in range(n))
+    assert set(row["by_objects"]) == set(counts)
+    # weighted by how many scenes have each count, the groups give back the overall accuracy
+    assert sum(row["by_objects"][k] * c for k, c in counts.items()) / n == pytest.approx(row["accuracy"])
+    table = markdown_objects(result)
+    assert table.splitlines()[0].count("object") == len(counts) and "| full | — |" in table
+    assert markdown_objects(json.loads(json.dumps(result))) == table  # as read back from --json
 
 
 def test_eval_cli_json(tiny_checkpoint, tmp_path, capsys):
