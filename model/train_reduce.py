@@ -59,7 +59,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     against them ({name: (layer, last row only)}; default: none).
     """
     supervised = supervised or {}
-    if any(layer > p.stages[0].layer for layer, _ in supervised.values()):
+    first_stage = p.stages[0].layer if p.stages else engine.n_layers
+    if any(layer > first_stage for layer, _ in supervised.values()):
         raise ValueError("supervised attention layers must not come after the first stage layer")
     if supervised and queried is None:
         raise ValueError("supervised attention needs the queried patches")

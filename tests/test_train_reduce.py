@@ -92,3 +92,19 @@ def test_query_attention_loss_on_merged_tokens_trains_the_stage_layer(engine):
     engine.model.zero_grad()
     *_, none = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient)
     assert none == {}
+
+
+def test_bind_supervision_reads_only_the_last_prompt_row_and_stays_before_the_stages(engine):
+    enc, labels, salient = batch(engine)
+    p = plan(ReductionConfig("duet", 64), engine.n_layers)
+    early = engine.n_layers // 4
+    with torch.no_grad():
+        *_, both = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"],
+                                {"all": (early, False), "last": (early, True)})
+        *_, last_only = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels,
+                                     [rows[-1:] for rows in salient], enc["query"], {"all": (early, False)})
+    assert both["last"].item() == pytest.approx(last_only["all"].item(), rel=1e-6)
+    assert any(len(rows) > 1 for rows in salient) and both["all"].item() != pytest.approx(both["last"].item())
+    with pytest.raises(ValueError):
+        reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"],
+                     {"late": (p.stages[0].layer + 1, True)})
