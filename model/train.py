@@ -32,12 +32,10 @@ from what earlier layers had already gathered, and T2V's ranking was not about t
 `--bind-weight W` puts the same loss on the last prompt token alone at L/4: the token that
 answers has to find the asked object early enough for later layers to read it. Why (measured on
 the shipped model, validation): it answers 89 % of one-object scenes, 62 % of two-object and 47 %
-of six-object ones; its last token's attention share on the queried object is <= 0.5 in every
-layer and head; a free query per question reaches only ~0.35-0.44 against its layer-1 and
-layer-3 keys, while a fresh key projection of the same visual tokens reaches 0.78. With
-`--bind-weight 1` from the shipped model the share stayed near 0.37 (loss ~1.0) for 1070
-full-token and 1750 DUET-64 steps, and validation did not pass the shipped model's: not used
-for the shipped model (EVAL.md, *Reading*).
+of six-object ones, and its last token's attention share on the queried object is <= 0.41 in
+every layer and head. With `--bind-weight 1` from the shipped model the share stayed near 0.37
+(loss ~1.0) for 1070 full-token and 1750 DUET-64 steps, and validation did not pass the shipped
+model's: not used for the shipped model (EVAL.md, *Reading*, has the probes).
 
 Validation accuracy is exact match of the greedy answer, computed in one teacher-forced forward
 pass: greedy decoding emits "answer</s>" exactly when the argmax at every answer position is the
