@@ -489,7 +489,7 @@ def train_main(argv: list[str]) -> int:
     engine = DuetLlava(model, processor, "training")
     duet = plan(ReductionConfig("duet", cfg.budget), engine.n_layers, engine.n_patches) if cfg.reduction == "duet" else None
     supervised = supervised_attention(cfg, engine)
-    weights = {"attn": cfg.attn_weight, "bind": cfg.bind_weight}
+    weights = {name: getattr(cfg, f"{name}_weight") for name in supervised}
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, next_index, best_acc = 0, 0, -1.0

@@ -219,4 +219,3 @@ def test_the_last_weights_are_exported_whatever_their_score(trained):
     state = torch.load(trained / "state.pt", weights_only=False)
     model = LlavaForConditionalGeneration.from_pretrained(trained / "final")
     assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
-
