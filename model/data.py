@@ -101,6 +101,11 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
+def object_words() -> list[str]:
+    """The words that name an object's attributes in a question: colours and shapes (singular and plural)."""
+    return [*COLOURS, *SHAPES, *PLURALS.values()]
+
+
 def sample(seed: int, split: str, index: int, max_objects: int = MAX_OBJECTS) -> Sample:
     """Sample `index` of `split`: a pure function of its arguments."""
     if split not in SPLITS:

@@ -69,7 +69,7 @@ from . import data
 from .budget import Plan, ReductionConfig, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
-from .train_reduce import query_attention_loss, reduced_loss
+from .train_reduce import Supervision, query_attention_loss, reduced_loss
 
 
 @dataclass
@@ -89,7 +89,9 @@ class TrainConfig:
     aux_weight: float = 1.0
     aux_min_coverage: float = 0.3  # a patch is labelled with an object covering >= this fraction
     attn_weight: float = 0.0  # > 0: supervise the salient rows' attention at the first stage layer (query_attention_loss)
-    bind_weight: float = 0.0  # > 0: supervise the last prompt token's attention at L/4 (query_attention_loss)
+    bind_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --bind-layer (query_attention_loss)
+    bind_layer: int = -1  # the decoder layer binding is supervised at; -1: L/4
+    ask_weight: float = 0.0  # > 0: supervise the last prompt token's layer-0 attention onto the question's object words
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
     curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
@@ -100,6 +102,7 @@ class TrainConfig:
     threads: int = 1
     seed: int = 0
     init_from: str = ""  # start a new run from an exported model folder (e.g. the shipped one)
+    init_parts: str = "all"  # what --init-from loads: "all", or "vision" (tower + projector; a fresh decoder)
     reduction: str = "none"
     budget: int = 192
     clip_every: int = 0  # > 0: every this many steps (after the pre-stage) train on a batch of moving clips
@@ -113,6 +116,7 @@ SHIPPED_SPEC = TinyLlavaSpec(
     text_hidden=64, text_layers=12, text_heads=4, text_kv_heads=2, text_mlp=192,
     words=data.vocabulary(),
 )
+VISION_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")
 SPEC_FLAGS = ("vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
               "text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp")
 
@@ -192,6 +196,11 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
             batch[name] = torch.from_numpy(np.stack([t[i].reshape(-1) for t in targets]))
     batch["labels"] = labels
     batch["query"] = [data.query_patches(s) for s in samples]
+    object_words = torch.tensor([i for i in tok.convert_tokens_to_ids(data.object_words()) if i != tok.unk_token_id])
+    batch["asked"] = [  # for --ask-weight: positions of the prompt's colour and shape words
+        torch.nonzero(torch.isin(batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())],
+                                 object_words)).flatten().tolist()
+        for row in range(len(samples))]
     image_token = tok.convert_tokens_to_ids("<image>")
     batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
         salient_positions(tok, image_token, prompt, s.question,
@@ -245,12 +254,11 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engine: DuetLlava,
-                   duet: Plan | None = None, supervised: dict[str, tuple[int, bool]] | None = None):
+                   duet: Plan | None = None, supervised: dict[str, Supervision] | None = None):
     """(answer loss or None, auxiliary loss, {name: query attention loss or None}, aux stats) for
     one batch. ``duet`` runs the answer forward with DUET's reductions under that plan (SPEC §2
-    Training). ``supervised`` names the attentions scored by ``query_attention_loss``
-    ({name: (layer, last prompt row only)}, see ``supervised_attention``). A clip batch (no patch
-    targets) has neither auxiliary loss."""
+    Training). ``supervised`` names the attentions scored by ``query_attention_loss`` (see
+    ``supervised_attention``). A clip batch (no patch targets) has neither auxiliary loss."""
     supervised = supervised or {}
     if "colour" not in batch:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -262,8 +270,8 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         return None, aux, {}, stats
     if duet is not None:
         loss, _, every_patch, attention = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
-                                                       batch["labels"], batch["salient"],
-                                                       batch["query"] if supervised else None, supervised)
+                                                       batch["labels"], batch["salient"], batch["query"],
+                                                       supervised, batch["asked"])
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -273,7 +281,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
             captured[index] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
         return hook
 
-    layers = {layer for layer, _ in supervised.values()}
+    layers = {s.layer for s in supervised.values()}
     hooks = [engine.lm.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in layers]
     try:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -289,13 +297,18 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         is_visual = ids == engine.image_token_id
         on_query = [torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(patches)), True)
                     if patches else None for patches in batch["query"]]
+        present = batch["attention_mask"].bool()
+        on_words = [torch.zeros(ids.shape[1], dtype=torch.bool).index_fill_(0, torch.tensor(rows, dtype=torch.long),
+                                                                             True)[present[b]]
+                    for b, rows in enumerate(batch["asked"])]
         pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
-        for name, (index, last_only) in supervised.items():
-            h, rope = captured[index]
+        for name, s in supervised.items():
+            h, rope = captured[s.layer]
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
-            rows = [torch.tensor(r[-1:] if last_only else r) for r in batch["salient"]]
-            attention[name] = query_attention_loss(engine, engine.lm.layers[index], h, rope, pos, rows,
-                                                   is_visual, on_query)
+            rows = [torch.tensor(r[-1:] if s.last_only else r) for r in batch["salient"]]
+            columns, targets = (is_visual, on_query) if s.onto == "objects" else (present, on_words)
+            attention[name] = query_attention_loss(engine, engine.lm.layers[s.layer], h, rope, pos, rows,
+                                                   columns, targets)
     return out.loss, aux, attention, stats
 
 
@@ -304,15 +317,18 @@ def stage_layer(engine: DuetLlava) -> int:
     return plan(ReductionConfig("duet", 64), engine.n_layers, engine.n_patches).stages[0].layer
 
 
-def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, tuple[int, bool]]:
-    """The attentions the trainer supervises, {name: (layer, last prompt row only)}: ``attn``, the
-    T2V score at the first stage layer (all salient rows); ``bind``, the last prompt token at L/4,
-    which has to find the asked object early enough for later layers to read its attributes."""
+def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Supervision]:
+    """The attentions the trainer supervises: ``attn``, the T2V score at the first stage layer (all
+    salient rows); ``bind``, the last prompt token at ``bind_layer``, which has to find the asked
+    object early enough for later layers to read its attributes; ``ask``, the last prompt token at
+    layer 0 onto the question's colour and shape words, so that it holds what to look for."""
     chosen = {}
     if cfg.attn_weight > 0:
-        chosen["attn"] = (stage_layer(engine), False)
+        chosen["attn"] = Supervision(stage_layer(engine), False)
     if cfg.bind_weight > 0:
-        chosen["bind"] = (engine.n_layers // 4, True)
+        chosen["bind"] = Supervision(engine.n_layers // 4 if cfg.bind_layer < 0 else cfg.bind_layer, True)
+    if cfg.ask_weight > 0:
+        chosen["ask"] = Supervision(0, True, "words")
     return chosen
 
 
@@ -440,7 +456,10 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
     parser = argparse.ArgumentParser(prog="python -m model train", description=__doc__.split("\n\n")[0])
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "reduction":
+        if f.name == "init_parts":
+            parser.add_argument(flag, choices=("all", "vision"), default=f.default,
+                                help="what --init-from loads (vision: tower + projector, the decoder starts fresh)")
+        elif f.name == "reduction":
             parser.add_argument(flag, choices=("none", "duet"), default=f.default,
                                 help="token reduction in the training forward (duet: V2V + T2V at --budget)")
         else:
@@ -463,6 +482,8 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
         raise ValueError("--pre-crops must be 0 (whole images) or a window of 3..24 patches")
     if cfg.clip_every and cfg.clip_frames < 2:
         raise ValueError("--clip-frames must be at least 2")
+    if cfg.bind_layer >= spec.text_layers // 2:
+        raise ValueError("--bind-layer must come before the first stage layer (L/2)")
     if spec.text_layers < 12 or spec.text_layers % 4:
         raise ValueError("text layers must be a multiple of 4 and >= 12 (stage layers at L/4, L/2, 3L/4)")
     if min(cfg.batch_size, cfg.steps, cfg.eval_samples, cfg.curriculum_steps, cfg.save_every,
@@ -504,7 +525,10 @@ def train_main(argv: list[str]) -> int:
         from transformers import LlavaForConditionalGeneration
 
         # Runs do not outlive a machine; the shipped folder does, so a new session can go on from it.
-        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(cfg.init_from).state_dict())
+        loaded = LlavaForConditionalGeneration.from_pretrained(cfg.init_from).state_dict()
+        if cfg.init_parts == "vision":
+            loaded = {k: v for k, v in loaded.items() if k.startswith(VISION_PARTS)}
+        model.load_state_dict(loaded, strict=cfg.init_parts == "all")
 
     log_file = open(run / "train.log", "a")
     metrics_file = open(run / "metrics.jsonl", "a")

@@ -10,12 +10,16 @@ attend to the pad tokens after them. Kept tokens keep their position ids, as at 
 ``query_attention_loss`` supervises what T2V ranks by: the salient rows' attention at the first
 stage layer, pushed onto the visual tokens of the objects the question is about (both training
 paths use it, on all 576 tokens or on the V2V-merged ones). The same loss on the last prompt
-token alone at an earlier layer supervises binding (the trainer's ``--bind-weight``).
-A supervised attention is named by ``{name: (layer, last row only)}``; no such layer may come
-after the first stage layer: up to its input, rows are still the prompt's positions.
+token alone at an earlier layer supervises binding (the trainer's ``--bind-weight``), and on the
+last token's layer-0 attention onto the question's object words (colour and shape names) it
+supervises reading the question (``--ask-weight``). A supervised attention is a ``Supervision``;
+no such layer may come after the first stage layer: up to its input, rows are still the
+prompt's positions.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,23 +29,33 @@ from .engine import DuetLlava, Timer
 from .t2v import keep_top
 
 
-def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                         pos: torch.Tensor, salient: list[torch.Tensor], is_visual: torch.Tensor,
-                         on_query: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Mean over rows with a query of -log(share of the T2V score on the query's visual tokens).
+class Supervision(NamedTuple):
+    """One supervised attention: the input of decoder ``layer``, the salient rows (or the last
+    prompt row alone), pushed onto the queried objects' visual tokens or the asked words."""
 
-    ``h`` (B, T, d) enters ``layer``; ``salient[b]`` are row b's salient rows; ``on_query[b]`` (bool,
-    one per visual row of b in order) marks the tokens showing a queried object, None when the
-    question is about no object ("is there ...?" answered no). The score is the engine's
-    (``DuetLlava._scores``: softmax attention of the salient rows, mean over rows and heads), so
-    the loss trains exactly the ranking T2V keeps tokens by. None when no row has a query."""
+    layer: int
+    last_only: bool
+    onto: str = "objects"  # or "words": the question's colour and shape words
+
+
+def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                         pos: torch.Tensor, salient: list[torch.Tensor], columns: torch.Tensor,
+                         on_query: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Mean over rows with a query of -log(share of the T2V score on the query's tokens).
+
+    ``h`` (B, T, d) enters ``layer``; ``salient[b]`` are row b's salient rows; ``columns`` (B, T) the
+    tokens the share is taken over (the visual ones, or all of a row's tokens); ``on_query[b]`` (bool,
+    one per column of b in order) marks the queried ones, None when the question is about no
+    object ("is there ...?" answered no). The score is the engine's (``DuetLlava._scores``: softmax
+    attention of the salient rows, mean over rows and heads), so on the visual tokens the loss
+    trains exactly the ranking T2V keeps tokens by. None when no row has a query."""
     losses = []
     for b, target in enumerate(on_query):
         if target is None or not target.any():
             continue
-        visual_rows = torch.nonzero(is_visual[b]).flatten()
+        scored = torch.nonzero(columns[b]).flatten()
         scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b], salient[b],
-                                visual_rows)
+                                scored)
         share = scores[target].sum() / scores.sum().clamp_min(1e-12)
         losses.append(-torch.log(share.clamp_min(1e-6)))
     return torch.stack(losses).mean() if losses else None
@@ -49,21 +63,23 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
 
 def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                  labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
-                 supervised: dict[str, tuple[int, bool]] | None = None,
+                 supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
 
     ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule); ``queried[b]``
-    the patches of row b's queried objects (empty: none); ``supervised`` the attentions to score
-    against them ({name: (layer, last row only)}; default: none).
+    the patches of row b's queried objects (empty: none); ``asked[b]`` the positions of row b's
+    object words; ``supervised`` the attentions to score against them (default: none).
     """
     supervised = supervised or {}
     first_stage = p.stages[0].layer if p.stages else engine.n_layers
-    if any(layer > first_stage for layer, _ in supervised.values()):
+    if any(s.layer > first_stage for s in supervised.values()):
         raise ValueError("supervised attention layers must not come after the first stage layer")
-    if supervised and queried is None:
-        raise ValueError("supervised attention needs the queried patches")
+    if any(s.onto == "objects" for s in supervised.values()) and queried is None:
+        raise ValueError("supervised attention onto objects needs the queried patches")
+    if any(s.onto == "words" for s in supervised.values()) and asked is None:
+        raise ValueError("supervised attention onto words needs the asked word positions")
     lm = engine.lm
     pad = engine.tokenizer.pad_token_id
     real = input_ids != pad
@@ -94,12 +110,18 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         None if not patches else torch.tensor([bool(patches & set(members))
                                                for members in visual.frames[b]["token_patches"]])
         for b, patches in enumerate(queried)]
+    present = ids != pad
+    on_words = None if asked is None else [
+        torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device).index_fill_(
+            0, new_index[b, torch.tensor(rows, dtype=torch.long, device=ids.device)], True)[present[b]]
+        for b, rows in enumerate(asked)]
     for index, layer in enumerate(lm.layers):
-        for name, (at, last_only) in supervised.items():
-            if at == index:
+        for name, s in supervised.items():
+            if s.layer == index:
                 # no stage has run yet, so rows are still positions and salient_pos are the salient rows
-                rows = [r[-1:] for r in salient_pos] if last_only else salient_pos
-                attention[name] = query_attention_loss(engine, layer, h, rope, pos, rows, is_visual, on_query)
+                rows = [r[-1:] for r in salient_pos] if s.last_only else salient_pos
+                columns, marked = (is_visual, on_query) if s.onto == "objects" else (present, on_words)
+                attention[name] = query_attention_loss(engine, layer, h, rope, pos, rows, columns, marked)
         if index in stage_at:
             with torch.no_grad():
                 rows = []

@@ -9,7 +9,7 @@ from model.budget import ReductionConfig
 from model.checkpoint import build_processor
 from model.engine import DuetLlava
 from model.checkpoint import TinyLlavaSpec, build_model
-from model.train import (TrainConfig, encode, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
+from model.train import (VISION_PARTS, TrainConfig, encode, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
                          train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
@@ -103,6 +103,31 @@ def test_training_with_query_attention_supervision_logs_its_loss(tmp_path, reduc
     answered = [m for m in logged if "answer_loss" in m]
     assert answered and all(m["attn_loss"] > 0 and m["bind_loss"] > 0 for m in answered)
     assert not any("attn_loss" in m or "bind_loss" in m for m in logged if "answer_loss" not in m and "aux_loss" in m)
+
+
+def test_ask_supervision_and_a_chosen_bind_layer_log_their_losses(tmp_path):
+    assert run(tmp_path, 3, "--ask-weight", "1", "--bind-weight", "1", "--bind-layer", "1") == 0
+    answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
+    assert answered and all(m["ask_loss"] > 0 and m["bind_loss"] > 0 and "attn_loss" not in m for m in answered)
+    with pytest.raises(ValueError):
+        run(tmp_path / "late", 1, "--bind-weight", "1", "--bind-layer", "6")
+
+
+def test_init_parts_vision_keeps_the_tower_and_projector_and_starts_a_fresh_decoder(trained, tmp_path):
+    source = LlavaForConditionalGeneration.from_pretrained(trained / "best")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)  # far from anything a fresh initialisation draws
+    source.save_pretrained(tmp_path / "source")
+    weights = source.state_dict()
+    for parts, decoder_kept in (("all", True), ("vision", False)):
+        assert run(tmp_path / parts, 1, "--init-from", str(tmp_path / "source"), "--init-parts", parts) == 0
+        started = torch.load(tmp_path / parts / "state.pt", weights_only=False)["model"]
+        moved = {name: (started[name] - weights[name]).abs().max().item() for name in started}
+        # one optimizer step at lr 3e-3 moves a weight by about that much
+        assert all(v < 0.05 for name, v in moved.items() if name.startswith(VISION_PARTS)), parts
+        decoder = [v for name, v in moved.items() if name.startswith("model.language_model.layers.")]
+        assert all(v < 0.05 for v in decoder) if decoder_kept else min(decoder) > 0.5, parts
 
 
 def test_shallow_decoders_are_refused(tmp_path):

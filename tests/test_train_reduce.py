@@ -11,7 +11,7 @@ from model import data
 from model.budget import ReductionConfig, plan
 from model.engine import DuetLlava
 from model.train import AuxHeads, encode, forward_losses, stage_layer
-from model.train_reduce import reduced_loss
+from model.train_reduce import Supervision, reduced_loss
 
 def batch(engine):
     """Two right-padded training rows built by the trainer's own encoder."""
@@ -69,7 +69,7 @@ def test_query_attention_loss_is_minus_log_of_the_stock_attention_share(tiny_che
     assert rows
     with torch.no_grad():
         _, _, attention, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
-                                            supervised={"attn": (stage_layer(engine), False)})
+                                            supervised={"attn": Supervision(stage_layer(engine), False)})
         shares = stock_query_share(model, enc, rows, stage_layer(engine), engine.image_token_id)
     assert attention["attn"].item() == pytest.approx(-sum(math.log(s) for s in shares) / len(shares), rel=1e-4)
 
@@ -80,7 +80,7 @@ def test_query_attention_loss_on_merged_tokens_trains_the_stage_layer(engine):
     engine.model.zero_grad()
     with torch.enable_grad():
         *_, attention = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"],
-                                     {"attn": (p.stages[0].layer, False)})
+                                     {"attn": Supervision(p.stages[0].layer, False)})
         attention = attention["attn"]
         attention.backward()
     # a fraction of the V2V tokens show the queried objects, so the share is below 1 at random init
@@ -100,11 +100,56 @@ def test_bind_supervision_reads_only_the_last_prompt_row_and_stays_before_the_st
     early = engine.n_layers // 4
     with torch.no_grad():
         *_, both = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"],
-                                {"all": (early, False), "last": (early, True)})
+                                {"all": Supervision(early, False), "last": Supervision(early, True)})
         *_, last_only = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels,
-                                     [rows[-1:] for rows in salient], enc["query"], {"all": (early, False)})
+                                     [rows[-1:] for rows in salient], enc["query"], {"all": Supervision(early, False)})
     assert both["last"].item() == pytest.approx(last_only["all"].item(), rel=1e-6)
     assert any(len(rows) > 1 for rows in salient) and both["all"].item() != pytest.approx(both["last"].item())
     with pytest.raises(ValueError):
         reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"],
-                     {"late": (p.stages[0].layer + 1, True)})
+                     {"late": Supervision(p.stages[0].layer + 1, True)})
+
+
+def words_share(model, embeds: torch.Tensor, last: int, asked: list[int]) -> float:
+    """Share of the last prompt row's layer-0 attention on the asked positions (stock eager
+    decoder on these input embeddings, mean over heads)."""
+    out = model.model.language_model(inputs_embeds=embeds[None], output_attentions=True)
+    return float(out.attentions[0][0, :, last, asked].sum(-1).mean())
+
+
+def test_ask_supervision_is_minus_log_of_the_stock_layer0_share_on_the_object_words(tiny_checkpoint):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    engine = DuetLlava(model, processor, "eager")
+    object_words = set(data.object_words()) & set(engine.tokenizer.get_vocab())  # the test vocabulary lacks some
+    samples = [s for s in (data.sample(0, "train", i) for i in range(20))
+               if object_words & set(s.question.split())][:3]
+    enc = encode(processor, samples, 0.3)
+    for b, s in enumerate(samples):
+        words = engine.tokenizer.convert_ids_to_tokens(enc["input_ids"][b, enc["asked"][b]].tolist())
+        assert words == [w for w in s.question.split() if w in object_words]
+    ask = {"ask": Supervision(0, True, "words")}
+    lengths = enc["attention_mask"].sum(1) - (enc["labels"] != -100).sum(1)
+    with torch.no_grad():
+        _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
+                                       supervised=ask)
+        merged = model.model.language_model.embed_tokens(enc["input_ids"])
+        image = torch.cat(model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output)
+        merged = merged.masked_scatter((enc["input_ids"] == engine.image_token_id)[..., None].expand_as(merged), image)
+        shares = [words_share(model, merged[b], int(lengths[b]) - 1, enc["asked"][b]) for b in range(3)]
+        assert full["ask"].item() == pytest.approx(-sum(math.log(s) for s in shares) / 3, rel=1e-4)
+
+        p = plan(ReductionConfig("duet", 64), engine.n_layers)
+        _, tokens, _, reduced = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], enc["labels"],
+                                             enc["salient"], enc["query"], ask, enc["asked"])
+        shares = []
+        for b in range(3):  # the same sequence with the image's 576 tokens replaced by its V2V tokens
+            n = tokens.shape[1]
+            image_at = int(torch.nonzero(enc["input_ids"][b] == engine.image_token_id)[0])
+            ids = torch.cat([enc["input_ids"][b, :image_at + n], enc["input_ids"][b, image_at + 576:]])
+            row = model.model.language_model.embed_tokens(ids)
+            row[image_at:image_at + n] = tokens[b]
+            shift = 576 - n
+            shares.append(words_share(model, row, int(lengths[b]) - 1 - shift, [a - shift for a in enc["asked"][b]]))
+    assert reduced["ask"].item() == pytest.approx(-sum(math.log(s) for s in shares) / 3, rel=1e-4)
+    assert reduced["ask"].item() != pytest.approx(full["ask"].item(), rel=1e-3)
