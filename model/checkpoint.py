@@ -104,6 +104,7 @@ class TinyLlavaSpec:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_mlp: int = 64
+    rope_theta: float = 10000.0  # Llama's default; a 16-wide head has few slow rotary pairs at it
     words: list[str] = field(default_factory=lambda: "red green blue circle square triangle".split())
 
     def config(self, vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
@@ -126,6 +127,7 @@ class TinyLlavaSpec:
             num_attention_heads=self.text_heads,
             num_key_value_heads=self.text_kv_heads,
             max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             pad_token_id=pad_token_id,
             bos_token_id=2,
             eos_token_id=3,

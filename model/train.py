@@ -118,7 +118,7 @@ SHIPPED_SPEC = TinyLlavaSpec(
 )
 VISION_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")
 SPEC_FLAGS = ("vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
-              "text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp")
+              "text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp", "rope_theta")
 
 
 class AuxHeads(nn.Module):
@@ -465,8 +465,9 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     for name in SPEC_FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SHIPPED_SPEC, name),
-                            help="model width/depth (ignored when resuming: the run's spec is kept)")
+        default = getattr(SHIPPED_SPEC, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                            help="model geometry (ignored when resuming: the run's spec is kept)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from <out>/state.pt when it exists (default)")
     args = vars(parser.parse_args(argv))

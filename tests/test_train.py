@@ -130,6 +130,12 @@ def test_init_parts_vision_keeps_the_tower_and_projector_and_starts_a_fresh_deco
         assert all(v < 0.05 for v in decoder) if decoder_kept else min(decoder) > 0.5, parts
 
 
+def test_rope_theta_reaches_the_exported_config(tmp_path):
+    assert run(tmp_path, 2, "--rope-theta", "1e6", "--eval-every", "2") == 0
+    config = LlavaForConditionalGeneration.from_pretrained(tmp_path / "best").config.text_config
+    assert config.rope_parameters["rope_theta"] == 1e6
+
+
 def test_shallow_decoders_are_refused(tmp_path):
     with pytest.raises(ValueError):
         run(tmp_path, 1, "--no-resume", "--text-layers", "8")
