@@ -324,8 +324,19 @@ def patch_labels(objects: list[SceneObject], min_coverage: float = 0.3, patch: i
 def query_patches(sample: Sample, min_coverage: float = 0.5) -> set[int]:
     """Patches of the objects the question is about: those the mask covers >= ``min_coverage``
     of, or the single best-covered patch of an object smaller than that (SPEC §7 query recall)."""
+    return object_patches(sample, sample.query, min_coverage)
+
+
+def word_patches(sample: Sample, word: str, min_coverage: float = 0.5) -> set[int]:
+    """Patches (as ``query_patches``) of the objects a colour or shape word names: "red" -> every
+    red object, "stars" -> every star."""
+    return object_patches(sample, [i for i, o in enumerate(sample.objects)
+                                   if word in (o.colour, o.shape, PLURALS[o.shape])], min_coverage)
+
+
+def object_patches(sample: Sample, indices: list[int], min_coverage: float = 0.5) -> set[int]:
     patches = set()
-    for i in sample.query:
+    for i in indices:
         coverage = patch_coverage(sample.objects[i].mask).reshape(-1)
         chosen = np.flatnonzero(coverage >= min_coverage)
         patches |= set(chosen.tolist() if len(chosen) else [int(coverage.argmax())])

@@ -91,7 +91,9 @@ class TrainConfig:
     attn_weight: float = 0.0  # > 0: supervise the salient rows' attention at the first stage layer (query_attention_loss)
     bind_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --bind-layer (query_attention_loss)
     bind_layer: int = -1  # the decoder layer binding is supervised at; -1: L/4
-    ask_weight: float = 0.0  # > 0: supervise the last prompt token's layer-0 attention onto the question's object words
+    ask_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --ask-layer onto the question's object words
+    ask_layer: int = 0
+    lookup_weight: float = 0.0  # > 0: supervise each object word's layer-0 attention onto the objects it names
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
     curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
@@ -201,6 +203,8 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
         torch.nonzero(torch.isin(batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())],
                                  object_words)).flatten().tolist()
         for row in range(len(samples))]
+    batch["named"] = [[data.word_patches(s, word) for word in tok.convert_ids_to_tokens(batch["input_ids"][row, at])]
+                      for row, (s, at) in enumerate(zip(samples, batch["asked"]))]
     image_token = tok.convert_tokens_to_ids("<image>")
     batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
         salient_positions(tok, image_token, prompt, s.question,
@@ -271,7 +275,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
     if duet is not None:
         loss, _, every_patch, attention = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
                                                        batch["labels"], batch["salient"], batch["query"],
-                                                       supervised, batch["asked"])
+                                                       supervised, batch["asked"], batch["named"])
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -302,9 +306,16 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
                                                                              True)[present[b]]
                     for b, rows in enumerate(batch["asked"])]
         pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
+        lookups = [(b, at, torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(p), dtype=torch.long), True))
+                   for b in range(len(ids)) for at, p in zip(batch["asked"][b], batch["named"][b])]
         for name, s in supervised.items():
             h, rope = captured[s.layer]
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
+            if s.onto == "named":
+                attention[name] = query_attention_loss(engine, engine.lm.layers[s.layer], h, rope, pos,
+                                                       [torch.tensor([at]) for _, at, _ in lookups], is_visual,
+                                                       [t for *_, t in lookups], [b for b, *_ in lookups])
+                continue
             rows = [torch.tensor(r[-1:] if s.last_only else r) for r in batch["salient"]]
             columns, targets = (is_visual, on_query) if s.onto == "objects" else (present, on_words)
             attention[name] = query_attention_loss(engine, engine.lm.layers[s.layer], h, rope, pos, rows,
@@ -328,7 +339,9 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
     if cfg.bind_weight > 0:
         chosen["bind"] = Supervision(engine.n_layers // 4 if cfg.bind_layer < 0 else cfg.bind_layer, True)
     if cfg.ask_weight > 0:
-        chosen["ask"] = Supervision(0, True, "words")
+        chosen["ask"] = Supervision(cfg.ask_layer, True, "words")
+    if cfg.lookup_weight > 0:
+        chosen["lookup"] = Supervision(0, False, "named")
     return chosen
 
 
@@ -483,8 +496,8 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
         raise ValueError("--pre-crops must be 0 (whole images) or a window of 3..24 patches")
     if cfg.clip_every and cfg.clip_frames < 2:
         raise ValueError("--clip-frames must be at least 2")
-    if cfg.bind_layer >= spec.text_layers // 2:
-        raise ValueError("--bind-layer must come before the first stage layer (L/2)")
+    if max(cfg.bind_layer, cfg.ask_layer) >= spec.text_layers // 2:
+        raise ValueError("--bind-layer and --ask-layer must come before the first stage layer (L/2)")
     if spec.text_layers < 12 or spec.text_layers % 4:
         raise ValueError("text layers must be a multiple of 4 and >= 12 (stage layers at L/4, L/2, 3L/4)")
     if min(cfg.batch_size, cfg.steps, cfg.eval_samples, cfg.curriculum_steps, cfg.save_every,

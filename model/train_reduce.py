@@ -35,12 +35,13 @@ class Supervision(NamedTuple):
 
     layer: int
     last_only: bool
-    onto: str = "objects"  # or "words": the question's colour and shape words
+    onto: str = "objects"  # "words": the question's colour and shape words; "named": each of those
+    # words' rows (not the salient rows) onto the objects that word names ("red": every red object)
 
 
 def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                          pos: torch.Tensor, salient: list[torch.Tensor], columns: torch.Tensor,
-                         on_query: list[torch.Tensor | None]) -> torch.Tensor | None:
+                         on_query: list[torch.Tensor | None], owner: list[int] | None = None) -> torch.Tensor | None:
     """Mean over rows with a query of -log(share of the T2V score on the query's tokens).
 
     ``h`` (B, T, d) enters ``layer``; ``salient[b]`` are row b's salient rows; ``columns`` (B, T) the
@@ -48,13 +49,15 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
     one per column of b in order) marks the queried ones, None when the question is about no
     object ("is there ...?" answered no). The score is the engine's (``DuetLlava._scores``: softmax
     attention of the salient rows, mean over rows and heads), so on the visual tokens the loss
-    trains exactly the ranking T2V keeps tokens by. None when no row has a query."""
+    trains exactly the ranking T2V keeps tokens by. None when no row has a query. With ``owner``,
+    entry k of ``salient`` and ``on_query`` belongs to sequence ``owner[k]`` (several per sequence)."""
     losses = []
-    for b, target in enumerate(on_query):
+    for k, target in enumerate(on_query):
         if target is None or not target.any():
             continue
+        b = k if owner is None else owner[k]
         scored = torch.nonzero(columns[b]).flatten()
-        scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b], salient[b],
+        scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b], salient[k],
                                 scored)
         share = scores[target].sum() / scores.sum().clamp_min(1e-12)
         losses.append(-torch.log(share.clamp_min(1e-6)))
@@ -64,13 +67,15 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
 def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                  labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
                  supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
+                 named: list[list[set[int]]] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
 
     ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule); ``queried[b]``
     the patches of row b's queried objects (empty: none); ``asked[b]`` the positions of row b's
-    object words; ``supervised`` the attentions to score against them (default: none).
+    object words and ``named[b]`` the patches of the objects each of them names; ``supervised``
+    the attentions to score against them (default: none).
     """
     supervised = supervised or {}
     first_stage = p.stages[0].layer if p.stages else engine.n_layers
@@ -78,8 +83,10 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         raise ValueError("supervised attention layers must not come after the first stage layer")
     if any(s.onto == "objects" for s in supervised.values()) and queried is None:
         raise ValueError("supervised attention onto objects needs the queried patches")
-    if any(s.onto == "words" for s in supervised.values()) and asked is None:
-        raise ValueError("supervised attention onto words needs the asked word positions")
+    if any(s.onto != "objects" for s in supervised.values()) and asked is None:
+        raise ValueError("supervised attention onto or from words needs the asked word positions")
+    if any(s.onto == "named" for s in supervised.values()) and named is None:
+        raise ValueError("supervised attention onto named objects needs their patches")
     lm = engine.lm
     pad = engine.tokenizer.pad_token_id
     real = input_ids != pad
@@ -115,13 +122,21 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device).index_fill_(
             0, new_index[b, torch.tensor(rows, dtype=torch.long, device=ids.device)], True)[present[b]]
         for b, rows in enumerate(asked)]
+    lookups = None if named is None else [  # (sequence, row of the word, bool per visual token)
+        (b, new_index[b, at], torch.tensor([bool(patches & set(members)) for members in visual.frames[b]["token_patches"]]))
+        for b in range(batch) for at, patches in zip(asked[b], named[b])]
     for index, layer in enumerate(lm.layers):
         for name, s in supervised.items():
-            if s.layer == index:
-                # no stage has run yet, so rows are still positions and salient_pos are the salient rows
-                rows = [r[-1:] for r in salient_pos] if s.last_only else salient_pos
-                columns, marked = (is_visual, on_query) if s.onto == "objects" else (present, on_words)
-                attention[name] = query_attention_loss(engine, layer, h, rope, pos, rows, columns, marked)
+            if s.layer != index:
+                continue
+            # no stage has run yet, so rows are still positions and salient_pos are the salient rows
+            if s.onto == "named":
+                attention[name] = query_attention_loss(engine, layer, h, rope, pos, [r[None] for _, r, _ in lookups],
+                                                       is_visual, [t for *_, t in lookups], [b for b, *_ in lookups])
+                continue
+            rows = [r[-1:] for r in salient_pos] if s.last_only else salient_pos
+            columns, marked = (is_visual, on_query) if s.onto == "objects" else (present, on_words)
+            attention[name] = query_attention_loss(engine, layer, h, rope, pos, rows, columns, marked)
         if index in stage_at:
             with torch.no_grad():
                 rows = []

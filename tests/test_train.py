@@ -105,12 +105,16 @@ def test_training_with_query_attention_supervision_logs_its_loss(tmp_path, reduc
     assert not any("attn_loss" in m or "bind_loss" in m for m in logged if "answer_loss" not in m and "aux_loss" in m)
 
 
-def test_ask_supervision_and_a_chosen_bind_layer_log_their_losses(tmp_path):
-    assert run(tmp_path, 3, "--ask-weight", "1", "--bind-weight", "1", "--bind-layer", "1") == 0
+@pytest.mark.parametrize("reduction", ["none", "duet"])
+def test_ask_lookup_and_chosen_layers_log_their_losses(tmp_path, reduction):
+    assert run(tmp_path, 3, "--ask-weight", "1", "--ask-layer", "1", "--lookup-weight", "1", "--bind-weight", "1",
+               "--bind-layer", "2", "--reduction", reduction, "--budget", "64") == 0
     answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
-    assert answered and all(m["ask_loss"] > 0 and m["bind_loss"] > 0 and "attn_loss" not in m for m in answered)
-    with pytest.raises(ValueError):
-        run(tmp_path / "late", 1, "--bind-weight", "1", "--bind-layer", "6")
+    assert answered and all(m["ask_loss"] > 0 and m["bind_loss"] > 0 and m["lookup_loss"] > 0 and "attn_loss" not in m
+                            for m in answered)
+    for flag in ("--bind-layer", "--ask-layer"):
+        with pytest.raises(ValueError):
+            run(tmp_path / "late", 1, "--bind-weight", "1", "--ask-weight", "1", flag, "6")
 
 
 def test_init_parts_vision_keeps_the_tower_and_projector_and_starts_a_fresh_decoder(trained, tmp_path):

@@ -153,3 +153,39 @@ def test_ask_supervision_is_minus_log_of_the_stock_layer0_share_on_the_object_wo
             shares.append(words_share(model, row, int(lengths[b]) - 1 - shift, [a - shift for a in enc["asked"][b]]))
     assert reduced["ask"].item() == pytest.approx(-sum(math.log(s) for s in shares) / 3, rel=1e-4)
     assert reduced["ask"].item() != pytest.approx(full["ask"].item(), rel=1e-3)
+
+
+def test_lookup_supervision_scores_each_object_word_row_on_the_objects_it_names(tiny_checkpoint):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    engine = DuetLlava(model, processor, "eager")
+    vocab = set(engine.tokenizer.get_vocab())
+    samples = [s for s in (data.sample(0, "train", i) for i in range(40))
+               if len(s.objects) > 1 and len(set(data.object_words()) & vocab & set(s.question.split())) > 1][:3]
+    enc = encode(processor, samples, 0.3)
+    for b, s in enumerate(samples):
+        for at, patches in zip(enc["asked"][b], enc["named"][b]):
+            word = engine.tokenizer.convert_ids_to_tokens(int(enc["input_ids"][b, at]))
+            named = [i for i, o in enumerate(s.objects) if word in (o.colour, o.shape, data.PLURALS[o.shape])]
+            assert patches == data.object_patches(s, named)  # empty when the word names no object here
+    lookup = {"lookup": Supervision(0, False, "named")}
+    with torch.no_grad():
+        _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
+                                       supervised=lookup)
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                    pixel_values=enc["pixel_values"], output_attentions=True)
+    expected = []
+    for b in range(len(samples)):
+        visual = torch.nonzero(enc["input_ids"][b] == engine.image_token_id).flatten()
+        for at, patches in zip(enc["asked"][b], enc["named"][b]):
+            if not patches:
+                continue
+            score = out.attentions[0][b][:, at, visual].mean(0)
+            expected.append(-math.log(float(score[sorted(patches)].sum() / score.sum())))
+    assert len(expected) > len(samples)  # several words per question: entries map back to their sequence
+    assert full["lookup"].item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    p = plan(ReductionConfig("duet", 64), engine.n_layers)
+    with torch.no_grad():
+        *_, reduced = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], enc["labels"], enc["salient"],
+                                   enc["query"], lookup, enc["asked"], enc["named"])
+    assert 0 < reduced["lookup"].item() < full["lookup"].item()  # merged tokens cover more of the named patches
