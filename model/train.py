@@ -37,6 +37,16 @@ every layer and head. With `--bind-weight 1` from the shipped model the share st
 (loss ~1.0) for 1070 full-token and 1750 DUET-64 steps, and validation did not pass the shipped
 model's: not used for the shipped model (EVAL.md, *Reading*, has the probes).
 
+The probes found the decoder binds once the last token holds the asked attributes, and that it
+does not build that query from the question words by itself. `--ask-weight W` supervises exactly
+that read: the last prompt token's attention at `--ask-layer` (default 0) onto the question's
+colour and shape words; `--bind-layer` then moves binding next to it. `--lookup-weight W` makes
+each of those words attend, at layer 0, to the objects it names ("red": every red object), the
+single-attribute match the probes learned fastest. `--init-from F --init-parts vision` keeps a
+trained tower and projector under a fresh decoder, and `--rope-theta` sets the decoder's rotary
+base (a 16-wide head has two rotary pairs slow enough to match content across 576 positions at
+1e4, four at 1e6). EVAL.md, *Reading*, reports the runs.
+
 Validation accuracy is exact match of the greedy answer, computed in one teacher-forced forward
 pass: greedy decoding emits "answer</s>" exactly when the argmax at every answer position is the
 answer token, so the two are the same test.
