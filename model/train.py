@@ -79,7 +79,7 @@ from . import data
 from .budget import Plan, ReductionConfig, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
-from .train_reduce import Supervision, query_attention_loss, reduced_loss
+from .train_reduce import Marks, Supervision, reduced_loss, supervised_losses
 
 
 @dataclass
@@ -208,18 +208,15 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
             batch[name] = torch.from_numpy(np.stack([t[i].reshape(-1) for t in targets]))
     batch["labels"] = labels
     batch["query"] = [data.query_patches(s) for s in samples]
+    prompt_ids = [batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())] for row in range(len(samples))]
     object_words = torch.tensor([i for i in tok.convert_tokens_to_ids(data.object_words()) if i != tok.unk_token_id])
-    batch["asked"] = [  # for --ask-weight: positions of the prompt's colour and shape words
-        torch.nonzero(torch.isin(batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())],
-                                 object_words)).flatten().tolist()
-        for row in range(len(samples))]
+    batch["asked"] = [torch.nonzero(torch.isin(ids, object_words)).flatten().tolist()  # the prompt's colour/shape words
+                      for ids in prompt_ids]
     batch["named"] = [[data.word_patches(s, word) for word in tok.convert_ids_to_tokens(batch["input_ids"][row, at])]
                       for row, (s, at) in enumerate(zip(samples, batch["asked"]))]
     image_token = tok.convert_tokens_to_ids("<image>")
     batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
-        salient_positions(tok, image_token, prompt, s.question,
-                          batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())])
-        for row, (s, prompt) in enumerate(zip(samples, prompts))
+        salient_positions(tok, image_token, prompt, s.question, ids) for s, prompt, ids in zip(samples, prompts, prompt_ids)
     ]
     return batch
 
@@ -316,20 +313,13 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
                                                                              True)[present[b]]
                     for b, rows in enumerate(batch["asked"])]
         pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
-        lookups = [(b, at, torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(p), dtype=torch.long), True))
+        lookups = [(b, torch.tensor(at), torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(
+                        0, torch.tensor(sorted(p), dtype=torch.long), True))
                    for b in range(len(ids)) for at, p in zip(batch["asked"][b], batch["named"][b])]
-        for name, s in supervised.items():
-            h, rope = captured[s.layer]
+        marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query, on_words, lookups)
+        for index, (h, rope) in captured.items():
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
-            if s.onto == "named":
-                attention[name] = query_attention_loss(engine, engine.lm.layers[s.layer], h, rope, pos,
-                                                       [torch.tensor([at]) for _, at, _ in lookups], is_visual,
-                                                       [t for *_, t in lookups], [b for b, *_ in lookups])
-                continue
-            rows = [torch.tensor(r[-1:] if s.last_only else r) for r in batch["salient"]]
-            columns, targets = (is_visual, on_query) if s.onto == "objects" else (present, on_words)
-            attention[name] = query_attention_loss(engine, engine.lm.layers[s.layer], h, rope, pos, rows,
-                                                   columns, targets)
+            attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
     return out.loss, aux, attention, stats
 
 
@@ -342,7 +332,8 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
     """The attentions the trainer supervises: ``attn``, the T2V score at the first stage layer (all
     salient rows); ``bind``, the last prompt token at ``bind_layer``, which has to find the asked
     object early enough for later layers to read its attributes; ``ask``, the last prompt token at
-    layer 0 onto the question's colour and shape words, so that it holds what to look for."""
+    ``ask_layer`` onto the question's colour and shape words, so that it holds what to look for;
+    ``lookup``, each of those words at layer 0 onto the objects it names."""
     chosen = {}
     if cfg.attn_weight > 0:
         chosen["attn"] = Supervision(stage_layer(engine), False)

@@ -64,6 +64,36 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
     return torch.stack(losses).mean() if losses else None
 
 
+class Marks(NamedTuple):
+    """What a batch's supervised attentions are scored against (``supervised_losses``)."""
+
+    salient: list[torch.Tensor]  # salient rows per sequence (the last one is the last prompt row)
+    is_visual: torch.Tensor  # (B, T)
+    present: torch.Tensor  # (B, T): not padding
+    on_query: list[torch.Tensor | None] | None  # per sequence, bool per visual token: shows a queried object
+    on_words: list[torch.Tensor] | None  # per sequence, bool per present token: a colour/shape word
+    lookups: list[tuple[int, torch.Tensor, torch.Tensor]] | None  # (sequence, word row, bool per visual token)
+
+
+def supervised_losses(engine: DuetLlava, index: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                      pos: torch.Tensor, supervised: dict[str, Supervision], marks: Marks) -> dict[str, torch.Tensor | None]:
+    """{name: query attention loss} of the supervisions at decoder layer ``index``, whose input is ``h``."""
+    layer = engine.lm.layers[index]
+    losses = {}
+    for name, s in supervised.items():
+        if s.layer != index:
+            continue
+        if s.onto == "named":
+            losses[name] = query_attention_loss(engine, layer, h, rope, pos, [r.view(1) for _, r, _ in marks.lookups],
+                                                marks.is_visual, [t for *_, t in marks.lookups],
+                                                [b for b, *_ in marks.lookups])
+            continue
+        rows = [r[-1:] for r in marks.salient] if s.last_only else marks.salient
+        columns, marked = (marks.is_visual, marks.on_query) if s.onto == "objects" else (marks.present, marks.on_words)
+        losses[name] = query_attention_loss(engine, layer, h, rope, pos, rows, columns, marked)
+    return losses
+
+
 def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                  labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
                  supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
@@ -113,30 +143,25 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     rope = lm.rotary_emb(h, pos)
     stage_at = {s.layer: s for s in p.stages}
     attention = {}
-    on_query = None if queried is None else [
-        None if not patches else torch.tensor([bool(patches & set(members))
-                                               for members in visual.frames[b]["token_patches"]])
-        for b, patches in enumerate(queried)]
+
+    def covering(b: int, patches: set[int]) -> torch.Tensor:
+        """Per visual token of row b: does it represent any of ``patches``."""
+        return torch.tensor([bool(patches & set(members)) for members in visual.frames[b]["token_patches"]])
+
+    on_query = None if queried is None else [None if not patches else covering(b, patches)
+                                             for b, patches in enumerate(queried)]
     present = ids != pad
     on_words = None if asked is None else [
         torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device).index_fill_(
             0, new_index[b, torch.tensor(rows, dtype=torch.long, device=ids.device)], True)[present[b]]
         for b, rows in enumerate(asked)]
     lookups = None if named is None else [  # (sequence, row of the word, bool per visual token)
-        (b, new_index[b, at], torch.tensor([bool(patches & set(members)) for members in visual.frames[b]["token_patches"]]))
+        (b, new_index[b, at], covering(b, patches))
         for b in range(batch) for at, patches in zip(asked[b], named[b])]
+    # no stage runs before a supervised layer, so rows are still positions and salient_pos the salient rows
+    marks = Marks(salient_pos, is_visual, present, on_query, on_words, lookups)
     for index, layer in enumerate(lm.layers):
-        for name, s in supervised.items():
-            if s.layer != index:
-                continue
-            # no stage has run yet, so rows are still positions and salient_pos are the salient rows
-            if s.onto == "named":
-                attention[name] = query_attention_loss(engine, layer, h, rope, pos, [r[None] for _, r, _ in lookups],
-                                                       is_visual, [t for *_, t in lookups], [b for b, *_ in lookups])
-                continue
-            rows = [r[-1:] for r in salient_pos] if s.last_only else salient_pos
-            columns, marked = (is_visual, on_query) if s.onto == "objects" else (present, on_words)
-            attention[name] = query_attention_loss(engine, layer, h, rope, pos, rows, columns, marked)
+        attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
         if index in stage_at:
             with torch.no_grad():
                 rows = []
