@@ -76,7 +76,7 @@ from transformers.utils import logging as hf_logging
 
 from . import clips as clips_module
 from . import data
-from .budget import Plan, ReductionConfig, plan
+from .budget import Plan, ReductionConfig, Stage, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
 from .train_reduce import Marks, Supervision, reduced_loss, supervised_losses
@@ -117,6 +117,7 @@ class TrainConfig:
     init_parts: str = "all"  # what --init-from loads: "all", or "vision" (tower + projector; a fresh decoder)
     reduction: str = "none"
     budget: int = 192
+    late_drop: float = 0.0  # share of full-token answer steps that drop visual tokens late (late_drop_plan)
     clip_every: int = 0  # > 0: every this many steps (after the pre-stage) train on a batch of moving clips
     clip_frames: int = 3  # clips have 2..clip_frames frames
 
@@ -265,10 +266,12 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engine: DuetLlava,
-                   duet: Plan | None = None, supervised: dict[str, Supervision] | None = None):
+                   duet: Plan | None = None, supervised: dict[str, Supervision] | None = None,
+                   generator: torch.Generator | None = None):
     """(answer loss or None, auxiliary loss, {name: query attention loss or None}, aux stats) for
     one batch. ``duet`` runs the answer forward with DUET's reductions under that plan (SPEC §2
-    Training). ``supervised`` names the attentions scored by ``query_attention_loss`` (see
+    Training), or with a ``late_drop_plan`` whose random stage draws from ``generator``.
+    ``supervised`` names the attentions scored by ``query_attention_loss`` (see
     ``supervised_attention``). A clip batch (no patch targets) has neither auxiliary loss."""
     supervised = supervised or {}
     if "colour" not in batch:
@@ -282,7 +285,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
     if duet is not None:
         loss, _, every_patch, attention = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
                                                        batch["labels"], batch["salient"], batch["query"],
-                                                       supervised, batch["asked"], batch["named"])
+                                                       supervised, batch["asked"], batch["named"], generator)
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -321,6 +324,21 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
             attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
     return out.loss, aux, attention, stats
+
+
+LATE_DROP_KEEPS = (0.0, 0.25, 0.5)
+
+
+def late_drop_plan(engine: DuetLlava, generator: torch.Generator) -> Plan:
+    """Full tokens up to a random layer in [L/2, L), from there a random 0, 1/4 or 1/2 of them,
+    chosen at random (``--late-drop``). A decoder trained only on full sequences leans on the
+    visual tokens in every layer (the last prompt token's attention on them is 0.7-0.99 in layers
+    9-11 of the ``ask-fresh`` run), so removing them late, as every in-LLM method does, breaks its
+    answers; this teaches it that late visual tokens may be gone, without any method's ranking."""
+    layer = int(torch.randint(engine.n_layers // 2, engine.n_layers, (1,), generator=generator))
+    keep = LATE_DROP_KEEPS[int(torch.randint(len(LATE_DROP_KEEPS), (1,), generator=generator))]
+    stage = Stage(layer, round(keep * engine.n_patches), "random", layer)
+    return Plan("late-drop", engine.n_patches, engine.n_layers, engine.n_patches, stages=(stage,))
 
 
 def stage_layer(engine: DuetLlava) -> int:
@@ -476,6 +494,10 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
         elif f.name == "reduction":
             parser.add_argument(flag, choices=("none", "duet"), default=f.default,
                                 help="token reduction in the training forward (duet: V2V + T2V at --budget)")
+        elif f.name == "late_drop":
+            parser.add_argument(flag, type=float, default=f.default,
+                                help="share of full-token steps that keep a random 0, 1/4 or 1/2 of the visual "
+                                     "tokens from a random layer in [L/2, L) on")
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     for name in SPEC_FLAGS:
@@ -491,6 +513,8 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
 
 
 def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
+    if not 0 <= cfg.late_drop <= 1 or (cfg.late_drop and cfg.reduction != "none"):
+        raise ValueError("--late-drop is a share of full-token steps (0..1) and needs --reduction none")
     if cfg.clip_every and cfg.reduction != "none":
         raise ValueError("clip batches train with full tokens only (the batched DUET forward is single-image)")
     if cfg.pre_crops and not 3 <= cfg.pre_crops <= spec.image_size // spec.patch_size:
@@ -580,9 +604,15 @@ def train_main(argv: list[str]) -> int:
             answer_loss, attention = None, {}
             aux_loss, stats = heads.loss(window_tokens(model, pixels, indices), targets)
         else:
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same draws on resume
+            dropped = (cfg.late_drop and clips is None and step >= cfg.pre_steps
+                       and float(torch.rand((), generator=generator)) < cfg.late_drop)
             answer_loss, aux_loss, attention, stats = forward_losses(
-                model, heads, batch, with_answer=step >= cfg.pre_steps, engine=engine, duet=duet,
-                supervised=supervised)
+                model, heads, batch, with_answer=step >= cfg.pre_steps, engine=engine,
+                duet=late_drop_plan(engine, generator) if dropped else duet, supervised=supervised,
+                generator=generator)
+            if cfg.late_drop:
+                stats["late_drop"] = float(dropped)
         loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)
         for name, value in attention.items():
             if value is not None:

@@ -97,7 +97,7 @@ def supervised_losses(engine: DuetLlava, index: int, h: torch.Tensor, rope: tupl
 def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                  labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
                  supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
-                 named: list[list[set[int]]] | None = None,
+                 named: list[list[set[int]]] | None = None, generator: torch.Generator | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
@@ -105,7 +105,9 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule); ``queried[b]``
     the patches of row b's queried objects (empty: none); ``asked[b]`` the positions of row b's
     object words and ``named[b]`` the patches of the objects each of them names; ``supervised``
-    the attentions to score against them (default: none).
+    the attentions to score against them (default: none). A stage whose ``query`` is "random"
+    keeps a uniformly random choice of each row's visual tokens, drawn from ``generator`` (the
+    trainer's ``--late-drop``: no method's ranking).
     """
     supervised = supervised or {}
     first_stage = p.stages[0].layer if p.stages else engine.n_layers
@@ -117,6 +119,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         raise ValueError("supervised attention onto or from words needs the asked word positions")
     if any(s.onto == "named" for s in supervised.values()) and named is None:
         raise ValueError("supervised attention onto named objects needs their patches")
+    if any(s.query == "random" for s in p.stages) and generator is None:
+        raise ValueError("a randomly ranked stage needs a generator")
     lm = engine.lm
     pad = engine.tokenizer.pad_token_id
     real = input_ids != pad
@@ -167,9 +171,12 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                 rows = []
                 for b in range(batch):
                     visual_rows = torch.nonzero(is_visual[b]).flatten()
-                    query = torch.nonzero(torch.isin(pos[b], salient_pos[b])).flatten()
-                    scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b],
-                                            query, visual_rows)
+                    if stage_at[index].query == "random":
+                        scores = torch.rand(len(visual_rows), generator=generator).to(h.device)
+                    else:
+                        query = torch.nonzero(torch.isin(pos[b], salient_pos[b])).flatten()
+                        scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b],
+                                                query, visual_rows)
                     survivors = ~is_visual[b].clone()
                     survivors[visual_rows[keep_top(scores, stage_at[index].keep)]] = True
                     rows.append(torch.nonzero(survivors).flatten())

@@ -117,6 +117,15 @@ def test_ask_lookup_and_chosen_layers_log_their_losses(tmp_path, reduction):
             run(tmp_path / "late", 1, "--bind-weight", "1", "--ask-weight", "1", flag, "6")
 
 
+def test_late_drop_answers_without_late_visual_tokens_and_needs_full_token_training(tmp_path):
+    assert run(tmp_path, 3, "--late-drop", "1", "--attn-weight", "1", "--clip-every", "3") == 0
+    answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
+    assert [m["late_drop"] for m in answered] == [1.0, 0.0]  # the clip batch at step 3 keeps every token
+    for bad in (["--late-drop", "0.5", "--reduction", "duet"], ["--late-drop", "1.5"]):
+        with pytest.raises(ValueError):
+            run(tmp_path / "refused", 1, *bad)
+
+
 def test_init_parts_vision_keeps_the_tower_and_projector_and_starts_a_fresh_decoder(trained, tmp_path):
     source = LlavaForConditionalGeneration.from_pretrained(trained / "best")
     with torch.no_grad():

@@ -5,12 +5,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from model import data
-from model.budget import ReductionConfig, plan
+from model.budget import Plan, ReductionConfig, Stage, plan
 from model.engine import DuetLlava
-from model.train import AuxHeads, encode, forward_losses, stage_layer
+from model.train import LATE_DROP_KEEPS, AuxHeads, encode, forward_losses, late_drop_plan, stage_layer
 from model.train_reduce import Supervision, reduced_loss
 
 def batch(engine):
@@ -189,3 +190,50 @@ def test_lookup_supervision_scores_each_object_word_row_on_the_objects_it_names(
         *_, reduced = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], enc["labels"], enc["salient"],
                                    enc["query"], lookup, enc["asked"], enc["named"])
     assert 0 < reduced["lookup"].item() < full["lookup"].item()  # merged tokens cover more of the named patches
+
+
+def late_stage(engine, layer: int, keep: int) -> Plan:
+    return Plan("late-drop", engine.n_patches, engine.n_layers, engine.n_patches,
+                stages=(Stage(layer, keep, "random", layer),))
+
+
+def test_dropping_every_visual_token_late_continues_the_stock_text_rows_alone(engine):
+    """Keep 0 from layer l: the loss is the stock forward's text rows at l run through the later
+    layers on their own, at their own positions."""
+    enc, labels, salient = batch(engine)
+    layer = engine.n_layers * 3 // 4
+    with torch.no_grad():
+        loss, *_ = reduced_loss(engine, late_stage(engine, layer, 0), enc["input_ids"], enc["pixel_values"], labels,
+                                salient, generator=torch.Generator().manual_seed(0))
+        states = engine.model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"],
+                              output_hidden_states=True).hidden_states[layer]
+        logits, targets = [], []
+        for b, ids in enumerate(enc["input_ids"]):
+            rows = torch.nonzero(ids != engine.image_token_id).flatten()
+            h, pos = states[b, rows][None], rows[None]
+            rope = engine.lm.rotary_emb(h, pos)
+            for decoder_layer in engine.lm.layers[layer:]:
+                h = decoder_layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope)
+            logits.append(engine.lm_head(engine.lm.norm(h))[0, :-1])
+            targets.append(labels[b, rows][1:])
+        expected = F.cross_entropy(torch.cat(logits).float(), torch.cat(targets), ignore_index=-100)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_late_drop_plans_are_random_late_and_reproducible(engine):
+    enc, labels, salient = batch(engine)
+    plans = [late_drop_plan(engine, torch.Generator().manual_seed(seed)) for seed in range(40)]
+    assert {p.stages[0].layer for p in plans} <= set(range(engine.n_layers // 2, engine.n_layers))
+    assert {p.stages[0].keep for p in plans} == {round(k * engine.n_patches) for k in LATE_DROP_KEEPS}
+    assert all(p.k1 is None and p.stages[0].query == "random" for p in plans)
+    assert late_drop_plan(engine, torch.Generator().manual_seed(7)) == plans[7]
+
+    def loss(seed: int) -> float:
+        quarter = late_stage(engine, engine.n_layers // 2, engine.n_patches // 4)
+        with torch.no_grad():
+            return reduced_loss(engine, quarter, enc["input_ids"], enc["pixel_values"], labels, salient,
+                                generator=torch.Generator().manual_seed(seed))[0].item()
+
+    assert loss(1) == loss(1) and loss(1) != loss(2)
+    with pytest.raises(ValueError):
+        reduced_loss(engine, late_stage(engine, 16, 0), enc["input_ids"], enc["pixel_values"], labels, salient)
