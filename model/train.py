@@ -47,6 +47,12 @@ trained tower and projector under a fresh decoder, and `--rope-theta` sets the d
 base (a 16-wide head has two rotary pairs slow enough to match content across 576 positions at
 1e4, four at 1e6). EVAL.md, *Reading*, reports the runs.
 
+`--late-drop P` makes a share P of the full-token steps lose visual tokens late: from a random
+layer in [L/2, L) a random 0, 1/4 or 1/2 of them survive, chosen at random (`late_drop_plan`).
+A decoder that only ever saw all 576 tokens in every layer answers from them late, and every
+in-LLM method (DUET's last stage keeps none) takes them away there. The drop ranks by nothing,
+so it favours no method's choice of tokens.
+
 Validation accuracy is exact match of the greedy answer, computed in one teacher-forced forward
 pass: greedy decoding emits "answer</s>" exactly when the argmax at every answer position is the
 answer token, so the two are the same test.
