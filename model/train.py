@@ -338,7 +338,7 @@ LATE_DROP_KEEPS = (0.0, 0.25, 0.5)
 def late_drop_plan(engine: DuetLlava, generator: torch.Generator) -> Plan:
     """Full tokens up to a random layer in [L/2, L), from there a random 0, 1/4 or 1/2 of them,
     chosen at random (``--late-drop``). A decoder trained only on full sequences leans on the
-    visual tokens in every layer (the last prompt token's attention on them is 0.7-0.99 in layers
+    visual tokens in every layer (the last prompt token's attention on them is 0.39-0.98 in layers
     9-11 of the ``ask-fresh`` run), so removing them late, as every in-LLM method does, breaks its
     answers; this teaches it that late visual tokens may be gone, without any method's ranking."""
     layer = int(torch.randint(engine.n_layers // 2, engine.n_layers, (1,), generator=generator))
