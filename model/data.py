@@ -50,6 +50,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
 SIZES_PX = {"small": (18, 26), "large": (28, 40)}  # radius of the circle the shape fits in
 COUNT_WORDS = ("one", "two", "three", "four", "five", "six")
+CHOICE_WORDS = ("left", "right", "top", "bottom")  # the answers a position question offers
 KINDS = ("colour", "shape", "count", "exist", "position")
 BACKGROUNDS = ("flat", "gradient", "noise", "texture")
 TEXTURES = ("grass", "gravel", "brick", "camera", "moon")  # bundled with scikit-image, no download

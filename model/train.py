@@ -42,7 +42,9 @@ does not build that query from the question words by itself. `--ask-weight W` su
 that read: the last prompt token's attention at `--ask-layer` (default 0) onto the question's
 colour and shape words; `--bind-layer` then moves binding next to it. `--lookup-weight W` makes
 each of those words attend, at layer 0, to the objects it names ("red": every red object), the
-single-attribute match the probes learned fastest. `--init-from F --init-parts vision` keeps a
+single-attribute match the probes learned fastest. `--choices-weight W` puts the ask loss on
+the answers a position question offers ("left or right", "top or bottom"): the object words
+already take all of the ask share, so adding the choices to that target would not move it. `--init-from F --init-parts vision` keeps a
 trained tower and projector under a fresh decoder, and `--rope-theta` sets the decoder's rotary
 base (a 16-wide head has two rotary pairs slow enough to match content across 576 positions at
 1e4, four at 1e6). EVAL.md, *Reading*, reports the runs.
@@ -109,6 +111,7 @@ class TrainConfig:
     bind_layer: int = -1  # the decoder layer binding is supervised at; -1: L/4
     ask_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --ask-layer onto the question's object words
     ask_layer: int = 0
+    choices_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --ask-layer onto the offered answers
     lookup_weight: float = 0.0  # > 0: supervise each object word's layer-0 attention onto the objects it names
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
@@ -221,6 +224,8 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
                       for ids in prompt_ids]
     batch["named"] = [[data.word_patches(s, word) for word in tok.convert_ids_to_tokens(batch["input_ids"][row, at])]
                       for row, (s, at) in enumerate(zip(samples, batch["asked"]))]
+    choices = torch.tensor(tok.convert_tokens_to_ids(list(data.CHOICE_WORDS)))
+    batch["offered"] = [torch.nonzero(torch.isin(ids, choices)).flatten().tolist() for ids in prompt_ids]
     image_token = tok.convert_tokens_to_ids("<image>")
     batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
         salient_positions(tok, image_token, prompt, s.question, ids) for s, prompt, ids in zip(samples, prompts, prompt_ids)
@@ -291,7 +296,8 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
     if duet is not None:
         loss, _, every_patch, attention = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
                                                        batch["labels"], batch["salient"], batch["query"],
-                                                       supervised, batch["asked"], batch["named"], generator)
+                                                       supervised, batch["asked"], batch["named"], generator,
+                                                       batch["offered"])
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -318,14 +324,18 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         on_query = [torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(patches)), True)
                     if patches else None for patches in batch["query"]]
         present = batch["attention_mask"].bool()
-        on_words = [torch.zeros(ids.shape[1], dtype=torch.bool).index_fill_(0, torch.tensor(rows, dtype=torch.long),
-                                                                             True)[present[b]]
-                    for b, rows in enumerate(batch["asked"])]
+
+        def marked(rows_per_sequence: list[list[int]]) -> list[torch.Tensor]:
+            return [torch.zeros(ids.shape[1], dtype=torch.bool).index_fill_(0, torch.tensor(rows, dtype=torch.long),
+                                                                            True)[present[b]]
+                    for b, rows in enumerate(rows_per_sequence)]
+
         pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
         lookups = [(b, torch.tensor(at), torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(
                         0, torch.tensor(sorted(p), dtype=torch.long), True))
                    for b in range(len(ids)) for at, p in zip(batch["asked"][b], batch["named"][b])]
-        marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query, on_words, lookups)
+        marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query,
+                      marked(batch["asked"]), lookups, marked(batch["offered"]))
         for index, (h, rope) in captured.items():
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
             attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
@@ -357,7 +367,8 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
     salient rows); ``bind``, the last prompt token at ``bind_layer``, which has to find the asked
     object early enough for later layers to read its attributes; ``ask``, the last prompt token at
     ``ask_layer`` onto the question's colour and shape words, so that it holds what to look for;
-    ``lookup``, each of those words at layer 0 onto the objects it names."""
+    ``choices``, the same token and layer onto the answers a position question offers;
+    ``lookup``, each colour and shape word at layer 0 onto the objects it names."""
     chosen = {}
     if cfg.attn_weight > 0:
         chosen["attn"] = Supervision(stage_layer(engine), False)
@@ -365,6 +376,8 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
         chosen["bind"] = Supervision(engine.n_layers // 4 if cfg.bind_layer < 0 else cfg.bind_layer, True)
     if cfg.ask_weight > 0:
         chosen["ask"] = Supervision(cfg.ask_layer, True, "words")
+    if cfg.choices_weight > 0:
+        chosen["choices"] = Supervision(cfg.ask_layer, True, "choices")
     if cfg.lookup_weight > 0:
         chosen["lookup"] = Supervision(0, False, "named")
     return chosen

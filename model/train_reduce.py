@@ -35,8 +35,9 @@ class Supervision(NamedTuple):
 
     layer: int
     last_only: bool
-    onto: str = "objects"  # "words": the question's colour and shape words; "named": each of those
-    # words' rows (not the salient rows) onto the objects that word names ("red": every red object)
+    onto: str = "objects"  # "words": the question's colour and shape words; "choices": the answers a
+    # position question offers; "named": each colour/shape word's row (not the salient rows) onto the
+    # objects that word names ("red": every red object)
 
 
 def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -60,7 +61,7 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
         scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b], salient[k],
                                 scored)
         share = scores[target].sum() / scores.sum().clamp_min(1e-12)
-        losses.append(-torch.log(share.clamp_min(1e-6)))
+        losses.append(-torch.log(share.clamp_min(torch.finfo(share.dtype).tiny)))  # keeps a gradient at any share
     return torch.stack(losses).mean() if losses else None
 
 
@@ -73,6 +74,7 @@ class Marks(NamedTuple):
     on_query: list[torch.Tensor | None] | None  # per sequence, bool per visual token: shows a queried object
     on_words: list[torch.Tensor] | None  # per sequence, bool per present token: a colour/shape word
     lookups: list[tuple[int, torch.Tensor, torch.Tensor]] | None  # (sequence, word row, bool per visual token)
+    on_choices: list[torch.Tensor] | None = None  # per sequence, bool per present token: an offered answer
 
 
 def supervised_losses(engine: DuetLlava, index: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -89,7 +91,8 @@ def supervised_losses(engine: DuetLlava, index: int, h: torch.Tensor, rope: tupl
                                                 [b for b, *_ in marks.lookups])
             continue
         rows = [r[-1:] for r in marks.salient] if s.last_only else marks.salient
-        columns, marked = (marks.is_visual, marks.on_query) if s.onto == "objects" else (marks.present, marks.on_words)
+        columns, marked = {"objects": (marks.is_visual, marks.on_query), "words": (marks.present, marks.on_words),
+                           "choices": (marks.present, marks.on_choices)}[s.onto]
         losses[name] = query_attention_loss(engine, layer, h, rope, pos, rows, columns, marked)
     return losses
 
@@ -98,13 +101,14 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                  labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
                  supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
                  named: list[list[set[int]]] | None = None, generator: torch.Generator | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
+                 offered: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
 
     ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule); ``queried[b]``
     the patches of row b's queried objects (empty: none); ``asked[b]`` the positions of row b's
-    object words and ``named[b]`` the patches of the objects each of them names; ``supervised``
+    object words, ``named[b]`` the patches of the objects each of them names, ``offered[b]`` the
+    positions of the answers its question offers; ``supervised``
     the attentions to score against them (default: none). A stage whose ``query`` is "random"
     keeps a uniformly random choice of each row's visual tokens, drawn from ``generator`` (the
     trainer's ``--late-drop``: no method's ranking).
@@ -115,8 +119,10 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         raise ValueError("supervised attention layers must not come after the first stage layer")
     if any(s.onto == "objects" for s in supervised.values()) and queried is None:
         raise ValueError("supervised attention onto objects needs the queried patches")
-    if any(s.onto != "objects" for s in supervised.values()) and asked is None:
+    if any(s.onto in ("words", "named") for s in supervised.values()) and asked is None:
         raise ValueError("supervised attention onto or from words needs the asked word positions")
+    if any(s.onto == "choices" for s in supervised.values()) and offered is None:
+        raise ValueError("supervised attention onto the offered answers needs their positions")
     if any(s.onto == "named" for s in supervised.values()) and named is None:
         raise ValueError("supervised attention onto named objects needs their patches")
     if any(s.query == "random" for s in p.stages) and generator is None:
@@ -155,15 +161,19 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     on_query = None if queried is None else [None if not patches else covering(b, patches)
                                              for b, patches in enumerate(queried)]
     present = ids != pad
-    on_words = None if asked is None else [
-        torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device).index_fill_(
-            0, new_index[b, torch.tensor(rows, dtype=torch.long, device=ids.device)], True)[present[b]]
-        for b, rows in enumerate(asked)]
+
+    def marked(rows_per_sequence: list[list[int]] | None) -> list[torch.Tensor] | None:
+        """Per sequence, bool per present token: is it at one of the given prompt positions."""
+        return None if rows_per_sequence is None else [
+            torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device).index_fill_(
+                0, new_index[b, torch.tensor(rows, dtype=torch.long, device=ids.device)], True)[present[b]]
+            for b, rows in enumerate(rows_per_sequence)]
+
     lookups = None if named is None else [  # (sequence, row of the word, bool per visual token)
         (b, new_index[b, at], covering(b, patches))
         for b in range(batch) for at, patches in zip(asked[b], named[b])]
     # no stage runs before a supervised layer, so rows are still positions and salient_pos the salient rows
-    marks = Marks(salient_pos, is_visual, present, on_query, on_words, lookups)
+    marks = Marks(salient_pos, is_visual, present, on_query, marked(asked), lookups, marked(offered))
     for index, layer in enumerate(lm.layers):
         attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
         if index in stage_at:

@@ -156,6 +156,38 @@ def test_ask_supervision_is_minus_log_of_the_stock_layer0_share_on_the_object_wo
     assert reduced["ask"].item() != pytest.approx(full["ask"].item(), rel=1e-3)
 
 
+def test_choices_supervision_is_minus_log_of_the_stock_layer0_share_on_the_offered_answers(tiny_checkpoint):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    engine = DuetLlava(model, processor, "eager")
+    choices = set(data.CHOICE_WORDS) & set(engine.tokenizer.get_vocab())
+    samples = [s for s in (data.sample(0, "train", i) for i in range(60)) if s.kind == "position"][:2]
+    samples.append(next(s for s in (data.sample(0, "train", i) for i in range(60)) if s.kind == "colour"))
+    enc = encode(processor, samples, 0.3)
+    for b, s in enumerate(samples):
+        words = engine.tokenizer.convert_ids_to_tokens(enc["input_ids"][b, enc["offered"][b]].tolist())
+        assert words == [w for w in s.question.split() if w in choices]
+    assert [len(rows) for rows in enc["offered"]] == [2, 2, 0]
+    supervised = {"choices": Supervision(0, True, "choices")}
+    lengths = enc["attention_mask"].sum(1) - (enc["labels"] != -100).sum(1)
+    with torch.no_grad():
+        _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
+                                       supervised=supervised)
+        merged = model.model.language_model.embed_tokens(enc["input_ids"])
+        image = torch.cat(model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output)
+        merged = merged.masked_scatter((enc["input_ids"] == engine.image_token_id)[..., None].expand_as(merged), image)
+        shares = [words_share(model, merged[b], int(lengths[b]) - 1, enc["offered"][b]) for b in range(2)]
+        *_, reduced = reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"],
+                                   enc["pixel_values"], enc["labels"], enc["salient"], supervised=supervised,
+                                   offered=enc["offered"])
+    expected = -sum(math.log(s) for s in shares) / 2  # the colour question offers nothing and is left out
+    assert full["choices"].item() == pytest.approx(expected, rel=1e-4)
+    assert reduced["choices"].item() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError):
+        reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"], enc["pixel_values"],
+                     enc["labels"], enc["salient"], supervised=supervised)
+
+
 def test_lookup_supervision_scores_each_object_word_row_on_the_objects_it_names(tiny_checkpoint):
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
