@@ -118,6 +118,15 @@ def words_share(model, embeds: torch.Tensor, last: int, asked: list[int]) -> flo
     return float(out.attentions[0][0, :, last, asked].sum(-1).mean())
 
 
+def stock_last_row_shares(model, engine, enc, rows_per_sequence: list[list[int]]) -> list[float]:
+    """Per sequence, the last prompt row's stock layer-0 share on the given rows (full image tokens)."""
+    lengths = enc["attention_mask"].sum(1) - (enc["labels"] != -100).sum(1)
+    merged = model.model.language_model.embed_tokens(enc["input_ids"])
+    image = torch.cat(model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output)
+    merged = merged.masked_scatter((enc["input_ids"] == engine.image_token_id)[..., None].expand_as(merged), image)
+    return [words_share(model, merged[b], int(lengths[b]) - 1, rows) for b, rows in enumerate(rows_per_sequence)]
+
+
 def test_ask_supervision_is_minus_log_of_the_stock_layer0_share_on_the_object_words(tiny_checkpoint):
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
@@ -134,10 +143,7 @@ def test_ask_supervision_is_minus_log_of_the_stock_layer0_share_on_the_object_wo
     with torch.no_grad():
         _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
                                        supervised=ask)
-        merged = model.model.language_model.embed_tokens(enc["input_ids"])
-        image = torch.cat(model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output)
-        merged = merged.masked_scatter((enc["input_ids"] == engine.image_token_id)[..., None].expand_as(merged), image)
-        shares = [words_share(model, merged[b], int(lengths[b]) - 1, enc["asked"][b]) for b in range(3)]
+        shares = stock_last_row_shares(model, engine, enc, enc["asked"])
         assert full["ask"].item() == pytest.approx(-sum(math.log(s) for s in shares) / 3, rel=1e-4)
 
         p = plan(ReductionConfig("duet", 64), engine.n_layers)
@@ -169,14 +175,10 @@ def test_choices_supervision_is_minus_log_of_the_stock_layer0_share_on_the_offer
         assert words == [w for w in s.question.split() if w in choices]
     assert [len(rows) for rows in enc["offered"]] == [2, 2, 0]
     supervised = {"choices": Supervision(0, True, "choices")}
-    lengths = enc["attention_mask"].sum(1) - (enc["labels"] != -100).sum(1)
     with torch.no_grad():
         _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
                                        supervised=supervised)
-        merged = model.model.language_model.embed_tokens(enc["input_ids"])
-        image = torch.cat(model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output)
-        merged = merged.masked_scatter((enc["input_ids"] == engine.image_token_id)[..., None].expand_as(merged), image)
-        shares = [words_share(model, merged[b], int(lengths[b]) - 1, enc["offered"][b]) for b in range(2)]
+        shares = stock_last_row_shares(model, engine, enc, enc["offered"][:2])
         *_, reduced = reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"],
                                    enc["pixel_values"], enc["labels"], enc["salient"], supervised=supervised,
                                    offered=enc["offered"])
