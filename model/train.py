@@ -44,10 +44,11 @@ colour and shape words; `--bind-layer` then moves binding next to it. `--lookup-
 each of those words attend, at layer 0, to the objects it names ("red": every red object), the
 single-attribute match the probes learned fastest. `--choices-weight W` puts the ask loss on
 the answers a position question offers ("left or right", "top or bottom"): the object words
-already take all of the ask share, so adding the choices to that target would not move it. `--init-from F --init-parts vision` keeps a
-trained tower and projector under a fresh decoder, and `--rope-theta` sets the decoder's rotary
-base (a 16-wide head has two rotary pairs slow enough to match content across 576 positions at
-1e4, four at 1e6). EVAL.md, *Reading*, reports the runs.
+already take all of the ask share, so adding the choices to that target would not move it.
+`--init-from F --init-parts vision` keeps a trained tower and projector under a fresh decoder,
+and `--rope-theta` sets the decoder's rotary base (a 16-wide head has two rotary pairs slow
+enough to match content across 576 positions at 1e4, four at 1e6). EVAL.md, *Reading*, reports
+the runs.
 
 `--late-drop P` makes a share P of the full-token steps lose visual tokens late: from a random
 layer in [L/2, L) a random 0, 1/4 or 1/2 of them survive, chosen at random (`late_drop_plan`).
@@ -87,7 +88,7 @@ from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
-from .train_reduce import Marks, Supervision, reduced_loss, supervised_losses
+from .train_reduce import Marks, Supervision, marked_rows, reduced_loss, supervised_losses
 
 
 @dataclass
@@ -324,18 +325,12 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         on_query = [torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(0, torch.tensor(sorted(patches)), True)
                     if patches else None for patches in batch["query"]]
         present = batch["attention_mask"].bool()
-
-        def marked(rows_per_sequence: list[list[int]]) -> list[torch.Tensor]:
-            return [torch.zeros(ids.shape[1], dtype=torch.bool).index_fill_(0, torch.tensor(rows, dtype=torch.long),
-                                                                            True)[present[b]]
-                    for b, rows in enumerate(rows_per_sequence)]
-
         pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
         lookups = [(b, torch.tensor(at), torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(
                         0, torch.tensor(sorted(p), dtype=torch.long), True))
                    for b in range(len(ids)) for at, p in zip(batch["asked"][b], batch["named"][b])]
         marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query,
-                      marked(batch["asked"]), lookups, marked(batch["offered"]))
+                      marked_rows(batch["asked"], present), lookups, marked_rows(batch["offered"], present))
         for index, (h, rope) in captured.items():
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
             attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)

@@ -65,6 +65,21 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
     return torch.stack(losses).mean() if losses else None
 
 
+def marked_rows(rows_per_sequence: list[list[int]] | None, present: torch.Tensor,
+                index: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+    """Per sequence, bool per present token: is it at one of the given prompt positions. ``index``
+    (B, T_prompt) maps prompt positions to rows when the sequence was shortened (V2V)."""
+    if rows_per_sequence is None:
+        return None
+    marks = []
+    for b, rows in enumerate(rows_per_sequence):
+        at = torch.tensor(rows, dtype=torch.long, device=present.device)
+        at = at if index is None else index[b, at]
+        marks.append(torch.zeros(present.shape[1], dtype=torch.bool, device=present.device).index_fill_(0, at, True)
+                     [present[b]])
+    return marks
+
+
 class Marks(NamedTuple):
     """What a batch's supervised attentions are scored against (``supervised_losses``)."""
 
@@ -101,15 +116,16 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                  labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
                  supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
                  named: list[list[set[int]]] | None = None, generator: torch.Generator | None = None,
-                 offered: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
+                 offered: list[list[int]] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
 
     ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule); ``queried[b]``
     the patches of row b's queried objects (empty: none); ``asked[b]`` the positions of row b's
     object words, ``named[b]`` the patches of the objects each of them names, ``offered[b]`` the
-    positions of the answers its question offers; ``supervised``
-    the attentions to score against them (default: none). A stage whose ``query`` is "random"
+    positions of the answers its question offers; ``supervised`` the attentions to score against
+    them (default: none). A stage whose ``query`` is "random"
     keeps a uniformly random choice of each row's visual tokens, drawn from ``generator`` (the
     trainer's ``--late-drop``: no method's ranking).
     """
@@ -161,19 +177,12 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     on_query = None if queried is None else [None if not patches else covering(b, patches)
                                              for b, patches in enumerate(queried)]
     present = ids != pad
-
-    def marked(rows_per_sequence: list[list[int]] | None) -> list[torch.Tensor] | None:
-        """Per sequence, bool per present token: is it at one of the given prompt positions."""
-        return None if rows_per_sequence is None else [
-            torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device).index_fill_(
-                0, new_index[b, torch.tensor(rows, dtype=torch.long, device=ids.device)], True)[present[b]]
-            for b, rows in enumerate(rows_per_sequence)]
-
     lookups = None if named is None else [  # (sequence, row of the word, bool per visual token)
         (b, new_index[b, at], covering(b, patches))
         for b in range(batch) for at, patches in zip(asked[b], named[b])]
     # no stage runs before a supervised layer, so rows are still positions and salient_pos the salient rows
-    marks = Marks(salient_pos, is_visual, present, on_query, marked(asked), lookups, marked(offered))
+    marks = Marks(salient_pos, is_visual, present, on_query, marked_rows(asked, present, new_index), lookups,
+                  marked_rows(offered, present, new_index))
     for index, layer in enumerate(lm.layers):
         attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
         if index in stage_at:
