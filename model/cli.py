@@ -71,6 +71,10 @@ def _delegated(name: str):
         from .eval import eval_main
 
         return eval_main
+    if name == "probe":
+        from .probe import probe_main
+
+        return probe_main
     if name == "train":
         from .train import train_main
 
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and (delegate := _delegated(argv[0])):
         return delegate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m model", description="DUET-LLaVA token reduction")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,train}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,probe,train}")
     answer = commands.add_parser("answer", help="answer a question about an image")
     answer.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
     answer.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -296,30 +296,37 @@ def patch_coverage(mask: np.ndarray, patch: int = PATCH_SIZE) -> np.ndarray:
     return mask.reshape(h // patch, patch, w // patch, patch).mean(axis=(1, 3))
 
 
-def patch_labels(objects: list[SceneObject], min_coverage: float = 0.3, patch: int = PATCH_SIZE):
-    """Per-patch class ids (rows x cols ints) for dense auxiliary supervision.
+PATCH_TARGETS = ("colour", "shape", "centre", "across", "updown")  # what patch_labels names
 
-    Returns (colour, shape, centre): colour/shape are 1 + the index in COLOURS/SHAPES of the object
-    covering the largest part of the patch when that part is >= min_coverage, else 0 (background);
-    centre is 1 on the patch holding an object's mask centroid (what counting needs), else 0.
+
+def patch_labels(objects: list[SceneObject], min_coverage: float = 0.3, patch: int = PATCH_SIZE) -> dict:
+    """Per-patch class ids ({name in PATCH_TARGETS: rows x cols ints}) for dense auxiliary supervision.
+
+    colour/shape are 1 + the index in COLOURS/SHAPES of the object covering the largest part of the
+    patch when that part is >= min_coverage, else 0 (background); across/updown are 1 (left, top) or
+    2 (right, bottom) for the image half that object's mask centroid lies in, what position answers
+    are judged by, else 0; centre is 1 on the patch holding an object's mask centroid (what counting
+    needs), else 0.
     """
     side = IMAGE_SIZE // patch
-    colour = np.zeros((side, side), dtype=np.int64)
-    shape = np.zeros((side, side), dtype=np.int64)
-    centre = np.zeros((side, side), dtype=np.int64)
+    labels = {name: np.zeros((side, side), dtype=np.int64) for name in PATCH_TARGETS}
     if not objects:
-        return colour, shape, centre
+        return labels
     coverage = np.stack([patch_coverage(o.mask, patch) for o in objects])
     best = coverage.argmax(axis=0)
     covered = coverage.max(axis=0) >= min_coverage
-    colour_ids = np.array([1 + list(COLOURS).index(o.colour) for o in objects])
-    shape_ids = np.array([1 + SHAPES.index(o.shape) for o in objects])
-    colour[covered] = colour_ids[best[covered]]
-    shape[covered] = shape_ids[best[covered]]
-    for o in objects:
-        x, y = o.centroid
-        centre[int(y) // patch, int(x) // patch] = 1
-    return colour, shape, centre
+    centroids = np.array([o.centroid for o in objects])
+    per_object = {
+        "colour": [1 + list(COLOURS).index(o.colour) for o in objects],
+        "shape": [1 + SHAPES.index(o.shape) for o in objects],
+        "across": 1 + (centroids[:, 0] >= IMAGE_SIZE / 2),
+        "updown": 1 + (centroids[:, 1] >= IMAGE_SIZE / 2),
+    }
+    for name, ids in per_object.items():
+        labels[name][covered] = np.asarray(ids)[best[covered]]
+    for x, y in centroids:
+        labels["centre"][int(y) // patch, int(x) // patch] = 1
+    return labels
 
 
 def query_patches(sample: Sample, min_coverage: float = 0.5) -> set[int]:

@@ -10,7 +10,8 @@ bind the asked shape to its colour across 576 visual tokens. Four things address
 - dense auxiliary supervision: linear heads read each projected visual token (the projector output
   the LLM sees, computed from the layer -2 features) and classify the patch's colour, shape and
   whether it holds an object's centroid, with labels from the exact object masks
-  (`data.patch_labels`). The heads live beside the model and are never exported.
+  (`data.patch_labels`); with `--position-weight W` also which image half (left/right, top/bottom)
+  the patch's object lies in. The heads live beside the model and are never exported.
 - a vision pre-stage: the first `pre_steps` steps train the tower + projector on the auxiliary
   loss alone, on full 1-6 object scenes (more labelled patches per image); a step costs a
   fraction of a full one because the decoder is not run. With `--pre-crops W` it trains on
@@ -107,6 +108,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_weight: float = 1.0
     aux_min_coverage: float = 0.3  # a patch is labelled with an object covering >= this fraction
+    position_weight: float = 0.0  # > 0: auxiliary heads also read which image half each object patch's object is in
     attn_weight: float = 0.0  # > 0: supervise the salient rows' attention at the first stage layer (query_attention_loss)
     bind_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --bind-layer (query_attention_loss)
     bind_layer: int = -1  # the decoder layer binding is supervised at; -1: L/4
@@ -145,24 +147,36 @@ SPEC_FLAGS = ("vision_hidden", "vision_layers", "vision_heads", "vision_mlp",
 
 
 class AuxHeads(nn.Module):
-    """Per-visual-token linear classifiers for the auxiliary loss (not part of the exported model)."""
+    """Per-visual-token linear classifiers for the auxiliary loss (not part of the exported model).
+    With ``position_weight`` > 0 two more, starting small, read the image half of the patch's
+    object (left/right, top/bottom), their loss scaled by that weight."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, position_weight: float = 0.0):
         super().__init__()
-        self.colour = nn.Linear(width, len(data.COLOURS) + 1)
-        self.shape = nn.Linear(width, len(data.SHAPES) + 1)
-        self.centre = nn.Linear(width, 2)
+        classes = {"colour": len(data.COLOURS) + 1, "shape": len(data.SHAPES) + 1, "centre": 2, "across": 3, "updown": 3}
+        self.weights = {"colour": 1.0, "shape": 1.0, "centre": 1.0}
+        if position_weight > 0:
+            self.weights |= {"across": position_weight, "updown": position_weight}
+        for name in self.weights:
+            self.add_module(name, nn.Linear(width, classes[name]))
+        for name in ("across", "updown"):
+            # Added to trained towers, whose tokens are large (norm ~300): default-size rows started
+            # at a CE of ~75 whose gradient, under the global norm clip, crowded out the rest. Zero
+            # rows are a saddle when the tokens hold no linear trace of the half (the shipped tower's):
+            # no gradient on the rows, so none on the tokens; recall stayed at chance for 400 steps.
+            if name in self.weights:
+                nn.init.normal_(getattr(self, name).weight, std=1e-3)
 
     def loss(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """tokens (B, P, width); targets (B, P) class ids. Returns summed CE and per-head stats."""
+        """tokens (B, P, width); targets (B, P) class ids. Returns the weighted CE sum and per-head stats."""
         total, stats = tokens.new_zeros(()), {}
-        for name in ("colour", "shape", "centre"):
+        for name, weight in self.weights.items():
             logits = getattr(self, name)(tokens)
             ce = F.cross_entropy(logits.flatten(0, 1), targets[name].flatten(), reduction="none")
             # Objects cover a few % of the patches: averaging background and object patches
             # separately keeps "all background" from being a cheap minimum.
             positive = targets[name].flatten() > 0
-            total = total + ce[~positive].mean() + (ce[positive].mean() if positive.any() else 0.0)
+            total = total + weight * (ce[~positive].mean() + (ce[positive].mean() if positive.any() else 0.0))
             hits = (logits.argmax(-1) == targets[name]).flatten()[positive]
             stats[f"aux_{name}_recall"] = hits.float().mean().item() if positive.any() else 0.0
         return total, stats
@@ -215,8 +229,8 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
         labels[row, end - n_answer:end] = batch["input_ids"][row, end - n_answer:end]
     if not clips:
         targets = [data.patch_labels(s.objects, min_coverage) for s in samples]
-        for i, name in enumerate(("colour", "shape", "centre")):
-            batch[name] = torch.from_numpy(np.stack([t[i].reshape(-1) for t in targets]))
+        for name in data.PATCH_TARGETS:
+            batch[name] = torch.from_numpy(np.stack([t[name].reshape(-1) for t in targets]))
     batch["labels"] = labels
     batch["query"] = [data.query_patches(s) for s in samples]
     prompt_ids = [batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())] for row in range(len(samples))]
@@ -240,7 +254,7 @@ def crop_batch(cfg: TrainConfig, first: int, batch: dict, samples: list[data.Sam
     per-patch targets cut from the full scene's)."""
     side, window, patch = data.IMAGE_SIZE // data.PATCH_SIZE, cfg.pre_crops, data.PATCH_SIZE
     rng = np.random.default_rng([cfg.seed, first, 1])
-    pixels, indices, targets = [], [], {name: [] for name in ("colour", "shape", "centre")}
+    pixels, indices, targets = [], [], {name: [] for name in data.PATCH_TARGETS}
     offsets = torch.arange(window)
     for row, sample in enumerate(samples):
         for _ in range(4):
@@ -290,7 +304,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"], labels=batch["labels"])
         return out.loss, out.loss.new_zeros(()), {}, {}
-    targets = {name: batch[name] for name in ("colour", "shape", "centre")}
+    targets = {name: batch[name] for name in data.PATCH_TARGETS}
     if not with_answer:
         aux, stats = heads.loss(visual_tokens(model, batch["pixel_values"]), targets)
         return None, aux, {}, stats
@@ -559,7 +573,7 @@ def train_main(argv: list[str]) -> int:
     processor = build_processor(spec.words, spec.image_size, spec.patch_size)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, processor).train()
-    heads = AuxHeads(spec.text_hidden)
+    heads = AuxHeads(spec.text_hidden, cfg.position_weight)
     engine = DuetLlava(model, processor, "training")
     duet = plan(ReductionConfig("duet", cfg.budget), engine.n_layers, engine.n_patches) if cfg.reduction == "duet" else None
     supervised = supervised_attention(cfg, engine)

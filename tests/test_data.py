@@ -135,7 +135,8 @@ def test_every_question_and_answer_word_is_in_the_vocabulary_and_tokenizer(tmp_p
 def test_patch_labels_follow_the_mask():
     mask = data.draw_mask("circle", 100, 200, 30)
     circle = data.SceneObject("circle", "blue", "large", 30.0, (100.0, 200.0), mask)
-    colour, shape, centre = data.patch_labels([circle], min_coverage=0.5)
+    labels = data.patch_labels([circle], min_coverage=0.5)
+    colour, shape, centre = labels["colour"], labels["shape"], labels["centre"]
     coverage = data.patch_coverage(circle.mask)
     assert colour.shape == (24, 24) and coverage.shape == (24, 24)
     assert np.array_equal(colour > 0, coverage >= 0.5)
@@ -143,6 +144,22 @@ def test_patch_labels_follow_the_mask():
     assert set(shape[shape > 0]) == {1 + data.SHAPES.index("circle")}
     assert np.argwhere(centre).tolist() == [[200 // 14, 100 // 14]]
     assert np.isclose(coverage.sum() * 14 * 14, circle.mask.sum())
+    assert set(labels["across"][colour > 0]) == {1} and set(labels["updown"][colour > 0]) == {2}  # x 100, y 200
+    assert not labels["across"][colour == 0].any() and not labels["updown"][colour == 0].any()
+
+
+def test_position_labels_give_each_patch_its_own_objects_half():
+    """Two objects overlapping the vertical midline's neighbourhood: a patch is labelled by the
+    object that covers most of it, with that object's centroid half, not the patch's own half."""
+    left = data.SceneObject("square", "red", "large", 40.0, (150.0, 80.0), data.draw_mask("square", 150, 80, 40))
+    right = data.SceneObject("circle", "green", "large", 40.0, (240.0, 260.0), data.draw_mask("circle", 240, 260, 40))
+    labels = data.patch_labels([left, right], min_coverage=0.5)
+    red = labels["colour"] == 1 + list(data.COLOURS).index("red")
+    green = labels["colour"] == 1 + list(data.COLOURS).index("green")
+    assert red.any() and green.any()
+    assert set(labels["across"][red]) == {1} and set(labels["updown"][red]) == {1}
+    assert set(labels["across"][green]) == {2} and set(labels["updown"][green]) == {2}
+    assert (np.argwhere(red)[:, 1] >= 12).any()  # the square reaches past the middle column, still "left"
 
 
 def test_questions_use_one_template_per_kind():

@@ -9,7 +9,7 @@ from model.budget import ReductionConfig
 from model.checkpoint import build_processor
 from model.engine import DuetLlava
 from model.checkpoint import TinyLlavaSpec, build_model
-from model.train import (VISION_PARTS, TrainConfig, encode, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
+from model.train import (VISION_PARTS, AuxHeads, TrainConfig, encode, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
                          train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
@@ -244,7 +244,7 @@ def test_crop_windows_carry_their_patches_targets_and_positions():
     assert pixels.shape == (8, 3, 112, 112) and indices.shape == (8, 64)
     for k in range(8):
         row = k // 4
-        for name in ("colour", "shape", "centre"):
+        for name in data.PATCH_TARGETS:
             assert torch.equal(targets[name][k], batch[name][row][indices[k]])
         first = int(indices[k][0])
         r0, c0 = divmod(first, 24)
@@ -255,6 +255,29 @@ def test_crop_windows_carry_their_patches_targets_and_positions():
 def test_training_with_a_window_pre_stage_runs(tmp_path):
     assert run(tmp_path, 3, "--pre-steps", "2", "--pre-crops", "6") == 0
     assert "aux_shape_recall" in (tmp_path / "train.log").read_text()
+
+
+def test_position_heads_start_small_and_their_loss_scales_with_the_weight():
+    torch.manual_seed(0)
+    tokens = 40 * torch.randn(2, 576, 64)  # norm ~320, as the shipped tower's projected tokens
+    samples = [data.sample(0, "train", i) for i in range(2)]
+    targets = {name: torch.stack([torch.from_numpy(data.patch_labels(s.objects)[name].reshape(-1)) for s in samples])
+               for name in data.PATCH_TARGETS}
+    losses = {}
+    for weight in (0.0, 1.0, 2.5):
+        torch.manual_seed(1)
+        heads = AuxHeads(64, weight)
+        losses[weight], stats = heads.loss(tokens, targets)
+        assert ("aux_across_recall" in stats) == (weight > 0)
+    assert torch.isclose(losses[2.5] - losses[0.0], 2.5 * (losses[1.0] - losses[0.0]))
+    # Two heads x (background + object) terms, each near log 3 at the start rather than tens of nats.
+    assert 0 < losses[1.0] - losses[0.0] < 4 * 2.0
+
+
+def test_training_with_position_heads_logs_their_recall(tmp_path):
+    assert run(tmp_path, 2, "--pre-steps", "1", "--position-weight", "1") == 0
+    log = (tmp_path / "train.log").read_text()
+    assert "aux_across_recall" in log and "aux_updown_recall" in log
 
 
 def test_the_last_weights_are_exported_whatever_their_score(trained):

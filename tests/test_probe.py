@@ -1,0 +1,44 @@
+import json
+
+import torch
+
+from model import data
+from model.cli import main
+from model.probe import PROBED, fit_probe, object_patch_features
+
+
+def test_a_probe_reads_a_linearly_coded_label_and_scores_held_out_rows_only():
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (300,))
+    x = torch.randn(300, 8)
+    x[:, 5] = 4.0 * y + torch.rand(300) - 0.5  # separable: the class is an interval of one feature
+    fit = torch.arange(300) < 210
+    result = fit_probe(x, y, fit)
+    assert result["accuracy"] == 1.0
+    assert result["held_out"] == 90
+    assert result["majority"] == torch.bincount(y[~fit]).max().item() / 90
+
+
+def test_features_are_the_object_patches_with_their_scene_labels(engine, tiny_checkpoint):
+    features, labels, owner = object_patch_features(engine.model, engine.processor, scenes=2, tower_layers=True)
+    n_layers = engine.model.config.vision_config.num_hidden_layers
+    assert list(features) == ["projector", *(f"tower {k}" for k in range(n_layers + 1))]
+    x = features["projector"]
+    expected = []
+    for index in range(2):
+        grids = data.patch_labels(data.sample(0, "train", index).objects, min_coverage=0.5)
+        on_object = torch.from_numpy(grids["colour"].reshape(-1)) > 0
+        expected.append({name: torch.from_numpy(grids[name].reshape(-1))[on_object] for name in PROBED})
+    assert x.shape == (len(owner), engine.model.config.text_config.hidden_size)
+    for name in PROBED:
+        assert torch.equal(labels[name], torch.cat([e[name] for e in expected]))
+    assert owner.tolist() == [i for i, e in enumerate(expected) for _ in range(len(e["colour"]))]
+
+
+def test_probe_command_reports_every_target(tiny_checkpoint, capsys):
+    assert main(["probe", "--model", str(tiny_checkpoint), "--scenes", "4", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert list(results) == ["projector"] and list(results["projector"]) == list(PROBED)
+    assert main(["probe", "--model", str(tiny_checkpoint), "--scenes", "4"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[2] == "|---|---|---|---|---|" and table[3].startswith("| projector | ")
