@@ -35,10 +35,10 @@ def object_patch_features(model, processor, scenes: int, seed: int = 0, tower_la
         targets = {name: torch.from_numpy(grid.reshape(-1)) for name, grid in
                    data.patch_labels(sample.objects, min_coverage=0.5).items()}
         on_object = targets["colour"] > 0
-        found = {"projector": model.model.get_image_features(pixel_values=pixels).pooler_output[0]}
-        if tower_layers:
-            hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-            found |= {f"tower {k}": h[0, 1:] for k, h in enumerate(hidden)}
+        out = model.model.get_image_features(pixel_values=pixels, output_hidden_states=tower_layers)
+        found = {"projector": out.pooler_output[0]}
+        if tower_layers:  # the same tower pass's hidden states, CLS dropped
+            found |= {f"tower {k}": h[0, 1:] for k, h in enumerate(out.hidden_states)}
         for where, tokens in found.items():
             features.setdefault(where, []).append(tokens.float()[on_object])
         for name in PROBED:
@@ -94,8 +94,8 @@ def probe_main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(results))
         return 0
-    any_result = next(iter(next(iter(results.values())).values()))
-    print(f"held-out linear probe accuracy on {any_result['held_out']} object patches (majority share)")
+    held_out = results["projector"][PROBED[0]]["held_out"]
+    print(f"held-out linear probe accuracy on {held_out} object patches (majority share)")
     print("| tokens | " + " | ".join(PROBED) + " |")
     print("|---" * (len(PROBED) + 1) + "|")
     for where, by_target in results.items():
