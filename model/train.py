@@ -127,6 +127,7 @@ class TrainConfig:
     seed: int = 0
     init_from: str = ""  # start a new run from an exported model folder (e.g. the shipped one)
     init_parts: str = "all"  # what --init-from loads: "all", or "vision" (tower + projector; a fresh decoder)
+    redraw_answers: str = ""  # comma-separated answer words whose output rows are redrawn after --init-from (redraw_rows)
     reduction: str = "none"
     budget: int = 192
     late_drop: float = 0.0  # share of full-token answer steps that drop visual tokens late (late_drop_plan)
@@ -180,6 +181,23 @@ class AuxHeads(nn.Module):
             hits = (logits.argmax(-1) == targets[name]).flatten()[positive]
             stats[f"aux_{name}_recall"] = hits.float().mean().item() if positive.any() else 0.0
         return total, stats
+
+
+def redraw_rows(model, tokenizer, words: list[str], generator: torch.Generator) -> None:
+    """Give the output (lm_head) rows of ``words`` their common mean plus fresh noise of the
+    matrix's own per-entry spread. Answers the model could not tell apart collapse onto one row
+    (the shipped decoder's left / right / top / bottom rows had cosine 0.97-0.99), and that is a
+    saddle: the rows only separate along features that differ between the answers, and those
+    features only grow along rows that differ. Redrawn rows keep "a position word" and restart
+    the rest."""
+    ids = tokenizer.convert_tokens_to_ids(words)
+    if tokenizer.unk_token_id in ids:
+        raise ValueError(f"not in the vocabulary: {[w for w, i in zip(words, ids) if i == tokenizer.unk_token_id]}")
+    weight = model.lm_head.weight
+    with torch.no_grad():
+        rows = weight[ids]
+        noise = torch.randn(rows.shape, generator=generator) * weight.std()
+        weight[ids] = rows.mean(0) + noise.to(weight.dtype)
 
 
 def init_grid_positions(model, scale: float = 0.5) -> None:
@@ -545,6 +563,8 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
         raise ValueError("--late-drop is a share of full-token steps (0..1) and needs --reduction none")
     if cfg.clip_every and cfg.reduction != "none":
         raise ValueError("clip batches train with full tokens only (the batched DUET forward is single-image)")
+    if cfg.redraw_answers and not cfg.init_from:
+        raise ValueError("--redraw-answers restarts rows of a trained model: it needs --init-from")
     if cfg.pre_crops and not 3 <= cfg.pre_crops <= spec.image_size // spec.patch_size:
         raise ValueError("--pre-crops must be 0 (whole images) or a window of 3..24 patches")
     if cfg.clip_every and cfg.clip_frames < 2:
@@ -596,6 +616,9 @@ def train_main(argv: list[str]) -> int:
         if cfg.init_parts == "vision":
             loaded = {k: v for k, v in loaded.items() if k.startswith(VISION_PARTS)}
         model.load_state_dict(loaded, strict=cfg.init_parts == "all")
+        if cfg.redraw_answers:
+            redraw_rows(model, processor.tokenizer, cfg.redraw_answers.split(","),
+                        torch.Generator().manual_seed(cfg.seed))
 
     log_file = open(run / "train.log", "a")
     metrics_file = open(run / "metrics.jsonl", "a")

@@ -10,7 +10,7 @@ from model.checkpoint import build_processor
 from model.engine import DuetLlava
 from model.checkpoint import TinyLlavaSpec, build_model
 from model.train import (VISION_PARTS, AuxHeads, TrainConfig, encode, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
-                         train_main)
+                         redraw_rows, train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
         "--text-hidden", "16", "--text-layers", "12", "--text-heads", "2", "--text-kv-heads", "1",
@@ -286,3 +286,37 @@ def test_the_last_weights_are_exported_whatever_their_score(trained):
     state = torch.load(trained / "state.pt", weights_only=False)
     model = LlavaForConditionalGeneration.from_pretrained(trained / "final")
     assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_redrawn_answer_rows_come_apart_around_their_mean_and_leave_the_rest(trained):
+    model = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
+    tokenizer = AutoProcessor.from_pretrained(trained / "shipped").tokenizer
+    words = list(data.CHOICE_WORDS)
+    ids = tokenizer.convert_tokens_to_ids(words)
+    weight = model.lm_head.weight
+    with torch.no_grad():  # collapse the four rows onto one, as the shipped decoder's were
+        weight[ids] = weight[ids[0]].clone()
+    before = weight.detach().clone()
+    redraw_rows(model, tokenizer, words, torch.Generator().manual_seed(0))
+    after = weight.detach()
+    others = [i for i in range(len(after)) if i not in ids]
+    assert torch.equal(after[others], before[others])
+    rows = torch.nn.functional.normalize(after[ids], dim=1)
+    cosines = (rows @ rows.T)[~torch.eye(len(ids), dtype=torch.bool)]
+    assert cosines.max() < 0.9
+    assert torch.allclose(after[ids].mean(0), before[ids[0]], atol=3 * before.std().item())
+    with pytest.raises(ValueError):
+        redraw_rows(model, tokenizer, ["left", "sideways"], torch.Generator())
+
+
+def test_redraw_answers_applies_to_the_initial_model_and_needs_init_from(trained, tmp_path):
+    source = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
+    ids = AutoProcessor.from_pretrained(trained / "shipped").tokenizer.convert_tokens_to_ids(["left", "right"])
+    assert run(tmp_path / "run", 1, "--init-from", str(trained / "shipped"), "--redraw-answers", "left,right",
+               "--lr", "1e-12", "--weight-decay", "0") == 0
+    started = torch.load(tmp_path / "run" / "state.pt", weights_only=False)["model"]["lm_head.weight"]
+    assert (started[ids] - source.lm_head.weight[ids]).abs().max() > 1e-3
+    others = [i for i in range(len(started)) if i not in ids]
+    assert torch.allclose(started[others], source.lm_head.weight[others], atol=1e-6)
+    with pytest.raises(ValueError):
+        run(tmp_path / "alone", 1, "--redraw-answers", "left,right")
