@@ -51,6 +51,12 @@ and `--rope-theta` sets the decoder's rotary base (a 16-wide head has two rotary
 enough to match content across 576 positions at 1e4, four at 1e6). EVAL.md, *Reading*, reports
 the runs.
 
+`--redraw-answers W1,W2,...` restarts the output rows of answers the loaded model cannot tell
+apart (`redraw_rows`). The shipped decoder's four position answers had collapsed onto one row
+(cosine 0.97-0.99) and its answer did not depend on whether the question offered "left or right"
+or "top or bottom": the logits matched to three decimals with the pair swapped, after 600
+more steps with `--choices-weight` and 150 without any attention loss alike.
+
 `--late-drop P` makes a share P of the full-token steps lose visual tokens late: from a random
 layer in [L/2, L) a random 0, 1/4 or 1/2 of them survive, chosen at random (`late_drop_plan`).
 A decoder that only ever saw all 576 tokens in every layer answers from them late, and every
