@@ -294,8 +294,9 @@ def test_redrawn_answer_rows_come_apart_around_their_mean_and_leave_the_rest(tra
     words = list(data.CHOICE_WORDS)
     ids = tokenizer.convert_tokens_to_ids(words)
     weight = model.lm_head.weight
-    with torch.no_grad():  # collapse the four rows onto one, as the shipped decoder's were
-        weight[ids] = weight[ids[0]].clone()
+    with torch.no_grad():  # collapse the four rows onto one, as the shipped decoder's were; one entry far
+        weight[ids] = weight[ids[0]].clone()  # from zero, so that a redraw that loses the mean shows
+        weight[ids, 0] += 5 * weight.std()
     before = weight.detach().clone()
     redraw_rows(model, tokenizer, words, torch.Generator().manual_seed(0))
     after = weight.detach()
