@@ -46,7 +46,9 @@ each of those words attend, at layer 0, to the objects it names ("red": every re
 single-attribute match the probes learned fastest. `--choices-weight W` puts the ask loss on
 the answers a position question offers ("left or right", "top or bottom"): the object words
 already take all of the ask share, so adding the choices to that target would not move it.
-`--init-from F --init-parts vision` keeps a trained tower and projector under a fresh decoder,
+`--init-from F --init-parts vision` keeps a trained tower and projector under a fresh decoder;
+`--init-from D --init-vision-from T` puts T's tower and projector under D's trained decoder (a
+tower retrained for position answers, under the decoder that already binds and names objects);
 and `--rope-theta` sets the decoder's rotary base (a 16-wide head has two rotary pairs slow
 enough to match content across 576 positions at 1e4, four at 1e6). EVAL.md, *Reading*, reports
 the runs.
@@ -133,6 +135,7 @@ class TrainConfig:
     seed: int = 0
     init_from: str = ""  # start a new run from an exported model folder (e.g. the shipped one)
     init_parts: str = "all"  # what --init-from loads: "all", or "vision" (tower + projector; a fresh decoder)
+    init_vision_from: str = ""  # then replace the tower + projector with this exported model's
     redraw_answers: str = ""  # comma-separated answer words whose output rows are redrawn after --init-from (redraw_rows)
     reduction: str = "none"
     budget: int = 192
@@ -571,6 +574,9 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
         raise ValueError("clip batches train with full tokens only (the batched DUET forward is single-image)")
     if cfg.redraw_answers and not cfg.init_from:
         raise ValueError("--redraw-answers restarts rows of a trained model: it needs --init-from")
+    if cfg.init_vision_from and (not cfg.init_from or cfg.init_parts != "all"):
+        raise ValueError("--init-vision-from puts a tower under a trained decoder: it needs --init-from "
+                         "with --init-parts all")
     if cfg.pre_crops and not 3 <= cfg.pre_crops <= spec.image_size // spec.patch_size:
         raise ValueError("--pre-crops must be 0 (whole images) or a window of 3..24 patches")
     if cfg.clip_every and cfg.clip_frames < 2:
@@ -622,6 +628,9 @@ def train_main(argv: list[str]) -> int:
         if cfg.init_parts == "vision":
             loaded = {k: v for k, v in loaded.items() if k.startswith(VISION_PARTS)}
         model.load_state_dict(loaded, strict=cfg.init_parts == "all")
+        if cfg.init_vision_from:
+            tower = LlavaForConditionalGeneration.from_pretrained(cfg.init_vision_from).state_dict()
+            model.load_state_dict({k: v for k, v in tower.items() if k.startswith(VISION_PARTS)}, strict=False)
         if cfg.redraw_answers:
             redraw_rows(model, processor.tokenizer, cfg.redraw_answers.split(","),
                         torch.Generator().manual_seed(cfg.seed))

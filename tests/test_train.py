@@ -143,6 +143,26 @@ def test_init_parts_vision_keeps_the_tower_and_projector_and_starts_a_fresh_deco
         assert all(v < 0.05 for v in decoder) if decoder_kept else min(decoder) > 0.5, parts
 
 
+def test_init_vision_from_puts_one_models_tower_under_anothers_decoder(trained, tmp_path):
+    weights = {}
+    for name, shift in (("decoder", 1.0), ("tower", -1.0)):  # far apart, and from a fresh draw
+        source = LlavaForConditionalGeneration.from_pretrained(trained / "best")
+        with torch.no_grad():
+            for p in source.parameters():
+                p.add_(shift)
+        source.save_pretrained(tmp_path / name)
+        weights[name] = source.state_dict()
+    assert run(tmp_path / "run", 1, "--init-from", str(tmp_path / "decoder"),
+               "--init-vision-from", str(tmp_path / "tower")) == 0
+    started = torch.load(tmp_path / "run" / "state.pt", weights_only=False)["model"]
+    for name, value in started.items():
+        origin = "tower" if name.startswith(VISION_PARTS) else "decoder"
+        assert (value - weights[origin][name]).abs().max() < 0.05, name  # one step at lr 3e-3
+    for bad in ([], ["--init-from", str(tmp_path / "decoder"), "--init-parts", "vision"]):
+        with pytest.raises(ValueError):
+            run(tmp_path / "refused", 1, *bad, "--init-vision-from", str(tmp_path / "tower"))
+
+
 def test_rope_theta_reaches_the_exported_config(tmp_path):
     assert run(tmp_path, 2, "--rope-theta", "1e6", "--eval-every", "2") == 0
     config = LlavaForConditionalGeneration.from_pretrained(tmp_path / "best").config.text_config
