@@ -7,6 +7,12 @@ the patch's object: across = left/right, updown = top/bottom). Scenes, not patch
 70 / 30 into fit and held-out sets, so an object's patches never sit on both sides. A target the
 tokens do not carry scores near the held-out majority share, which is printed beside it.
 ``--tower-layers`` probes each vision encoder layer too: where along the tower a target is lost.
+
+``--pair-swap N`` asks the first N validation position questions twice, as generated and with the
+offered pair swapped ("on the left or right" <-> "at the top or bottom"), and reports the answer
+probability the model puts on the offered pair and how far its distribution over the four
+position words moves between the two phrasings (total variation). A model that does not read the
+offered pair moves it by ~0 (the model shipped until this flag existed: 0.00 to three decimals).
 """
 
 from __future__ import annotations
@@ -66,14 +72,64 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, fit: torch.Tensor, steps: int = 
     return {"accuracy": accuracy, "majority": majority, "held_out": int(held.sum())}
 
 
-def probe(model_path: str, scenes: int = 120, seed: int = 0, tower_layers: bool = False) -> dict:
-    """{where: {target: fit_probe result}} for a checkpoint folder."""
+PAIRS = ("on the left or right", "at the top or bottom")
+
+
+def swap_pair(question: str) -> str:
+    """The position question with the other pair of answers offered."""
+    for offered, other in (PAIRS, PAIRS[::-1]):
+        if offered in question:
+            return question.replace(offered, other)
+    raise ValueError(f"not a position question: {question!r}")
+
+
+def offered_words(question: str) -> tuple[str, str]:
+    return ("left", "right") if PAIRS[0] in question else ("top", "bottom")
+
+
+@torch.no_grad()
+def pair_swap(model, processor, questions: int, seed: int = 0) -> dict:
+    """Offered-pair probability mass for the first ``questions`` validation position questions as
+    generated ("asked") and with the pair swapped ("swapped"), the mean total variation between
+    the two distributions over the four position words, and the greedy accuracy as asked."""
+    from .train import conversation
+
+    tok = processor.tokenizer
+    words = list(data.CHOICE_WORDS)
+    ids = tok.convert_tokens_to_ids(words)
+    mass, moved, correct, index = {"asked": [], "swapped": []}, [], [], 0
+    while len(moved) < questions:
+        sample = data.sample(seed, "val", index)
+        index += 1
+        if sample.kind != "position":
+            continue
+        rows = {}
+        for name, question in (("asked", sample.question), ("swapped", swap_pair(sample.question))):
+            text = processor.apply_chat_template(conversation(question), add_generation_prompt=True)
+            inputs = processor(images=sample.image, text=text, return_tensors="pt")
+            logits = model(**inputs).logits[0, -1].float()
+            probs = logits.softmax(-1)
+            rows[name] = probs[ids]
+            mass[name].append(sum(probs[ids[words.index(w)]] for w in offered_words(question)).item())
+            if name == "asked":
+                correct.append(tok.convert_ids_to_tokens(int(logits.argmax())) == sample.answer)
+        moved.append(0.5 * (rows["asked"] - rows["swapped"]).abs().sum().item())
+    return {"questions": questions, "offered_mass_asked": sum(mass["asked"]) / questions,
+            "offered_mass_swapped": sum(mass["swapped"]) / questions,
+            "total_variation": sum(moved) / questions, "accuracy": sum(correct) / questions}
+
+
+def load(model_path: str):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model = LlavaForConditionalGeneration.from_pretrained(model_path).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
+    return LlavaForConditionalGeneration.from_pretrained(model_path).eval(), AutoProcessor.from_pretrained(model_path)
+
+
+def probe(model_path: str, scenes: int = 120, seed: int = 0, tower_layers: bool = False) -> dict:
+    """{where: {target: fit_probe result}} for a checkpoint folder."""
+    model, processor = load(model_path)
     features, labels, owner = object_patch_features(model, processor, scenes, seed, tower_layers)
     torch.manual_seed(seed)
     fit = torch.isin(owner, torch.randperm(scenes)[: int(0.7 * scenes)])
@@ -86,10 +142,20 @@ def probe_main(argv: list[str]) -> int:
     parser.add_argument("--scenes", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tower-layers", action="store_true", help="also probe the vision tower's hidden states")
+    parser.add_argument("--pair-swap", type=int, default=0, metavar="N",
+                        help="instead: does the answer read the offered pair? (N validation position questions)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pair_swap:
+        result = pair_swap(*load(args.model), args.pair_swap, args.seed)
+        print(json.dumps(result) if args.json else
+              f"{args.pair_swap} validation position questions: offered-pair probability "
+              f"{result['offered_mass_asked']:.3f} as asked, {result['offered_mass_swapped']:.3f} with the "
+              f"pair swapped; total variation between the two over left/right/top/bottom "
+              f"{result['total_variation']:.3f}; accuracy as asked {result['accuracy']:.3f}")
+        return 0
     results = probe(args.model, args.scenes, args.seed, args.tower_layers)
     if args.json:
         print(json.dumps(results))

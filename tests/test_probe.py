@@ -1,10 +1,11 @@
 import json
 
+import pytest
 import torch
 
 from model import data
 from model.cli import main
-from model.probe import PROBED, fit_probe, object_patch_features
+from model.probe import PROBED, fit_probe, object_patch_features, offered_words, pair_swap, swap_pair
 
 
 def test_a_probe_reads_a_linearly_coded_label_and_scores_held_out_rows_only():
@@ -42,3 +43,21 @@ def test_probe_command_reports_every_target(tiny_checkpoint, capsys):
     assert main(["probe", "--model", str(tiny_checkpoint), "--scenes", "4"]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[2] == "|---|---|---|---|---|" and table[3].startswith("| projector | ")
+
+
+def test_the_pair_swap_offers_the_other_pair_and_nothing_else():
+    question = "is the red circle on the left or right ?"
+    swapped = swap_pair(question)
+    assert swapped == "is the red circle at the top or bottom ?" and swap_pair(swapped) == question
+    assert offered_words(question) == ("left", "right") and offered_words(swapped) == ("top", "bottom")
+    with pytest.raises(ValueError):
+        swap_pair("what color is the circle ?")
+
+
+def test_pair_swap_asks_two_different_questions_and_reports_probabilities(engine, tiny_checkpoint, capsys):
+    result = pair_swap(engine.model, engine.processor, questions=3)
+    assert result["questions"] == 3
+    assert all(0 < result[k] < 1 for k in ("offered_mass_asked", "offered_mass_swapped"))
+    assert 0 < result["total_variation"] <= 1  # a random decoder still sees that the prompts differ
+    assert main(["probe", "--model", str(tiny_checkpoint), "--pair-swap", "2", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == set(result)
