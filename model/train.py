@@ -59,6 +59,9 @@ apart (`redraw_rows`). The shipped decoder's four position answers had collapsed
 or "top or bottom": the logits matched to three decimals with the pair swapped, after 600
 more steps with `--choices-weight` and 150 without any attention loss alike.
 
+`--state-weight W` trains `StateHeads` on the final state of the row that predicts the answer:
+which pair of answers the question offers, and the asked object's image halves.
+
 `--late-drop P` makes a share P of the full-token steps lose visual tokens late: from a random
 layer in [L/2, L) a random 0, 1/4 or 1/2 of them survive, chosen at random (`late_drop_plan`).
 A decoder that only ever saw all 576 tokens in every layer answers from them late, and every
@@ -124,6 +127,7 @@ class TrainConfig:
     ask_layer: int = 0
     choices_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --ask-layer onto the offered answers
     lookup_weight: float = 0.0  # > 0: supervise each object word's layer-0 attention onto the objects it names
+    state_weight: float = 0.0  # > 0: the last prompt token's final state names the offered pair and the asked object's halves (StateHeads)
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
     curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
@@ -189,6 +193,51 @@ class AuxHeads(nn.Module):
             total = total + weight * (ce[~positive].mean() + (ce[positive].mean() if positive.any() else 0.0))
             hits = (logits.argmax(-1) == targets[name]).flatten()[positive]
             stats[f"aux_{name}_recall"] = hits.float().mean().item() if positive.any() else 0.0
+        return total, stats
+
+
+class StateHeads(nn.Module):
+    """Linear classifiers on the decoder's final (normed) state at the last prompt token, the state
+    ``lm_head`` reads the answer from (not part of the exported model). ``pair``: which answers
+    the question offers (0 none, 1 "left or right", 2 "top or bottom"), on every question;
+    ``across`` / ``updown``: which image half the asked object lies in, on position questions.
+
+    Why: in the shipped decoder the offered pair was linearly readable at the last prompt token
+    after layer 1 (probe 1.0, 16 % of the state's norm between the pairs) and faded with depth
+    (3 % after the final norm), and the four position rows of ``lm_head`` had collapsed onto one:
+    rows only part along features that differ between answers, and those only grow along rows
+    that differ. These heads make the final state carry both halves of a position answer, so
+    that the answer rows have something to part along."""
+
+    CLASSES = {"pair": 3, "across": 2, "updown": 2}
+
+    def __init__(self, width: int):
+        super().__init__()
+        for name, classes in self.CLASSES.items():
+            self.add_module(name, nn.Linear(width, classes))
+
+    @staticmethod
+    def targets(samples: list[data.Sample]) -> dict[str, torch.Tensor]:
+        """Class ids per sample; -100 (ignored) for the halves of a question that is not about position."""
+        pair, across, updown = [], [], []
+        for s in samples:
+            position = s.kind == "position"
+            pair.append(0 if not position else 1 if s.answer in ("left", "right") else 2)
+            x, y = s.objects[s.query[0]].centroid if position else (0.0, 0.0)
+            across.append(int(x >= data.IMAGE_SIZE / 2) if position else -100)
+            updown.append(int(y >= data.IMAGE_SIZE / 2) if position else -100)
+        return {"pair": torch.tensor(pair), "across": torch.tensor(across), "updown": torch.tensor(updown)}
+
+    def loss(self, states: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """states (B, width); the summed cross-entropies (a head with no labelled row adds 0) and recalls."""
+        total, stats = states.new_zeros(()), {}
+        for name in self.CLASSES:
+            labelled = targets[name] != -100
+            if not labelled.any():
+                continue
+            logits = getattr(self, name)(states[labelled].float())
+            total = total + F.cross_entropy(logits, targets[name][labelled])
+            stats[f"state_{name}_recall"] = (logits.argmax(-1) == targets[name][labelled]).float().mean().item()
         return total, stats
 
 
@@ -259,6 +308,10 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
         for name in data.PATCH_TARGETS:
             batch[name] = torch.from_numpy(np.stack([t[name].reshape(-1) for t in targets]))
     batch["labels"] = labels
+    # the row that predicts the answer word, counted from the end: it survives every token reduction
+    batch["answer_from_end"] = (batch["attention_mask"] == 0).sum(1) + (labels != -100).sum(1) + 1
+    if not clips:
+        batch["state"] = StateHeads.targets(samples)
     batch["query"] = [data.query_patches(s) for s in samples]
     prompt_ids = [batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())] for row in range(len(samples))]
     object_words = torch.tensor([i for i in tok.convert_tokens_to_ids(data.object_words()) if i != tok.unk_token_id])
@@ -320,13 +373,27 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engine: DuetLlava,
                    duet: Plan | None = None, supervised: dict[str, Supervision] | None = None,
-                   generator: torch.Generator | None = None):
-    """(answer loss or None, auxiliary loss, {name: query attention loss or None}, aux stats) for
+                   generator: torch.Generator | None = None, state_heads: StateHeads | None = None):
+    """(answer loss or None, auxiliary loss, {name: supervised loss or None}, aux stats) for
     one batch. ``duet`` runs the answer forward with DUET's reductions under that plan (SPEC §2
     Training), or with a ``late_drop_plan`` whose random stage draws from ``generator``.
     ``supervised`` names the attentions scored by ``query_attention_loss`` (see
-    ``supervised_attention``). A clip batch (no patch targets) has neither auxiliary loss."""
+    ``supervised_attention``); with ``state_heads`` the dict also holds ``state``, their loss on
+    the final state of the row that predicts the answer. A clip batch (no patch targets) has
+    neither auxiliary loss."""
     supervised = supervised or {}
+    if with_answer and state_heads is not None and "state" in batch:
+        final = []
+        hook = engine.lm.norm.register_forward_hook(lambda _module, _args, output: final.append(output))
+        try:
+            loss, aux, attention, stats = forward_losses(model, heads, batch, with_answer, engine, duet, supervised,
+                                                         generator)
+        finally:
+            hook.remove()
+        rows = final[-1].shape[1] - batch["answer_from_end"]
+        states = final[-1][torch.arange(len(rows)), rows]
+        attention["state"], state_stats = state_heads.loss(states, batch["state"])
+        return loss, aux, attention, stats | state_stats
     if "colour" not in batch:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"], labels=batch["labels"])
@@ -606,17 +673,20 @@ def train_main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     model = build_model(spec, processor).train()
     heads = AuxHeads(spec.text_hidden, cfg.position_weight)
+    state_heads = StateHeads(spec.text_hidden) if cfg.state_weight > 0 else None
     engine = DuetLlava(model, processor, "training")
     duet = plan(ReductionConfig("duet", cfg.budget), engine.n_layers, engine.n_patches) if cfg.reduction == "duet" else None
     supervised = supervised_attention(cfg, engine)
-    weights = {name: getattr(cfg, f"{name}_weight") for name in supervised}
-    params = [*model.parameters(), *heads.parameters()]
+    weights = {name: getattr(cfg, f"{name}_weight") for name in [*supervised, "state"]}
+    params = [*model.parameters(), *heads.parameters(), *(state_heads.parameters() if state_heads else ())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, next_index, best_acc = 0, 0, -1.0
     init_grid_positions(model)
     if state:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
+        if state_heads is not None:
+            state_heads.load_state_dict(state["state_heads"])
         optimizer.load_state_dict(state["optimizer"])
         step, next_index, best_acc = state["step"], state["next_index"], state["best_acc"]
         torch.set_rng_state(state["torch_rng"])
@@ -650,6 +720,7 @@ def train_main(argv: list[str]) -> int:
 
     def checkpoint() -> None:
         save_state(state_path, model=model.state_dict(), heads=heads.state_dict(),
+                   state_heads=state_heads.state_dict() if state_heads is not None else None,
                    optimizer=optimizer.state_dict(), step=step, next_index=next_index, best_acc=best_acc,
                    torch_rng=torch.get_rng_state(), spec=asdict(spec), config=asdict(cfg))
 
@@ -676,7 +747,7 @@ def train_main(argv: list[str]) -> int:
             answer_loss, aux_loss, attention, stats = forward_losses(
                 model, heads, batch, with_answer=step >= cfg.pre_steps, engine=engine,
                 duet=late_drop_plan(engine, generator) if dropped else duet, supervised=supervised,
-                generator=generator)
+                generator=generator, state_heads=state_heads)
             if cfg.late_drop:
                 stats["late_drop"] = float(dropped)
         loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)

@@ -9,7 +9,7 @@ from model.budget import ReductionConfig
 from model.checkpoint import build_processor
 from model.engine import DuetLlava
 from model.checkpoint import TinyLlavaSpec, build_model
-from model.train import (VISION_PARTS, AuxHeads, TrainConfig, encode, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
+from model.train import (conversation, VISION_PARTS, AuxHeads, StateHeads, TrainConfig, encode, forward_losses, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
                          redraw_rows, train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
@@ -298,6 +298,49 @@ def test_training_with_position_heads_logs_their_recall(tmp_path):
     assert run(tmp_path, 2, "--pre-steps", "1", "--position-weight", "1") == 0
     log = (tmp_path / "train.log").read_text()
     assert "aux_across_recall" in log and "aux_updown_recall" in log
+
+
+def test_state_targets_name_the_offered_pair_and_the_asked_objects_halves():
+    samples = [data.sample(0, "val", i) for i in range(60)]
+    targets = StateHeads.targets(samples)
+    for s, pair, across, updown in zip(samples, *(targets[k].tolist() for k in ("pair", "across", "updown"))):
+        if s.kind != "position":
+            assert (pair, across, updown) == (0, -100, -100)
+            continue
+        offered = ("left", "right") if pair == 1 else ("top", "bottom")
+        assert s.answer in offered and " or ".join(offered) in s.question
+        assert s.answer == offered[across if pair == 1 else updown]
+    assert {1, 2} <= set(targets["pair"].tolist())
+
+
+class Recording(StateHeads):
+    def loss(self, states, targets):
+        self.seen = states.detach().clone()
+        return super().loss(states, targets)
+
+
+def test_state_heads_read_the_final_state_of_the_row_that_predicts_the_answer(trained):
+    model = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
+    processor = AutoProcessor.from_pretrained(trained / "shipped")
+    engine = DuetLlava(model, processor, "training")
+    samples = [data.sample(0, "val", i) for i in (0, 5, 7)]  # questions of different lengths pad differently
+    batch = encode(processor, samples, 0.3)
+    heads, state_heads = AuxHeads(model.config.text_config.hidden_size), Recording(model.config.text_config.hidden_size)
+    _, _, losses, stats = forward_losses(model, heads, batch, True, engine, state_heads=state_heads)
+    assert losses["state"] > 0 and "state_pair_recall" in stats
+    for row, sample in enumerate(samples):  # causal: the prompt alone ends in the same state
+        prompt = processor.apply_chat_template(conversation(sample.question), add_generation_prompt=True)
+        alone = model(**processor(images=sample.image, text=prompt, return_tensors="pt"), output_hidden_states=True)
+        assert torch.allclose(state_heads.seen[row], alone.hidden_states[-1][0, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "duet"])
+def test_training_with_state_heads_logs_their_loss_and_resumes(tmp_path, reduction):
+    assert run(tmp_path, 3, "--state-weight", "1", "--reduction", reduction, "--budget", "64") == 0
+    answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
+    assert answered and all(m["state_loss"] > 0 and 0 <= m["state_pair_recall"] <= 1 for m in answered)
+    assert run(tmp_path, 4, "--state-weight", "1", "--reduction", reduction, "--budget", "64") == 0
+    assert torch.load(tmp_path / "state.pt", weights_only=False)["state_heads"] is not None
 
 
 def test_the_last_weights_are_exported_whatever_their_score(trained):
