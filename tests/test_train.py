@@ -343,6 +343,33 @@ def test_training_with_state_heads_logs_their_loss_and_resumes(tmp_path, reducti
     assert torch.load(tmp_path / "state.pt", weights_only=False)["state_heads"] is not None
 
 
+@pytest.mark.parametrize("reduction", ["none", "duet"])
+def test_v2v_loss_scores_the_attention_v2v_ranks_by(trained, reduction):
+    from model.budget import plan
+    from model.engine import Timer
+
+    model = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
+    processor = AutoProcessor.from_pretrained(trained / "shipped")
+    engine = DuetLlava(model, processor, "training")
+    samples = [data.sample(0, "val", i) for i in range(3)]
+    batch = encode(processor, samples, 0.3)
+    duet = plan(ReductionConfig("duet", 64), engine.n_layers, engine.n_patches)
+    _, _, losses, stats = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), batch, True, engine,
+                                         duet if reduction == "duet" else None, v2v=True)
+    with torch.no_grad():
+        visual = engine.reduce(engine.vision_states(batch["pixel_values"]), duet, Timer(engine.device))
+    shares = [torch.tensor(f["scores"])[batch["colour"][b] > 0].sum() for b, f in enumerate(visual.frames)]
+    assert stats["v2v_object_share"] == pytest.approx(torch.stack(shares).mean().item(), abs=1e-5)
+    assert losses["v2v"].item() == pytest.approx(-torch.stack(shares).log().mean().item(), abs=1e-4)
+    assert losses["v2v"].requires_grad
+
+
+def test_training_with_v2v_supervision_logs_its_loss(tmp_path):
+    assert run(tmp_path, 3, "--v2v-weight", "1") == 0
+    answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
+    assert answered and all(m["v2v_loss"] > 0 and 0 < m["v2v_object_share"] < 1 for m in answered)
+
+
 def test_the_last_weights_are_exported_whatever_their_score(trained):
     final = json.loads((trained / "final" / "training.json").read_text())
     assert final["step"] == 4 and final["config"]["steps"] == 4
