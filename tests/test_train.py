@@ -5,12 +5,12 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from model import data
-from model.budget import ReductionConfig
+from model.budget import ReductionConfig, plan
 from model.checkpoint import build_processor
-from model.engine import DuetLlava
+from model.engine import DuetLlava, Timer
 from model.checkpoint import TinyLlavaSpec, build_model
-from model.train import (conversation, VISION_PARTS, AuxHeads, StateHeads, TrainConfig, encode, forward_losses, exported_accuracy, init_grid_positions, lr_at, max_objects_at,
-                         redraw_rows, train_main)
+from model.train import (VISION_PARTS, AuxHeads, StateHeads, TrainConfig, conversation, encode, exported_accuracy,
+                         forward_losses, init_grid_positions, lr_at, max_objects_at, redraw_rows, train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
         "--text-hidden", "16", "--text-layers", "12", "--text-heads", "2", "--text-kv-heads", "1",
@@ -345,9 +345,6 @@ def test_training_with_state_heads_logs_their_loss_and_resumes(tmp_path, reducti
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
 def test_v2v_loss_scores_the_attention_v2v_ranks_by(trained, reduction):
-    from model.budget import plan
-    from model.engine import Timer
-
     model = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
     processor = AutoProcessor.from_pretrained(trained / "shipped")
     engine = DuetLlava(model, processor, "training")
