@@ -268,6 +268,18 @@ class DuetLlava:
             states.append(h)
         return tuple(states)
 
+    def cls_scores(self, before: torch.Tensor, tower=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys (F, H, 1 + P, hd), CLS attention on each patch (F, P)) at the vision layer V2V
+        scores with, from that layer's input ``before`` (F, 1 + P, d): what V2V ranks and
+        clusters by, and what the trainer's ``--v2v-weight`` supervises."""
+        layer = (tower or self.vision).encoder.layers[self.feature_index - 1]
+        attn = layer.self_attn
+        x = layer.layer_norm1(before)
+        n_frames, n_tokens, _ = x.shape
+        keys = attn.k_proj(x).view(n_frames, n_tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
+        query_cls = attn.q_proj(x[:, 0]).view(n_frames, attn.num_heads, attn.head_dim)
+        return keys, torch.stack([cls_attention(query_cls[f], keys[f], attn.scale) for f in range(n_frames)])
+
     def reduce(self, hidden: tuple[torch.Tensor, ...], p: Plan, timer: Timer, route: Route | None = None) -> Visual:
         """V2V (or VisionZip) merge per frame on the tower's states, then the projector. With
         ``route.cls_kept`` (Video-LLaVA clips) each frame's CLS token goes first and is never merged:
@@ -280,14 +292,8 @@ class DuetLlava:
         else:
             started = timer.start()
             merged, records = [], []
-            layer = route.tower.encoder.layers[self.feature_index - 1]
-            attn = layer.self_attn
-            x = layer.layer_norm1(hidden[self.feature_index - 1])
-            n_frames, n_tokens, _ = x.shape
-            keys = attn.k_proj(x).view(n_frames, n_tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-            query_cls = attn.q_proj(x[:, 0]).view(n_frames, attn.num_heads, attn.head_dim)
-            for f in range(n_frames):
-                scores = cls_attention(query_cls[f], keys[f], attn.scale)
+            keys, frame_scores = self.cls_scores(hidden[self.feature_index - 1], route.tower)
+            for f, scores in enumerate(frame_scores):
                 head_mean_keys = keys[f, :, 1:].mean(dim=0)
                 if p.method == "visionzip":
                     m = visionzip_merge(features[f], head_mean_keys, scores, p.k1, p.k2)

@@ -104,7 +104,6 @@ from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
-from .v2v import cls_attention
 from .train_reduce import Marks, Supervision, marked_rows, reduced_loss, supervised_losses
 
 
@@ -465,19 +464,12 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
 
 def v2v_object_loss(engine: DuetLlava, before: torch.Tensor, on_object: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(-log of the CLS attention share on object patches, mean over images; that share) at the
-    layer V2V scores with, recomputed from that layer's input ``before`` (B, 1 + P, d) exactly as
-    ``engine.reduce`` does. ``on_object`` (B, P) marks the patches an object covers. V2V keeps
+    layer V2V scores with, from that layer's input ``before`` (B, 1 + P, d) by
+    ``engine.cls_scores``, as ``engine.reduce`` does. ``on_object`` (B, P) marks the patches an object covers. V2V keeps
     and clusters by this attention before the LLM sees a token, and nothing else trains it: a
     tower taught on object windows by per-patch heads alone (`pos-scratch2`) lost 21 % of its
     full-token accuracy at VisionZip 64, where the shipped tower lost 7 %."""
-    layer = engine.vision.encoder.layers[engine.feature_index - 1]
-    attn = layer.self_attn
-    x = layer.layer_norm1(before)
-    batch, tokens, _ = x.shape
-    keys = attn.k_proj(x).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-    query_cls = attn.q_proj(x[:, 0]).view(batch, attn.num_heads, attn.head_dim)
-    scores = torch.stack([cls_attention(query_cls[b], keys[b], attn.scale) for b in range(batch)])
-    share = (scores * on_object).sum(1)
+    share = (engine.cls_scores(before)[1] * on_object).sum(1)
     return -share.clamp_min(1e-6).log().mean(), share.mean().item()
 
 
