@@ -27,7 +27,7 @@ from transformers import (
 
 from . import flops as F
 from .budget import Plan, ReductionConfig, average, plan
-from .t2v import attention_mass, keep_top, salient_spans, tokens_overlapping
+from .t2v import attention_probs, keep_top, salient_spans, tokens_overlapping
 from .v2v import cls_attention, duet_merge, visionzip_merge
 from .video_llava import Route, VideoLlavaInputs
 
@@ -363,8 +363,8 @@ class DuetLlava:
             blocked, torch.finfo(self.dtype).min
         )[None, None]
 
-    def _scores(self, layer, h, rope, pos, query_rows, visual_rows) -> torch.Tensor:
-        """Attention mass that ``query_rows`` pay each visual row at ``layer`` (its own q/k)."""
+    def _probs(self, layer, h, rope, pos, query_rows) -> torch.Tensor:
+        """(H, Q, T) causal softmax attention of ``query_rows`` over every row at ``layer`` (its own q/k)."""
         attn = layer.self_attn
         x = layer.input_layernorm(h)[0]
         hd = attn.head_dim
@@ -373,7 +373,11 @@ class DuetLlava:
         k = attn.k_proj(x).view(1, x.shape[0], -1, hd).transpose(1, 2)
         q = self._apply_rope(q, q, cos[:, query_rows], sin[:, query_rows])[0]
         k = self._apply_rope(k, k, cos, sin)[1]
-        return attention_mass(q[0], k[0], pos[query_rows], pos, visual_rows, attn.scaling)
+        return attention_probs(q[0], k[0], pos[query_rows], pos, attn.scaling)
+
+    def _scores(self, layer, h, rope, pos, query_rows, visual_rows) -> torch.Tensor:
+        """Attention mass that ``query_rows`` pay each visual row at ``layer``, mean over heads and rows."""
+        return self._probs(layer, h, rope, pos, query_rows)[..., visual_rows].mean(dim=(0, 1))
 
     def prefill(
         self,

@@ -61,26 +61,24 @@ def tokens_overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, in
     ]
 
 
-def attention_mass(
+def attention_probs(
     queries: torch.Tensor,
     keys: torch.Tensor,
     query_positions: torch.Tensor,
     key_positions: torch.Tensor,
-    columns: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """Softmax attention of a few query rows over all keys, summed into ``columns``.
+    """Causal softmax attention of a few query rows over all keys, per head.
 
     queries: (H, Q, hd) after RoPE; keys: (Hkv, K, hd) after RoPE (GQA heads are shared);
     positions order the causal mask (a query sees keys at positions <= its own).
-    Returns (len(columns),): the attention mass on each column, mean over heads and query rows.
+    Returns (H, Q, K) probabilities.
     """
     n_heads, n_kv = queries.shape[0], keys.shape[0]
     keys = keys.repeat_interleave(n_heads // n_kv, dim=0)
     logits = torch.einsum("hqd,hkd->hqk", queries.float(), keys.float()) * scaling
     causal = key_positions[None, :] <= query_positions[:, None]
-    probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    return probs[..., columns].mean(dim=(0, 1))
+    return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
 def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:

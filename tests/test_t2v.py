@@ -1,6 +1,6 @@
 import torch
 
-from model.t2v import attention_mass, keep_top, salient_spans, tokens_overlapping
+from model.t2v import attention_probs, keep_top, salient_spans, tokens_overlapping
 
 
 def words(question, override=None):
@@ -30,24 +30,22 @@ def test_keep_top_returns_best_in_original_order():
     assert keep_top(scores, 99).tolist() == [0, 1, 2, 3, 4]
 
 
-def test_attention_mass_matches_a_dense_causal_softmax():
+def test_attention_probs_match_a_dense_causal_softmax():
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, length, hd = 4, 2, 12, 8
     q_all = torch.randn(heads, length, hd, generator=g)
     k = torch.randn(kv_heads, length, hd, generator=g)
     rows = torch.tensor([7, 11])
-    columns = torch.tensor([2, 3, 4, 5])
     positions = torch.arange(length)
-    mass = attention_mass(q_all[:, rows], k, positions[rows], positions, columns, hd**-0.5)
+    probs = attention_probs(q_all[:, rows], k, positions[rows], positions, hd**-0.5)
 
     k_full = k.repeat_interleave(2, 0)
     logits = q_all @ k_full.transpose(1, 2) * hd**-0.5
     logits = logits.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
-    expected = logits.softmax(-1)[:, rows][:, :, columns].mean((0, 1))
-    assert torch.allclose(mass, expected, atol=1e-6)
+    assert torch.allclose(probs, logits.softmax(-1)[:, rows], atol=1e-6)
 
 
-def test_attention_mass_respects_causality_with_gapped_positions():
+def test_attention_probs_respect_causality_with_gapped_positions():
     q, k = torch.randn(1, 1, 4), torch.randn(1, 3, 4)
-    mass = attention_mass(q, k, torch.tensor([5]), torch.tensor([2, 5, 9]), torch.tensor([2]), 0.5)
-    assert float(mass) == 0.0
+    probs = attention_probs(q, k, torch.tensor([5]), torch.tensor([2, 5, 9]), 0.5)
+    assert probs[0, 0, 2] == 0.0 and torch.isclose(probs.sum(), torch.tensor(1.0))
