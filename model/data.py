@@ -78,6 +78,12 @@ class SceneObject:
         ys, xs = np.nonzero(self.mask)
         return float(xs.mean()), float(ys.mean())
 
+    def centre_patch(self, patch: int = PATCH_SIZE) -> int:
+        """Index (row-major in the patch grid) of the patch holding the mask's centroid: one
+        patch per object, what counting can count."""
+        x, y = self.centroid
+        return int(y) // patch * (IMAGE_SIZE // patch) + int(x) // patch
+
 
 @dataclass
 class Sample:
@@ -324,8 +330,7 @@ def patch_labels(objects: list[SceneObject], min_coverage: float = 0.3, patch: i
     }
     for name, ids in per_object.items():
         labels[name][covered] = np.asarray(ids)[best[covered]]
-    for x, y in centroids:
-        labels["centre"][int(y) // patch, int(x) // patch] = 1
+    labels["centre"].reshape(-1)[[o.centre_patch(patch) for o in objects]] = 1
     return labels
 
 

@@ -104,7 +104,7 @@ from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
-from .train_reduce import Marks, Supervision, marked_rows, reduced_loss, supervised_losses
+from .train_reduce import Marks, Supervision, count_targets, marked_rows, reduced_loss, supervised_losses
 
 
 @dataclass
@@ -131,6 +131,9 @@ class TrainConfig:
     ask_layer: int = 0
     choices_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --ask-layer onto the offered answers
     lookup_weight: float = 0.0  # > 0: supervise each object word's layer-0 attention onto the objects it names
+    count_weight: float = 0.0  # > 0: on count questions, one head's attention of the last prompt token (count_attention_loss)
+    count_layer: int = 2
+    count_head: int = 0
     v2v_weight: float = 0.0  # > 0: push the tower's CLS attention at V2V's scoring layer onto object patches (v2v_object_loss)
     state_weight: float = 0.0  # > 0: the last prompt token's final state names the offered pair and the asked object's halves (StateHeads)
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
@@ -318,6 +321,7 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
     if not clips:
         batch["state"] = StateHeads.targets(samples)
     batch["query"] = [data.query_patches(s) for s in samples]
+    batch["centres"] = [[s.objects[i].centre_patch() for i in s.query] if s.kind == "count" else None for s in samples]
     prompt_ids = [batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())] for row in range(len(samples))]
     object_words = torch.tensor([i for i in tok.convert_tokens_to_ids(data.object_words()) if i != tok.unk_token_id])
     batch["asked"] = [torch.nonzero(torch.isin(ids, object_words)).flatten().tolist()  # the prompt's colour/shape words
@@ -423,7 +427,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         loss, _, every_patch, attention = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
                                                        batch["labels"], batch["salient"], batch["query"],
                                                        supervised, batch["asked"], batch["named"], generator,
-                                                       batch["offered"])
+                                                       batch["offered"], batch["centres"])
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -454,8 +458,10 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         lookups = [(b, torch.tensor(at), torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(
                         0, torch.tensor(sorted(p), dtype=torch.long), True))
                    for b in range(len(ids)) for at, p in zip(batch["asked"][b], batch["named"][b])]
+        counted = count_targets([None if patches is None else [0] + torch.nonzero(is_visual[b]).flatten()[patches].tolist()
+                                 for b, patches in enumerate(batch["centres"])], present)
         marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query,
-                      marked_rows(batch["asked"], present), lookups, marked_rows(batch["offered"], present))
+                      marked_rows(batch["asked"], present), lookups, marked_rows(batch["offered"], present), counted)
         for index, (h, rope) in captured.items():
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
             attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
@@ -499,7 +505,9 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
     object early enough for later layers to read its attributes; ``ask``, the last prompt token at
     ``ask_layer`` onto the question's colour and shape words, so that it holds what to look for;
     ``choices``, the same token and layer onto the answers a position question offers;
-    ``lookup``, each colour and shape word at layer 0 onto the objects it names."""
+    ``lookup``, each colour and shape word at layer 0 onto the objects it names; ``count``, head
+    ``count_head`` of the last prompt token at ``count_layer`` onto the first token and the
+    counted objects' centroids, on count questions."""
     chosen = {}
     if cfg.attn_weight > 0:
         chosen["attn"] = Supervision(stage_layer(engine), False)
@@ -511,6 +519,8 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
         chosen["choices"] = Supervision(cfg.ask_layer, True, "choices")
     if cfg.lookup_weight > 0:
         chosen["lookup"] = Supervision(0, False, "named")
+    if cfg.count_weight > 0:
+        chosen["count"] = Supervision(cfg.count_layer, True, "count", cfg.count_head)
     return chosen
 
 
@@ -676,8 +686,10 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
         raise ValueError("--pre-crops must be 0 (whole images) or a window of 3..24 patches")
     if cfg.clip_every and cfg.clip_frames < 2:
         raise ValueError("--clip-frames must be at least 2")
-    if max(cfg.bind_layer, cfg.ask_layer) >= spec.text_layers // 2:
-        raise ValueError("--bind-layer and --ask-layer must come before the first stage layer (L/2)")
+    if max(cfg.bind_layer, cfg.ask_layer, cfg.count_layer) >= spec.text_layers // 2:
+        raise ValueError("--bind-layer, --ask-layer and --count-layer must come before the first stage layer (L/2)")
+    if not 0 <= cfg.count_head < spec.text_heads:
+        raise ValueError(f"--count-head must name one of the decoder's {spec.text_heads} heads")
     if spec.text_layers < 12 or spec.text_layers % 4:
         raise ValueError("text layers must be a multiple of 4 and >= 12 (stage layers at L/4, L/2, 3L/4)")
     if min(cfg.batch_size, cfg.steps, cfg.eval_samples, cfg.curriculum_steps, cfg.save_every,

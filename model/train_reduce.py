@@ -4,8 +4,8 @@ Rows are right-padded conversations with one image each. V2V merges every image 
 k1 + k2 tokens, so every row shrinks by the same amount; at each stage layer every row keeps the
 same number of visual tokens (its own top-ranked by its own salient text tokens, scored without
 gradient), so the batch stays rectangular and index gathers carry gradients for everything that
-survives. Right padding needs no attention mask under causal attention: real tokens never
-attend to the pad tokens after them. Kept tokens keep their position ids, as at inference.
+survives. Right padding needs no padding mask under causal attention (SDPA's own, or the
+engine's mask with eager attention): real tokens never attend to the pad tokens after them. Kept tokens keep their position ids, as at inference.
 
 ``query_attention_loss`` supervises what T2V ranks by: the salient rows' attention at the first
 stage layer, pushed onto the visual tokens of the objects the question is about (both training
@@ -37,7 +37,9 @@ class Supervision(NamedTuple):
     last_only: bool
     onto: str = "objects"  # "words": the question's colour and shape words; "choices": the answers a
     # position question offers; "named": each colour/shape word's row (not the salient rows) onto the
-    # objects that word names ("red": every red object)
+    # objects that word names ("red": every red object); "count": one head's whole distribution
+    # (count_attention_loss)
+    head: int = 0  # the head "count" supervises
 
 
 def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -65,6 +67,42 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
     return torch.stack(losses).mean() if losses else None
 
 
+def count_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                         pos: torch.Tensor, rows: list[torch.Tensor], present: torch.Tensor,
+                         targets: list[torch.Tensor | None], head: int) -> torch.Tensor | None:
+    """Mean over sequences with a target of the cross-entropy between ``targets[b]`` (a
+    distribution over b's present tokens) and head ``head``'s attention of row ``rows[b]`` at
+    ``layer``. None when no sequence has a target.
+
+    The target of a count question puts equal mass on the sequence's first token and on the
+    token showing each counted object's centroid patch: the head's output then holds the first
+    token's value with weight 1 / (n + 1), a number the later layers can read n from. Attention
+    spread over whole objects, as binding learns it, averages their features into one and says
+    nothing about how many there are."""
+    losses = []
+    for b, target in enumerate(targets):
+        if target is None:
+            continue
+        probs = engine._probs(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b], rows[b])
+        log_p = probs[head, 0, torch.nonzero(present[b]).flatten()].clamp_min(torch.finfo(probs.dtype).tiny).log()
+        losses.append(-(target * log_p).sum())
+    return torch.stack(losses).mean() if losses else None
+
+
+def count_targets(marked: list[list[int] | None], present: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per sequence, the count target over its present tokens: equal mass on each listed row (a
+    row listed twice, two centroids merged into one token, gets twice the mass); None stays None."""
+    targets = []
+    for b, rows in enumerate(marked):
+        if rows is None:
+            targets.append(None)
+            continue
+        mass = torch.zeros(present.shape[1], device=present.device)
+        mass.index_add_(0, torch.tensor(rows, device=present.device), torch.ones(len(rows), device=present.device))
+        targets.append(mass[present[b]] / len(rows))
+    return targets
+
+
 def marked_rows(rows_per_sequence: list[list[int]] | None, present: torch.Tensor,
                 index: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """Per sequence, bool per present token: is it at one of the given prompt positions. ``index``
@@ -90,6 +128,7 @@ class Marks(NamedTuple):
     on_words: list[torch.Tensor] | None  # per sequence, bool per present token: a colour/shape word
     lookups: list[tuple[int, torch.Tensor, torch.Tensor]] | None  # (sequence, word row, bool per visual token)
     on_choices: list[torch.Tensor] | None = None  # per sequence, bool per present token: an offered answer
+    counted: list[torch.Tensor | None] | None = None  # per sequence, the count target (count_targets) or None
 
 
 def supervised_losses(engine: DuetLlava, index: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -106,6 +145,9 @@ def supervised_losses(engine: DuetLlava, index: int, h: torch.Tensor, rope: tupl
                                                 [b for b, *_ in marks.lookups])
             continue
         rows = [r[-1:] for r in marks.salient] if s.last_only else marks.salient
+        if s.onto == "count":
+            losses[name] = count_attention_loss(engine, layer, h, rope, pos, rows, marks.present, marks.counted, s.head)
+            continue
         columns, marked = {"objects": (marks.is_visual, marks.on_query), "words": (marks.present, marks.on_words),
                            "choices": (marks.present, marks.on_choices)}[s.onto]
         losses[name] = query_attention_loss(engine, layer, h, rope, pos, rows, columns, marked)
@@ -116,7 +158,7 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                  labels: torch.Tensor, salient: list[list[int]], queried: list[set[int]] | None = None,
                  supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
                  named: list[list[set[int]]] | None = None, generator: torch.Generator | None = None,
-                 offered: list[list[int]] | None = None,
+                 offered: list[list[int]] | None = None, centres: list[list[int] | None] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
@@ -124,7 +166,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     ``salient[b]`` are row b's salient token positions in ``input_ids`` (engine rule); ``queried[b]``
     the patches of row b's queried objects (empty: none); ``asked[b]`` the positions of row b's
     object words, ``named[b]`` the patches of the objects each of them names, ``offered[b]`` the
-    positions of the answers its question offers; ``supervised`` the attentions to score against
+    positions of the answers its question offers, ``centres[b]`` the centroid patches of the objects
+    a count question counts (None for other questions); ``supervised`` the attentions to score against
     them (default: none). A stage whose ``query`` is "random"
     keeps a uniformly random choice of each row's visual tokens, drawn from ``generator`` (the
     trainer's ``--late-drop``: no method's ranking).
@@ -139,6 +182,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         raise ValueError("supervised attention onto or from words needs the asked word positions")
     if any(s.onto == "choices" for s in supervised.values()) and offered is None:
         raise ValueError("supervised attention onto the offered answers needs their positions")
+    if any(s.onto == "count" for s in supervised.values()) and centres is None:
+        raise ValueError("supervised counting attention needs the counted objects' centroid patches")
     if any(s.onto == "named" for s in supervised.values()) and named is None:
         raise ValueError("supervised attention onto named objects needs their patches")
     if any(s.query == "random" for s in p.stages) and generator is None:
@@ -180,9 +225,16 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     lookups = None if named is None else [  # (sequence, row of the word, bool per visual token)
         (b, new_index[b, at], covering(b, patches))
         for b in range(batch) for at, patches in zip(asked[b], named[b])]
+    def centre_rows(b: int, patches: list[int]) -> list[int]:
+        """The first row, then the row of the visual token representing each centroid patch."""
+        visual_rows = torch.nonzero(is_visual[b]).flatten()
+        return [0] + [int(visual_rows[covering(b, {p})].min()) for p in patches]
+
+    counted = None if centres is None else count_targets(
+        [None if patches is None else centre_rows(b, patches) for b, patches in enumerate(centres)], present)
     # no stage runs before a supervised layer, so rows are still positions and salient_pos the salient rows
     marks = Marks(salient_pos, is_visual, present, on_query, marked_rows(asked, present, new_index), lookups,
-                  marked_rows(offered, present, new_index))
+                  marked_rows(offered, present, new_index), counted)
     for index, layer in enumerate(lm.layers):
         attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
         if index in stage_at:
@@ -203,7 +255,7 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
             h = h.gather(1, gather[..., None].expand(-1, -1, h.shape[-1]))
             pos, is_visual, targets = pos.gather(1, gather), is_visual.gather(1, gather), targets.gather(1, gather)
             rope = lm.rotary_emb(h, pos)
-        h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rope)
+        h = layer(h, attention_mask=engine._mask(h.shape[1]), position_ids=pos, position_embeddings=rope)
     logits = engine.lm_head(lm.norm(h))
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
     return loss, tokens, every_patch, attention

@@ -408,3 +408,16 @@ def test_redraw_answers_applies_to_the_initial_model_and_needs_init_from(trained
     assert torch.allclose(started[others], source.lm_head.weight[others], atol=1e-6)
     with pytest.raises(ValueError):
         run(tmp_path / "alone", 1, "--redraw-answers", "left,right")
+
+
+@pytest.mark.parametrize("reduction", ["none", "duet"])
+def test_training_with_count_supervision_logs_its_loss_on_count_batches(tmp_path, reduction):
+    assert run(tmp_path, 4, "--count-weight", "1", "--count-layer", "1", "--count-head", "1",
+               "--reduction", reduction, "--budget", "64", "--batch-size", "8") == 0
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    counted = [m["count_loss"] for m in logged if "count_loss" in m]  # steps whose batch asks a count question
+    assert counted and all(loss > 0 for loss in counted)
+    assert not any("count_loss" in m for m in logged if "aux_loss" in m and "answer_loss" not in m)
+    for flags in (("--count-layer", "6"), ("--count-head", "4")):
+        with pytest.raises(ValueError):
+            run(tmp_path / "refused", 1, "--count-weight", "1", *flags)

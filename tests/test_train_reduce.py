@@ -12,7 +12,7 @@ from model import data
 from model.budget import Plan, ReductionConfig, Stage, plan
 from model.engine import DuetLlava
 from model.train import LATE_DROP_KEEPS, AuxHeads, encode, forward_losses, late_drop_plan, stage_layer
-from model.train_reduce import Supervision, reduced_loss
+from model.train_reduce import Supervision, count_targets, reduced_loss
 
 def batch(engine):
     """Two right-padded training rows built by the trainer's own encoder."""
@@ -271,3 +271,78 @@ def test_late_drop_plans_are_random_late_and_reproducible(engine):
     assert loss(1) == loss(1) and loss(1) != loss(2)
     with pytest.raises(ValueError):
         reduced_loss(engine, late_stage(engine, 16, 0), enc["input_ids"], enc["pixel_values"], labels, salient)
+
+
+def test_count_supervision_is_the_cross_entropy_of_one_stock_head_against_first_token_and_centroids(tiny_checkpoint):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    engine = DuetLlava(model, processor, "eager")
+    pool = [data.sample(0, "train", i) for i in range(80)]
+    samples = [s for s in pool if s.kind == "count" and len(s.query) > 1][:1]
+    samples += [s for s in pool if s.kind == "count" and len(s.query) == 1][:1]
+    samples.append(next(s for s in pool if s.kind == "colour"))
+    enc = encode(processor, samples, 0.3)
+    assert enc["centres"][2] is None
+    for s, centres in zip(samples[:2], enc["centres"]):
+        assert [data.patch_labels(s.objects)["centre"].reshape(-1)[p] for p in centres] == [1] * len(s.query)
+    layer, head = 2, 3
+    supervised = {"count": Supervision(layer, True, "count", head)}
+    lengths = enc["attention_mask"].sum(1) - (enc["labels"] != -100).sum(1)
+    with torch.no_grad():
+        _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
+                                       supervised=supervised)
+        *_, unreduced = reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"],
+                                     enc["pixel_values"], enc["labels"], enc["salient"], supervised=supervised,
+                                     centres=enc["centres"])
+        merged = model.model.language_model.embed_tokens(enc["input_ids"])
+        image = torch.cat(model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output)
+        merged = merged.masked_scatter((enc["input_ids"] == engine.image_token_id)[..., None].expand_as(merged), image)
+        expected = []
+        for b in range(2):
+            out = model.model.language_model(inputs_embeds=merged[b:b + 1], output_attentions=True)
+            probs = out.attentions[layer][0, head, int(lengths[b]) - 1]
+            image_at = int(torch.nonzero(enc["input_ids"][b] == engine.image_token_id)[0])
+            rows = [0] + [image_at + p for p in enc["centres"][b]]
+            expected.append(-probs[rows].log().mean())
+    assert full["count"].item() == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
+    assert unreduced["count"].item() == pytest.approx(full["count"].item(), rel=1e-4)
+    with pytest.raises(ValueError):
+        reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"], enc["pixel_values"],
+                     enc["labels"], enc["salient"], supervised=supervised)
+
+
+def test_count_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_share_one(engine):
+    present = torch.ones(2, 6, dtype=torch.bool)
+    present[1, 5] = False
+    targets = count_targets([[0, 2, 2, 4], None], present)
+    assert targets[1] is None
+    assert targets[0].tolist() == [0.25, 0, 0.5, 0, 0.25, 0]
+
+    samples = [s for s in (data.sample(0, "train", i) for i in range(80)) if s.kind == "count"][:2]
+    enc = encode(engine.processor, samples, 0.3)
+    captured = {}
+    real = count_targets
+
+    def spy(marked, present):
+        captured["rows"] = marked
+        return real(marked, present)
+
+    supervised = {"count": Supervision(2, True, "count", 0)}
+    import model.train_reduce as train_reduce
+    train_reduce.count_targets = spy
+    try:
+        with torch.no_grad():
+            _, tokens, _, losses = reduced_loss(engine, plan(ReductionConfig("duet", 64), engine.n_layers),
+                                                enc["input_ids"], enc["pixel_values"], enc["labels"], enc["salient"],
+                                                supervised=supervised, centres=enc["centres"])
+    finally:
+        train_reduce.count_targets = real
+    assert losses["count"] > 0
+    hidden = engine.vision_states(enc["pixel_values"])
+    from model.engine import Timer
+    visual = engine.reduce(hidden, plan(ReductionConfig("duet", 64), engine.n_layers), Timer(engine.device))
+    for b, rows in enumerate(captured["rows"]):
+        image_at = int(torch.nonzero(enc["input_ids"][b] == engine.image_token_id)[0])
+        assert rows[0] == 0 and len(rows) == 1 + len(enc["centres"][b])
+        for row, patch in zip(rows[1:], enc["centres"][b]):
+            assert patch in visual.frames[b]["token_patches"][row - image_at]
