@@ -104,7 +104,7 @@ from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
-from .train_reduce import Marks, Supervision, count_targets, marked_rows, reduced_loss, supervised_losses
+from .train_reduce import Marks, Supervision, marked_rows, reduced_loss, row_targets, supervised_losses
 
 
 @dataclass
@@ -131,9 +131,12 @@ class TrainConfig:
     ask_layer: int = 0
     choices_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --ask-layer onto the offered answers
     lookup_weight: float = 0.0  # > 0: supervise each object word's layer-0 attention onto the objects it names
-    count_weight: float = 0.0  # > 0: on count questions, one head's attention of the last prompt token (count_attention_loss)
+    count_weight: float = 0.0  # > 0: on count questions, one head's attention of the last prompt token (head_attention_loss)
     count_layer: int = 2
     count_head: int = 0
+    point_weight: float = 0.0  # > 0: on position questions, one head of the last prompt token onto the answer word it offers
+    point_layer: int = 2
+    point_head: int = 1
     v2v_weight: float = 0.0  # > 0: push the tower's CLS attention at V2V's scoring layer onto object patches (v2v_object_loss)
     state_weight: float = 0.0  # > 0: the last prompt token's final state names the offered pair and the asked object's halves (StateHeads)
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
@@ -330,6 +333,9 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
                       for row, (s, at) in enumerate(zip(samples, batch["asked"]))]
     choices = torch.tensor(tok.convert_tokens_to_ids(list(data.CHOICE_WORDS)))
     batch["offered"] = [torch.nonzero(torch.isin(ids, choices)).flatten().tolist() for ids in prompt_ids]
+    batch["pointed"] = [[at for at in offered if tok.convert_ids_to_tokens(int(ids[at])) == s.answer]
+                        if s.kind == "position" else None
+                        for s, ids, offered in zip(samples, prompt_ids, batch["offered"])]
     image_token = tok.convert_tokens_to_ids("<image>")
     batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
         salient_positions(tok, image_token, prompt, s.question, ids) for s, prompt, ids in zip(samples, prompts, prompt_ids)
@@ -427,7 +433,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         loss, _, every_patch, attention = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
                                                        batch["labels"], batch["salient"], batch["query"],
                                                        supervised, batch["asked"], batch["named"], generator,
-                                                       batch["offered"], batch["centres"])
+                                                       batch["offered"], batch["centres"], batch["pointed"])
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -458,10 +464,11 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         lookups = [(b, torch.tensor(at), torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(
                         0, torch.tensor(sorted(p), dtype=torch.long), True))
                    for b in range(len(ids)) for at, p in zip(batch["asked"][b], batch["named"][b])]
-        counted = count_targets([None if patches is None else [0] + torch.nonzero(is_visual[b]).flatten()[patches].tolist()
-                                 for b, patches in enumerate(batch["centres"])], present)
+        counted = row_targets([None if patches is None else [0] + torch.nonzero(is_visual[b]).flatten()[patches].tolist()
+                               for b, patches in enumerate(batch["centres"])], present)
         marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query,
-                      marked_rows(batch["asked"], present), lookups, marked_rows(batch["offered"], present), counted)
+                      marked_rows(batch["asked"], present), lookups, marked_rows(batch["offered"], present), counted,
+                      row_targets(batch["pointed"], present))
         for index, (h, rope) in captured.items():
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
             attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
@@ -507,7 +514,9 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
     ``choices``, the same token and layer onto the answers a position question offers;
     ``lookup``, each colour and shape word at layer 0 onto the objects it names; ``count``, head
     ``count_head`` of the last prompt token at ``count_layer`` onto the first token and the
-    counted objects' centroids, on count questions."""
+    counted objects' centroids, on count questions; ``point``, head ``point_head`` of the same
+    token at ``point_layer`` onto the question's own copy of a position question's answer
+    (``train_reduce.head_attention_loss`` has both targets)."""
     chosen = {}
     if cfg.attn_weight > 0:
         chosen["attn"] = Supervision(stage_layer(engine), False)
@@ -521,6 +530,8 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
         chosen["lookup"] = Supervision(0, False, "named")
     if cfg.count_weight > 0:
         chosen["count"] = Supervision(cfg.count_layer, True, "count", cfg.count_head)
+    if cfg.point_weight > 0:
+        chosen["point"] = Supervision(cfg.point_layer, True, "point", cfg.point_head)
     return chosen
 
 
@@ -686,10 +697,13 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
         raise ValueError("--pre-crops must be 0 (whole images) or a window of 3..24 patches")
     if cfg.clip_every and cfg.clip_frames < 2:
         raise ValueError("--clip-frames must be at least 2")
-    if max(cfg.bind_layer, cfg.ask_layer, cfg.count_layer) >= spec.text_layers // 2:
-        raise ValueError("--bind-layer, --ask-layer and --count-layer must come before the first stage layer (L/2)")
-    if not 0 <= cfg.count_head < spec.text_heads:
-        raise ValueError(f"--count-head must name one of the decoder's {spec.text_heads} heads")
+    if max(cfg.bind_layer, cfg.ask_layer, cfg.count_layer, cfg.point_layer) >= spec.text_layers // 2:
+        raise ValueError("--bind-layer, --ask-layer, --count-layer and --point-layer must come before the first "
+                         "stage layer (L/2)")
+    if not (0 <= cfg.count_head < spec.text_heads and 0 <= cfg.point_head < spec.text_heads):
+        raise ValueError(f"--count-head and --point-head must name one of the decoder's {spec.text_heads} heads")
+    if cfg.count_weight and cfg.point_weight and (cfg.count_layer, cfg.count_head) == (cfg.point_layer, cfg.point_head):
+        raise ValueError("--count-weight and --point-weight supervise the same head: give them different heads")
     if spec.text_layers < 12 or spec.text_layers % 4:
         raise ValueError("text layers must be a multiple of 4 and >= 12 (stage layers at L/4, L/2, 3L/4)")
     if min(cfg.batch_size, cfg.steps, cfg.eval_samples, cfg.curriculum_steps, cfg.save_every,

@@ -37,9 +37,9 @@ class Supervision(NamedTuple):
     last_only: bool
     onto: str = "objects"  # "words": the question's colour and shape words; "choices": the answers a
     # position question offers; "named": each colour/shape word's row (not the salient rows) onto the
-    # objects that word names ("red": every red object); "count": one head's whole distribution
-    # (count_attention_loss)
-    head: int = 0  # the head "count" supervises
+    # objects that word names ("red": every red object); "count" and "point": one head's whole
+    # distribution (head_attention_loss)
+    head: int = 0  # the head "count" and "point" supervise
 
 
 def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -67,18 +67,22 @@ def query_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
     return torch.stack(losses).mean() if losses else None
 
 
-def count_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                         pos: torch.Tensor, rows: list[torch.Tensor], present: torch.Tensor,
-                         targets: list[torch.Tensor | None], head: int) -> torch.Tensor | None:
+def head_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                        pos: torch.Tensor, rows: list[torch.Tensor], present: torch.Tensor,
+                        targets: list[torch.Tensor | None], head: int) -> torch.Tensor | None:
     """Mean over sequences with a target of the cross-entropy between ``targets[b]`` (a
     distribution over b's present tokens) and head ``head``'s attention of row ``rows[b]`` at
-    ``layer``. None when no sequence has a target.
+    ``layer``. None when no sequence has a target. Two targets use it:
 
-    The target of a count question puts equal mass on the sequence's first token and on the
-    token showing each counted object's centroid patch: the head's output then holds the first
-    token's value with weight 1 / (n + 1), a number the later layers can read n from. Attention
-    spread over whole objects, as binding learns it, averages their features into one and says
-    nothing about how many there are."""
+    - count: equal mass on the sequence's first token and on the token showing each counted
+      object's centroid patch. The head's output then holds the first token's value with weight
+      1 / (n + 1), a number the later layers can read n from. Attention spread over whole
+      objects, as binding learns it, averages their features into one and says nothing about how
+      many there are.
+    - point: all mass on the question's own copy of the answer to a position question ("is the
+      red circle on the left or right ?" -> the row of "left"). The query has to match the bound
+      object's half to a word, and only the offered pair is there to match: the head copies an
+      answer the question itself offers."""
     losses = []
     for b, target in enumerate(targets):
         if target is None:
@@ -89,9 +93,10 @@ def count_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[
     return torch.stack(losses).mean() if losses else None
 
 
-def count_targets(marked: list[list[int] | None], present: torch.Tensor) -> list[torch.Tensor | None]:
-    """Per sequence, the count target over its present tokens: equal mass on each listed row (a
-    row listed twice, two centroids merged into one token, gets twice the mass); None stays None."""
+def row_targets(marked: list[list[int] | None], present: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per sequence, a ``head_attention_loss`` target over its present tokens: equal mass on each
+    listed row (a row listed twice, e.g. two centroids merged into one token, gets twice the
+    mass); None stays None."""
     targets = []
     for b, rows in enumerate(marked):
         if rows is None:
@@ -128,7 +133,8 @@ class Marks(NamedTuple):
     on_words: list[torch.Tensor] | None  # per sequence, bool per present token: a colour/shape word
     lookups: list[tuple[int, torch.Tensor, torch.Tensor]] | None  # (sequence, word row, bool per visual token)
     on_choices: list[torch.Tensor] | None = None  # per sequence, bool per present token: an offered answer
-    counted: list[torch.Tensor | None] | None = None  # per sequence, the count target (count_targets) or None
+    counted: list[torch.Tensor | None] | None = None  # per sequence, the count target (row_targets) or None
+    pointed: list[torch.Tensor | None] | None = None  # per sequence, the point target (row_targets) or None
 
 
 def supervised_losses(engine: DuetLlava, index: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -145,8 +151,9 @@ def supervised_losses(engine: DuetLlava, index: int, h: torch.Tensor, rope: tupl
                                                 [b for b, *_ in marks.lookups])
             continue
         rows = [r[-1:] for r in marks.salient] if s.last_only else marks.salient
-        if s.onto == "count":
-            losses[name] = count_attention_loss(engine, layer, h, rope, pos, rows, marks.present, marks.counted, s.head)
+        if s.onto in ("count", "point"):
+            losses[name] = head_attention_loss(engine, layer, h, rope, pos, rows, marks.present,
+                                               marks.counted if s.onto == "count" else marks.pointed, s.head)
             continue
         columns, marked = {"objects": (marks.is_visual, marks.on_query), "words": (marks.present, marks.on_words),
                            "choices": (marks.present, marks.on_choices)}[s.onto]
@@ -159,6 +166,7 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                  supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
                  named: list[list[set[int]]] | None = None, generator: torch.Generator | None = None,
                  offered: list[list[int]] | None = None, centres: list[list[int] | None] | None = None,
+                 pointed: list[list[int] | None] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
@@ -167,7 +175,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     the patches of row b's queried objects (empty: none); ``asked[b]`` the positions of row b's
     object words, ``named[b]`` the patches of the objects each of them names, ``offered[b]`` the
     positions of the answers its question offers, ``centres[b]`` the centroid patches of the objects
-    a count question counts (None for other questions); ``supervised`` the attentions to score against
+    a count question counts and ``pointed[b]`` the positions of the answer word in a position
+    question (None for other questions); ``supervised`` the attentions to score against
     them (default: none). A stage whose ``query`` is "random"
     keeps a uniformly random choice of each row's visual tokens, drawn from ``generator`` (the
     trainer's ``--late-drop``: no method's ranking).
@@ -184,6 +193,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         raise ValueError("supervised attention onto the offered answers needs their positions")
     if any(s.onto == "count" for s in supervised.values()) and centres is None:
         raise ValueError("supervised counting attention needs the counted objects' centroid patches")
+    if any(s.onto == "point" for s in supervised.values()) and pointed is None:
+        raise ValueError("supervised pointing attention needs the answer word's positions")
     if any(s.onto == "named" for s in supervised.values()) and named is None:
         raise ValueError("supervised attention onto named objects needs their patches")
     if any(s.query == "random" for s in p.stages) and generator is None:
@@ -230,11 +241,13 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         visual_rows = torch.nonzero(is_visual[b]).flatten()
         return [0] + [int(visual_rows[covering(b, {p})].min()) for p in patches]
 
-    counted = None if centres is None else count_targets(
+    counted = None if centres is None else row_targets(
         [None if patches is None else centre_rows(b, patches) for b, patches in enumerate(centres)], present)
+    pointed_rows = None if pointed is None else row_targets(
+        [None if at is None else new_index[b, torch.tensor(at)].tolist() for b, at in enumerate(pointed)], present)
     # no stage runs before a supervised layer, so rows are still positions and salient_pos the salient rows
     marks = Marks(salient_pos, is_visual, present, on_query, marked_rows(asked, present, new_index), lookups,
-                  marked_rows(offered, present, new_index), counted)
+                  marked_rows(offered, present, new_index), counted, pointed_rows)
     for index, layer in enumerate(lm.layers):
         attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
         if index in stage_at:

@@ -411,13 +411,15 @@ def test_redraw_answers_applies_to_the_initial_model_and_needs_init_from(trained
 
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
-def test_training_with_count_supervision_logs_its_loss_on_count_batches(tmp_path, reduction):
-    assert run(tmp_path, 4, "--count-weight", "1", "--count-layer", "1", "--count-head", "1",
+def test_training_with_count_and_point_supervision_logs_their_losses(tmp_path, reduction):
+    assert run(tmp_path, 4, "--count-weight", "1", "--count-layer", "1", "--count-head", "1", "--point-weight", "1",
                "--reduction", reduction, "--budget", "64", "--batch-size", "8") == 0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    counted = [m["count_loss"] for m in logged if "count_loss" in m]  # steps whose batch asks a count question
-    assert counted and all(loss > 0 for loss in counted)
-    assert not any("count_loss" in m for m in logged if "aux_loss" in m and "answer_loss" not in m)
-    for flags in (("--count-layer", "6"), ("--count-head", "4")):
+    for name in ("count_loss", "point_loss"):  # logged on steps whose batch asks a count / position question
+        values = [m[name] for m in logged if name in m]
+        assert values and all(loss > 0 for loss in values)
+        assert not any(name in m for m in logged if "aux_loss" in m and "answer_loss" not in m)
+    for flags in (("--count-layer", "6"), ("--count-head", "4"), ("--point-layer", "6"),
+                  ("--point-weight", "1", "--point-head", "0", "--count-head", "0")):
         with pytest.raises(ValueError):
             run(tmp_path / "refused", 1, "--count-weight", "1", *flags)

@@ -12,7 +12,7 @@ from model import data
 from model.budget import Plan, ReductionConfig, Stage, plan
 from model.engine import DuetLlava
 from model.train import LATE_DROP_KEEPS, AuxHeads, encode, forward_losses, late_drop_plan, stage_layer
-from model.train_reduce import Supervision, count_targets, reduced_loss
+from model.train_reduce import Supervision, row_targets, reduced_loss
 
 def batch(engine):
     """Two right-padded training rows built by the trainer's own encoder."""
@@ -311,17 +311,17 @@ def test_count_supervision_is_the_cross_entropy_of_one_stock_head_against_first_
                      enc["labels"], enc["salient"], supervised=supervised)
 
 
-def test_count_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_share_one(engine):
+def test_row_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_share_one(engine):
     present = torch.ones(2, 6, dtype=torch.bool)
     present[1, 5] = False
-    targets = count_targets([[0, 2, 2, 4], None], present)
+    targets = row_targets([[0, 2, 2, 4], None], present)
     assert targets[1] is None
     assert targets[0].tolist() == [0.25, 0, 0.5, 0, 0.25, 0]
 
     samples = [s for s in (data.sample(0, "train", i) for i in range(80)) if s.kind == "count"][:2]
     enc = encode(engine.processor, samples, 0.3)
     captured = {}
-    real = count_targets
+    real = row_targets
 
     def spy(marked, present):
         captured["rows"] = marked
@@ -329,14 +329,14 @@ def test_count_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_s
 
     supervised = {"count": Supervision(2, True, "count", 0)}
     import model.train_reduce as train_reduce
-    train_reduce.count_targets = spy
+    train_reduce.row_targets = spy
     try:
         with torch.no_grad():
             _, tokens, _, losses = reduced_loss(engine, plan(ReductionConfig("duet", 64), engine.n_layers),
                                                 enc["input_ids"], enc["pixel_values"], enc["labels"], enc["salient"],
                                                 supervised=supervised, centres=enc["centres"])
     finally:
-        train_reduce.count_targets = real
+        train_reduce.row_targets = real
     assert losses["count"] > 0
     hidden = engine.vision_states(enc["pixel_values"])
     from model.engine import Timer
@@ -346,3 +346,50 @@ def test_count_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_s
         assert rows[0] == 0 and len(rows) == 1 + len(enc["centres"][b])
         for row, patch in zip(rows[1:], enc["centres"][b]):
             assert patch in visual.frames[b]["token_patches"][row - image_at]
+
+
+def test_point_supervision_is_minus_log_of_one_stock_head_on_the_questions_copy_of_the_answer(tiny_checkpoint):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    engine = DuetLlava(model, processor, "eager")
+    pool = [data.sample(0, "train", i) for i in range(80)]
+    samples = [s for s in pool if s.kind == "position"][:2] + [next(s for s in pool if s.kind == "count")]
+    enc = encode(processor, samples, 0.3)
+    assert enc["pointed"][2] is None
+    for b, s in enumerate(samples[:2]):
+        assert len(enc["pointed"][b]) == 1 and enc["pointed"][b][0] in enc["offered"][b]
+        assert engine.tokenizer.convert_ids_to_tokens(int(enc["input_ids"][b, enc["pointed"][b][0]])) == s.answer
+    layer, head = 3, 1
+    supervised = {"point": Supervision(layer, True, "point", head)}
+    lengths = enc["attention_mask"].sum(1) - (enc["labels"] != -100).sum(1)
+    p64 = plan(ReductionConfig("duet", 64), engine.n_layers)
+    with torch.no_grad():
+        _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
+                                       supervised=supervised)
+        *_, unreduced = reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"],
+                                     enc["pixel_values"], enc["labels"], enc["salient"], supervised=supervised,
+                                     pointed=enc["pointed"])
+        _, tokens, _, reduced = reduced_loss(engine, p64, enc["input_ids"], enc["pixel_values"], enc["labels"],
+                                             enc["salient"], supervised=supervised, pointed=enc["pointed"])
+        merged = model.model.language_model.embed_tokens(enc["input_ids"])
+        image = torch.cat(model.model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output)
+        merged = merged.masked_scatter((enc["input_ids"] == engine.image_token_id)[..., None].expand_as(merged), image)
+        expected, expected_reduced = [], []
+        for b in range(2):
+            out = model.model.language_model(inputs_embeds=merged[b:b + 1], output_attentions=True)
+            expected.append(-out.attentions[layer][0, head, int(lengths[b]) - 1, enc["pointed"][b][0]].log())
+            n = tokens.shape[1]  # the same sequence with the image's 576 tokens replaced by its V2V tokens
+            image_at = int(torch.nonzero(enc["input_ids"][b] == engine.image_token_id)[0])
+            ids = torch.cat([enc["input_ids"][b, :image_at + n], enc["input_ids"][b, image_at + 576:]])
+            row = model.model.language_model.embed_tokens(ids)
+            row[image_at:image_at + n] = tokens[b]
+            out = model.model.language_model(inputs_embeds=row[None], output_attentions=True)
+            shift = 576 - n
+            expected_reduced.append(-out.attentions[layer][0, head, int(lengths[b]) - 1 - shift,
+                                                           enc["pointed"][b][0] - shift].log())
+    assert full["point"].item() == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
+    assert unreduced["point"].item() == pytest.approx(full["point"].item(), rel=1e-4)
+    assert reduced["point"].item() == pytest.approx(float(torch.stack(expected_reduced).mean()), rel=1e-4)
+    with pytest.raises(ValueError):
+        reduced_loss(engine, p64, enc["input_ids"], enc["pixel_values"], enc["labels"], enc["salient"],
+                     supervised=supervised)
