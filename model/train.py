@@ -66,6 +66,13 @@ which pair of answers the question offers, and the asked object's image halves.
 onto the objects' patches (`v2v_object_loss`): the tower's half of DUET, as `--attn-weight` is
 the LLM's.
 
+`--count-weight W` and `--point-weight W` each supervise one head of the last prompt token
+(`train_reduce.head_attention_loss`, which says why each target is what it is). Count: equal
+shares on the first token and on each counted object's centroid patch (the shipped model
+answered "one" or "two" to nearly every count question, 57 % on validation). Point: all of it on
+the question's copy of a position answer (the full-token model's answer barely depended on
+which pair was offered).
+
 `--late-drop P` makes a share P of the full-token steps lose visual tokens late: from a random
 layer in [L/2, L) a random 0, 1/4 or 1/2 of them survive, chosen at random (`late_drop_plan`).
 A decoder that only ever saw all 576 tokens in every layer answers from them late, and every
