@@ -59,8 +59,9 @@ apart (`redraw_rows`). The shipped decoder's four position answers had collapsed
 or "top or bottom": the logits matched to three decimals with the pair swapped, after 600
 more steps with `--choices-weight` and 150 without any attention loss alike.
 
-`--state-weight W` trains `StateHeads` on the final state of the row that predicts the answer:
-which pair of answers the question offers, and the asked object's image halves.
+`--state-weight W` trains `StateHeads` on the final state of the row that predicts the answer
+(or, with `--state-layer K`, on decoder layer K's normed input at that row): which pair of
+answers the question offers, the asked object's image halves, and the count.
 
 `--v2v-weight W` pushes the vision tower's CLS attention at the layer V2V ranks and clusters by
 onto the objects' patches (`v2v_object_loss`): the tower's half of DUET, as `--attn-weight` is
@@ -145,7 +146,8 @@ class TrainConfig:
     point_layer: int = 2
     point_head: int = 1
     v2v_weight: float = 0.0  # > 0: push the tower's CLS attention at V2V's scoring layer onto object patches (v2v_object_loss)
-    state_weight: float = 0.0  # > 0: the last prompt token's final state names the offered pair and the asked object's halves (StateHeads)
+    state_weight: float = 0.0  # > 0: the last prompt token's state names the offered pair, the asked object's halves and the count (StateHeads)
+    state_layer: int = -1  # the state StateHeads read: -1 the final one, K >= 0 decoder layer K's normed input
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
     curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
@@ -215,36 +217,48 @@ class AuxHeads(nn.Module):
 
 
 class StateHeads(nn.Module):
-    """Linear classifiers on the decoder's final (normed) state at the last prompt token, the state
-    ``lm_head`` reads the answer from (not part of the exported model). ``pair``: which answers
-    the question offers (0 none, 1 "left or right", 2 "top or bottom"), on every question;
-    ``across`` / ``updown``: which image half the asked object lies in, on position questions.
+    """Linear classifiers on the decoder's state at the last prompt token (not part of the
+    exported model): by default the final (normed) state ``lm_head`` reads the answer from; with
+    ``layer`` K >= 0 the normed input of decoder layer K, what its attention reads. ``pair``:
+    which answers the question offers (0 none, 1 "left or right", 2 "top or bottom"), on every
+    question; ``across`` / ``updown``: which image half the asked object lies in, on position
+    questions; ``count``: how many objects a count question counts.
 
     Why: in the shipped decoder the offered pair was linearly readable at the last prompt token
     after layer 1 (probe 1.0, 16 % of the state's norm between the pairs) and faded with depth
     (3 % after the final norm), and the four position rows of ``lm_head`` had collapsed onto one:
     rows only part along features that differ between answers, and those only grow along rows
     that differ. These heads make the final state carry both halves of a position answer, so
-    that the answer rows have something to part along."""
+    that the answer rows have something to part along.
 
-    CLASSES = {"pair": 3, "across": 2, "updown": 2}
+    Why an early layer: in a model trained with ``--point-weight`` and ``--count-weight`` from the
+    shipped one (500 steps), the point head split its attention evenly between the two offered
+    words (0.49 / 0.48 on validation) and a ridge probe of the last prompt token's state read
+    which of them is the answer at 0.45-0.72 at every layer's input: the bound object's half
+    never reached that token. Heads at layer K's input make it arrive before K's attention reads."""
 
-    def __init__(self, width: int):
+    CLASSES = {"pair": 3, "across": 2, "updown": 2, "count": len(data.COUNT_WORDS)}
+
+    def __init__(self, width: int, layer: int = -1):
         super().__init__()
+        self.layer = layer
         for name, classes in self.CLASSES.items():
             self.add_module(name, nn.Linear(width, classes))
 
     @staticmethod
     def targets(samples: list[data.Sample]) -> dict[str, torch.Tensor]:
-        """Class ids per sample; -100 (ignored) for the halves of a question that is not about position."""
-        pair, across, updown = [], [], []
+        """Class ids per sample; -100 (ignored) for the halves of a question that is not about
+        position and for the count of one that is not a count question."""
+        pair, across, updown, count = [], [], [], []
         for s in samples:
             position = s.kind == "position"
             pair.append(0 if not position else 1 if s.answer in ("left", "right") else 2)
             x, y = s.objects[s.query[0]].centroid if position else (0.0, 0.0)
             across.append(int(x >= data.IMAGE_SIZE / 2) if position else -100)
             updown.append(int(y >= data.IMAGE_SIZE / 2) if position else -100)
-        return {"pair": torch.tensor(pair), "across": torch.tensor(across), "updown": torch.tensor(updown)}
+            count.append(len(s.query) - 1 if s.kind == "count" else -100)
+        return {"pair": torch.tensor(pair), "across": torch.tensor(across), "updown": torch.tensor(updown),
+                "count": torch.tensor(count)}
 
     def loss(self, states: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """states (B, width); the summed cross-entropies (a head with no labelled row adds 0) and recalls."""
@@ -407,7 +421,14 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
     supervised = supervised or {}
     if with_answer and "colour" in batch and (state_heads is not None or v2v):
         final, before = [], []
-        hooks = [engine.lm.norm.register_forward_hook(lambda _module, _args, output: final.append(output))]
+        if state_heads is None or state_heads.layer < 0:
+            hooks = [engine.lm.norm.register_forward_hook(lambda _module, _args, output: final.append(output))]
+        else:  # layer K's input, normed as its attention reads it
+            read = engine.lm.layers[state_heads.layer]
+            hooks = [read.register_forward_pre_hook(
+                lambda _module, args, kwargs: final.append(read.input_layernorm(args[0] if args else
+                                                                                kwargs["hidden_states"])),
+                with_kwargs=True)]
         if v2v:  # the input of the layer whose CLS attention V2V ranks by (engine.reduce)
             scored = engine.vision.encoder.layers[engine.feature_index - 1]
             hooks.append(scored.register_forward_pre_hook(
@@ -707,6 +728,8 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
     if max(cfg.bind_layer, cfg.ask_layer, cfg.count_layer, cfg.point_layer) >= spec.text_layers // 2:
         raise ValueError("--bind-layer, --ask-layer, --count-layer and --point-layer must come before the first "
                          "stage layer (L/2)")
+    if cfg.state_layer >= spec.text_layers // 2:
+        raise ValueError("--state-layer must be -1 (the final state) or come before the first stage layer (L/2)")
     if not (0 <= cfg.count_head < spec.text_heads and 0 <= cfg.point_head < spec.text_heads):
         raise ValueError(f"--count-head and --point-head must name one of the decoder's {spec.text_heads} heads")
     if cfg.count_weight and cfg.point_weight and (cfg.count_layer, cfg.count_head) == (cfg.point_layer, cfg.point_head):
@@ -734,7 +757,7 @@ def train_main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     model = build_model(spec, processor).train()
     heads = AuxHeads(spec.text_hidden, cfg.position_weight)
-    state_heads = StateHeads(spec.text_hidden) if cfg.state_weight > 0 else None
+    state_heads = StateHeads(spec.text_hidden, cfg.state_layer) if cfg.state_weight > 0 else None
     engine = DuetLlava(model, processor, "training")
     duet = plan(ReductionConfig("duet", cfg.budget), engine.n_layers, engine.n_patches) if cfg.reduction == "duet" else None
     supervised = supervised_attention(cfg, engine)

@@ -300,9 +300,12 @@ def test_training_with_position_heads_logs_their_recall(tmp_path):
     assert "aux_across_recall" in log and "aux_updown_recall" in log
 
 
-def test_state_targets_name_the_offered_pair_and_the_asked_objects_halves():
+def test_state_targets_name_the_offered_pair_the_asked_objects_halves_and_the_count():
     samples = [data.sample(0, "val", i) for i in range(60)]
     targets = StateHeads.targets(samples)
+    for s, count in zip(samples, targets["count"].tolist()):
+        assert count == (data.COUNT_WORDS.index(s.answer) if s.kind == "count" else -100)
+    assert len(set(targets["count"].tolist())) > 2
     for s, pair, across, updown in zip(samples, *(targets[k].tolist() for k in ("pair", "across", "updown"))):
         if s.kind != "position":
             assert (pair, across, updown) == (0, -100, -100)
@@ -319,28 +322,35 @@ class Recording(StateHeads):
         return super().loss(states, targets)
 
 
-def test_state_heads_read_the_final_state_of_the_row_that_predicts_the_answer(trained):
+@pytest.mark.parametrize("layer", [-1, 2])
+def test_state_heads_read_the_chosen_state_of_the_row_that_predicts_the_answer(trained, layer):
     model = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
     processor = AutoProcessor.from_pretrained(trained / "shipped")
     engine = DuetLlava(model, processor, "training")
     samples = [data.sample(0, "val", i) for i in (0, 5, 7)]  # questions of different lengths pad differently
     batch = encode(processor, samples, 0.3)
-    heads, state_heads = AuxHeads(model.config.text_config.hidden_size), Recording(model.config.text_config.hidden_size)
+    width = model.config.text_config.hidden_size
+    heads, state_heads = AuxHeads(width), Recording(width, layer)
     _, _, losses, stats = forward_losses(model, heads, batch, True, engine, state_heads=state_heads)
     assert losses["state"] > 0 and "state_pair_recall" in stats
     for row, sample in enumerate(samples):  # causal: the prompt alone ends in the same state
         prompt = processor.apply_chat_template(conversation(sample.question), add_generation_prompt=True)
         alone = model(**processor(images=sample.image, text=prompt, return_tensors="pt"), output_hidden_states=True)
-        assert torch.allclose(state_heads.seen[row], alone.hidden_states[-1][0, -1], atol=1e-5)
+        expected = (alone.hidden_states[-1][0, -1] if layer < 0
+                    else engine.lm.layers[layer].input_layernorm(alone.hidden_states[layer][0, -1]))
+        assert torch.allclose(state_heads.seen[row], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
 def test_training_with_state_heads_logs_their_loss_and_resumes(tmp_path, reduction):
-    assert run(tmp_path, 3, "--state-weight", "1", "--reduction", reduction, "--budget", "64") == 0
+    flags = ("--state-weight", "1", "--state-layer", "2", "--reduction", reduction, "--budget", "64")
+    assert run(tmp_path, 3, *flags) == 0
     answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
     assert answered and all(m["state_loss"] > 0 and 0 <= m["state_pair_recall"] <= 1 for m in answered)
-    assert run(tmp_path, 4, "--state-weight", "1", "--reduction", reduction, "--budget", "64") == 0
+    assert run(tmp_path, 4, *flags) == 0
     assert torch.load(tmp_path / "state.pt", weights_only=False)["state_heads"] is not None
+    with pytest.raises(ValueError):
+        run(tmp_path / "late", 1, "--state-weight", "1", "--state-layer", "6")
 
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
