@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .budget import Plan
-from .engine import DuetLlava, Timer
+from .engine import DuetLlava, Timer, Visual
 from .t2v import keep_top
 
 
@@ -108,6 +108,21 @@ def row_targets(marked: list[list[int] | None], present: torch.Tensor) -> list[t
     return targets
 
 
+EARLY_DROP = "early-drop"  # a plan method: a random subset of each image's patch tokens enters the LLM
+
+
+def random_subset(visual: Visual, keep: int, generator: torch.Generator) -> Visual:
+    """Per frame, ``keep`` of its tokens drawn uniformly at random from ``generator``, in their
+    order: what ranks them is nothing (the trainer's ``--early-drop``)."""
+    features, frames, offset = [], [], 0
+    for record, n in zip(visual.frames, visual.tokens_per_frame):
+        chosen = torch.randperm(n, generator=generator)[:keep].sort().values
+        features.append(visual.features[offset + chosen.to(visual.features.device)])
+        frames.append({**record, "token_patches": [record["token_patches"][i] for i in chosen.tolist()]})
+        offset += n
+    return Visual(torch.cat(features), frames, [len(f["token_patches"]) for f in frames])
+
+
 def marked_rows(rows_per_sequence: list[list[int]] | None, present: torch.Tensor,
                 index: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """Per sequence, bool per present token: is it at one of the given prompt positions. ``index``
@@ -179,7 +194,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     question (None for other questions); ``supervised`` the attentions to score against
     them (default: none). A stage whose ``query`` is "random"
     keeps a uniformly random choice of each row's visual tokens, drawn from ``generator`` (the
-    trainer's ``--late-drop``: no method's ranking).
+    trainer's ``--late-drop``: no method's ranking); a plan whose method is ``EARLY_DROP`` lets a
+    random ``p.budget`` of them enter the LLM (``--early-drop``).
     """
     supervised = supervised or {}
     first_stage = p.stages[0].layer if p.stages else engine.n_layers
@@ -197,8 +213,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         raise ValueError("supervised pointing attention needs the answer word's positions")
     if any(s.onto == "named" for s in supervised.values()) and named is None:
         raise ValueError("supervised attention onto named objects needs their patches")
-    if any(s.query == "random" for s in p.stages) and generator is None:
-        raise ValueError("a randomly ranked stage needs a generator")
+    if (p.method == EARLY_DROP or any(s.query == "random" for s in p.stages)) and generator is None:
+        raise ValueError("a random stage or early drop needs a generator")
     lm = engine.lm
     pad = engine.tokenizer.pad_token_id
     real = input_ids != pad
@@ -207,6 +223,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     batch = input_ids.shape[0]
     hidden = engine.vision_states(pixel_values)
     visual = engine.reduce(hidden, p, Timer(engine.device))
+    if p.method == EARLY_DROP:
+        visual = random_subset(visual, p.budget, generator)
     every_patch = engine.projector(hidden[engine.feature_index][:, 1:])
     n = visual.tokens_per_frame[0]
     tokens = visual.features.view(batch, n, -1)
@@ -236,10 +254,12 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     lookups = None if named is None else [  # (sequence, row of the word, bool per visual token)
         (b, new_index[b, at], covering(b, patches))
         for b in range(batch) for at, patches in zip(asked[b], named[b])]
-    def centre_rows(b: int, patches: list[int]) -> list[int]:
-        """The first row, then the row of the visual token representing each centroid patch."""
+    def centre_rows(b: int, patches: list[int]) -> list[int] | None:
+        """The first row, then the row of the visual token representing each centroid patch; None
+        when one is not represented (an early drop can leave it out)."""
         visual_rows = torch.nonzero(is_visual[b]).flatten()
-        return [0] + [int(visual_rows[covering(b, {p})].min()) for p in patches]
+        rows = [visual_rows[covering(b, {p})] for p in patches]
+        return None if any(len(r) == 0 for r in rows) else [0] + [int(r.min()) for r in rows]
 
     counted = None if centres is None else row_targets(
         [None if patches is None else centre_rows(b, patches) for b, patches in enumerate(centres)], present)

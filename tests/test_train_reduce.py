@@ -12,7 +12,7 @@ from model import data
 from model.budget import Plan, ReductionConfig, Stage, plan
 from model.engine import DuetLlava
 from model.train import LATE_DROP_KEEPS, AuxHeads, encode, forward_losses, late_drop_plan, stage_layer
-from model.train_reduce import Supervision, row_targets, reduced_loss
+from model.train_reduce import EARLY_DROP, Supervision, reduced_loss, row_targets
 
 def batch(engine):
     """Two right-padded training rows built by the trainer's own encoder."""
@@ -393,3 +393,23 @@ def test_point_supervision_is_minus_log_of_one_stock_head_on_the_questions_copy_
     with pytest.raises(ValueError):
         reduced_loss(engine, p64, enc["input_ids"], enc["pixel_values"], enc["labels"], enc["salient"],
                      supervised=supervised)
+
+
+def test_early_drop_lets_a_random_subset_of_the_projected_patches_into_the_llm(engine):
+    enc, labels, salient = batch(engine)
+    stock = engine.model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"], labels=labels).loss
+    every = Plan(EARLY_DROP, 576, engine.n_layers, 576)
+    loss, *_ = reduced_loss(engine, every, enc["input_ids"], enc["pixel_values"], labels, salient,
+                            generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(stock.item(), abs=1e-5)
+    quarter = Plan(EARLY_DROP, 144, engine.n_layers, 576)
+    with torch.no_grad():
+        draws = [reduced_loss(engine, quarter, enc["input_ids"], enc["pixel_values"], labels, salient,
+                              generator=torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
+    (_, tokens, every_patch, _), same, other = draws
+    assert tokens.shape[1] == 144
+    chosen = [torch.nonzero((every_patch[b][:, None] == tokens[b][None]).all(-1).any(1)).flatten() for b in range(2)]
+    assert all(len(c) == 144 for c in chosen) and not torch.equal(chosen[0], chosen[1])
+    assert torch.equal(same[1], tokens) and not torch.equal(other[1], tokens)
+    with pytest.raises(ValueError):
+        reduced_loss(engine, quarter, enc["input_ids"], enc["pixel_values"], labels, salient)
