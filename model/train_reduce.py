@@ -5,7 +5,8 @@ k1 + k2 tokens, so every row shrinks by the same amount; at each stage layer eve
 same number of visual tokens (its own top-ranked by its own salient text tokens, scored without
 gradient), so the batch stays rectangular and index gathers carry gradients for everything that
 survives. Right padding needs no padding mask under causal attention (SDPA's own, or the
-engine's mask with eager attention): real tokens never attend to the pad tokens after them. Kept tokens keep their position ids, as at inference.
+engine's mask with eager attention): real tokens never attend to the pad tokens after them.
+Kept tokens keep their position ids, as at inference.
 
 ``query_attention_loss`` supervises what T2V ranks by: the salient rows' attention at the first
 stage layer, pushed onto the visual tokens of the objects the question is about (both training
