@@ -42,10 +42,10 @@ def represented_patches(trace: dict) -> set[int]:
     return {p for t in survivors for p in groups[t]}
 
 
-def items(split: str, n: int, seed: int, frames: int):
-    """(sample, frames) for the first ``n`` usable samples of the split: every sample as one
-    image, or (frames > 1) the samples of VIDEO_KINDS as moving clips."""
-    index, found = 0, 0
+def items(split: str, n: int, seed: int, frames: int, start: int = 0):
+    """(sample, frames) for the first ``n`` usable samples of the split from index ``start`` on:
+    every sample as one image, or (frames > 1) the samples of VIDEO_KINDS as moving clips."""
+    index, found = start, 0
     while found < n:
         sample = data.sample(seed, split, index)
         index += 1
@@ -59,9 +59,9 @@ def items(split: str, n: int, seed: int, frames: int):
 
 
 def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
-             max_new_tokens: int = 3, progress=None, frames: int = 1) -> dict:
+             max_new_tokens: int = 3, progress=None, frames: int = 1, start: int = 0) -> dict:
     rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}, "objects": {}} for c in configs}
-    for index, (sample, images) in enumerate(items(split, n, seed, frames)):
+    for index, (sample, images) in enumerate(items(split, n, seed, frames, start)):
         query = query_patches(sample) if sample.query and frames == 1 else set()
         prompt = engine.prepare(images, sample.question)
         with torch.inference_mode():  # one tower pass serves every configuration
@@ -94,7 +94,8 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
             "by_kind": {k: statistics.mean(v) for k, v in sorted(row["kinds"].items())},
             "by_objects": {n: statistics.mean(v) for n, v in sorted(row["objects"].items())},
         })
-    return {"model": engine.name, "split": split, "n": n, "seed": seed, "frames": frames, "rows": table}
+    return {"model": engine.name, "split": split, "start": start, "n": n, "seed": seed, "frames": frames,
+            "rows": table}
 
 
 def overrides(cfg: ReductionConfig) -> str:
@@ -148,6 +149,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="full,duet,visionzip,fastv,pyramiddrop")
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--start", type=int, default=0,
+                        help="first sample index: a validation slice the trainer does not score (it reads the "
+                             "first --eval-samples) stays free of checkpoint selection")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=1, help="> 1: evaluate moving clips of this many frames")
     parser.add_argument("--positions", choices=("contiguous", "original"), default="contiguous",
@@ -167,7 +171,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     configs += [ReductionConfig(m, b, positions=args.positions) for m in methods if m != "full" for b in budgets]
     started = time.time()
     result = evaluate(engine, args.split, args.n, configs, seed=args.seed, progress=max(1, args.n // 10),
-                      frames=args.frames)
+                      frames=args.frames, start=args.start)
     result["wall_s"] = round(time.time() - started, 1)
     print(markdown(result))
     print()

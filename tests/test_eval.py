@@ -8,7 +8,7 @@ from model import data
 from model.budget import ReductionConfig
 from model.cli import main
 from model.data import query_patches
-from model.eval import evaluate, markdown, markdown_objects, represented_patches
+from model.eval import evaluate, items, markdown, markdown_objects, represented_patches
 
 
 def test_query_patches_follow_the_mask():
@@ -78,3 +78,13 @@ def test_clip_eval_uses_motion_invariant_questions_and_per_frame_budgets(engine)
     full, duet = result["rows"]
     assert result["frames"] == 3 and full["avg_visual_tokens"] == 3 * 576
     assert duet["avg_visual_tokens"] <= 3 * 58 + 3 and duet["query_recall"] is None
+
+
+def test_start_evaluates_the_slice_that_begins_there(engine):
+    full = [ReductionConfig("full", 576)]
+    later = evaluate(engine, "val", 3, full, max_new_tokens=2, start=5)
+    kinds = Counter(data.sample(0, "val", i).kind for i in range(5, 8))
+    row = later["rows"][0]
+    assert later["start"] == 5 and row["n"] == 3
+    assert set(row["by_kind"]) == set(kinds)
+    assert [s.question for s, _ in items("val", 2, 0, 1, start=5)] == [data.sample(0, "val", i).question for i in (5, 6)]
