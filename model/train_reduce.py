@@ -255,6 +255,7 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     lookups = None if named is None else [  # (sequence, row of the word, bool per visual token)
         (b, new_index[b, at], covering(b, patches))
         for b in range(batch) for at, patches in zip(asked[b], named[b])]
+
     def centre_rows(b: int, patches: list[int]) -> list[int] | None:
         """The first row, then the row of the visual token representing each centroid patch; None
         when one is not represented (an early drop can leave it out)."""
@@ -269,6 +270,7 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     # no stage runs before a supervised layer, so rows are still positions and salient_pos the salient rows
     marks = Marks(salient_pos, is_visual, present, on_query, marked_rows(asked, present, new_index), lookups,
                   marked_rows(offered, present, new_index), counted, pointed_rows)
+    mask = engine._mask(h.shape[1])  # None under SDPA, which is causal by itself
     for index, layer in enumerate(lm.layers):
         attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
         if index in stage_at:
@@ -289,7 +291,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
             h = h.gather(1, gather[..., None].expand(-1, -1, h.shape[-1]))
             pos, is_visual, targets = pos.gather(1, gather), is_visual.gather(1, gather), targets.gather(1, gather)
             rope = lm.rotary_emb(h, pos)
-        h = layer(h, attention_mask=engine._mask(h.shape[1]), position_ids=pos, position_embeddings=rope)
+            mask = engine._mask(h.shape[1])
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)
     logits = engine.lm_head(lm.norm(h))
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
     return loss, tokens, every_patch, attention
