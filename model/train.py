@@ -63,6 +63,9 @@ more steps with `--choices-weight` and 150 without any attention loss alike.
 (or, with `--state-layer K`, on decoder layer K's normed input at that row): which pair of
 answers the question offers, the asked object's image halves, and the count.
 
+`--read-weight W` trains `ReadHeads` on the attention output of the bind layer at that row: the
+binding read itself, which must carry the asked object's image halves out of its tokens.
+
 `--v2v-weight W` pushes the vision tower's CLS attention at the layer V2V ranks and clusters by
 onto the objects' patches (`v2v_object_loss`): the tower's half of DUET, as `--attn-weight` is
 the LLM's.
@@ -152,6 +155,7 @@ class TrainConfig:
     v2v_weight: float = 0.0  # > 0: push the tower's CLS attention at V2V's scoring layer onto object patches (v2v_object_loss)
     state_weight: float = 0.0  # > 0: the last prompt token's state names the offered pair, the asked object's halves and the count (StateHeads)
     state_layer: int = -1  # the state StateHeads read: -1 the final one, K >= 0 decoder layer K's normed input
+    read_weight: float = 0.0  # > 0: the bind layer's attention output at the answer row names the asked object's halves (ReadHeads)
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
     curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
@@ -278,6 +282,52 @@ class StateHeads(nn.Module):
         return total, stats
 
 
+class ReadHeads(nn.Module):
+    """Linear classifiers on the bind layer's attention output (``self_attn``, after ``o_proj``) at
+    the row that predicts the answer: which image halves the one object a question asks about lies
+    in (not exported). Labelled on every question about a single object, not only position ones.
+
+    Why: the supervised binding read works (bind loss ~0.2: a share of ~0.8 of that row's layer-1
+    attention on the asked object), and a ridge probe reads the asked object's left / right and
+    top / bottom at 1.00 / 0.98 from its own tokens, but at only 0.85 / 0.68 from that attention
+    output in the shipped model (0.92 / 0.83 in its DUET-64 twin): the value path, two 16-wide
+    key-value heads trained on colour and shape answers, drops the half on the way. Position
+    answers stayed at 58 % after the offered pair was read (pair-swap total variation 0.98)."""
+
+    CLASSES = ("across", "updown")
+
+    def __init__(self, width: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        for name in self.CLASSES:
+            self.add_module(name, nn.Linear(width, 2))
+
+    @staticmethod
+    def targets(samples: list[data.Sample]) -> dict[str, torch.Tensor]:
+        """Per sample, 0/1 for the left/right and top/bottom half of its one asked object's mask
+        centroid; -100 (ignored) for questions about no or several objects and for a centroid
+        closer than ``data.POSITION_MARGIN_PX`` to that centre line, as position questions do."""
+        middle, labels = data.IMAGE_SIZE / 2, {name: [] for name in ReadHeads.CLASSES}
+        for s in samples:
+            centroid = s.objects[s.query[0]].centroid if len(s.query) == 1 else None
+            for name, axis in zip(ReadHeads.CLASSES, (0, 1)):
+                off = centroid is not None and abs(centroid[axis] - middle) >= data.POSITION_MARGIN_PX
+                labels[name].append(int(centroid[axis] >= middle) if off else -100)
+        return {name: torch.tensor(v) for name, v in labels.items()}
+
+    def loss(self, reads: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """reads (B, width); the summed cross-entropies (a head with no labelled row adds 0) and recalls."""
+        total, stats = reads.new_zeros(()), {}
+        for name in self.CLASSES:
+            labelled = targets[name] != -100
+            if not labelled.any():
+                continue
+            logits = getattr(self, name)(reads[labelled].float())
+            total = total + F.cross_entropy(logits, targets[name][labelled])
+            stats[f"read_{name}_recall"] = (logits.argmax(-1) == targets[name][labelled]).float().mean().item()
+        return total, stats
+
+
 def redraw_rows(model, tokenizer, words: list[str], generator: torch.Generator) -> None:
     """Give the output (lm_head) rows of ``words`` their common mean plus fresh noise of the
     matrix's own per-entry spread. Answers the model could not tell apart collapse onto one row
@@ -349,6 +399,7 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
     batch["answer_from_end"] = (batch["attention_mask"] == 0).sum(1) + (labels != -100).sum(1) + 1
     if not clips:
         batch["state"] = StateHeads.targets(samples)
+        batch["read"] = ReadHeads.targets(samples)
     batch["query"] = [data.query_patches(s) for s in samples]
     batch["centres"] = [[s.objects[i].centre_patch() for i in s.query] if s.kind == "count" else None for s in samples]
     prompt_ids = [batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())] for row in range(len(samples))]
@@ -415,25 +466,29 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engine: DuetLlava,
                    duet: Plan | None = None, supervised: dict[str, Supervision] | None = None,
                    generator: torch.Generator | None = None, state_heads: StateHeads | None = None,
-                   v2v: bool = False):
+                   v2v: bool = False, read_heads: ReadHeads | None = None):
     """(answer loss or None, auxiliary loss, {name: supervised loss or None}, aux stats) for
     one batch. ``duet`` runs the answer forward with DUET's reductions under that plan (SPEC §2
     Training), or with a ``late_drop_plan`` whose random stage draws from ``generator``.
     ``supervised`` names the attentions scored by ``query_attention_loss`` (see
     ``supervised_attention``); with ``state_heads`` the dict also holds ``state``, their loss on
-    the final state of the row that predicts the answer, and with ``v2v`` holds ``v2v``
+    the final state of the row that predicts the answer, with ``read_heads`` ``read``, theirs on
+    the bind layer's attention output at that row, and with ``v2v`` ``v2v``
     (``v2v_object_loss``). A clip batch (no patch targets) has none of these."""
     supervised = supervised or {}
-    if with_answer and "colour" in batch and (state_heads is not None or v2v):
-        final, before = [], []
-        if state_heads is None or state_heads.layer < 0:
-            hooks = [engine.lm.norm.register_forward_hook(lambda _module, _args, output: final.append(output))]
-        else:  # layer K's input, normed as its attention reads it
+    if with_answer and "colour" in batch and (state_heads is not None or v2v or read_heads is not None):
+        final, before, reads, hooks = [], [], [], []
+        if state_heads is not None and state_heads.layer < 0:
+            hooks.append(engine.lm.norm.register_forward_hook(lambda _module, _args, output: final.append(output)))
+        elif state_heads is not None:  # layer K's input, normed as its attention reads it
             read = engine.lm.layers[state_heads.layer]
-            hooks = [read.register_forward_pre_hook(
+            hooks.append(read.register_forward_pre_hook(
                 lambda _module, args, kwargs: final.append(read.input_layernorm(args[0] if args else
                                                                                 kwargs["hidden_states"])),
-                with_kwargs=True)]
+                with_kwargs=True))
+        if read_heads is not None:
+            hooks.append(engine.lm.layers[read_heads.layer].self_attn.register_forward_hook(
+                lambda _module, _args, output: reads.append(output[0])))
         if v2v:  # the input of the layer whose CLS attention V2V ranks by (engine.reduce)
             scored = engine.vision.encoder.layers[engine.feature_index - 1]
             hooks.append(scored.register_forward_pre_hook(
@@ -445,11 +500,11 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         finally:
             for hook in hooks:
                 hook.remove()
-        if state_heads is not None:
-            rows = final[-1].shape[1] - batch["answer_from_end"]
-            states = final[-1][torch.arange(len(rows)), rows]
-            attention["state"], state_stats = state_heads.loss(states, batch["state"])
-            stats |= state_stats
+        for row_heads, captured, name in ((state_heads, final, "state"), (read_heads, reads, "read")):
+            if row_heads is not None:
+                rows = captured[-1].shape[1] - batch["answer_from_end"]
+                attention[name], head_stats = row_heads.loss(captured[-1][torch.arange(len(rows)), rows], batch[name])
+                stats |= head_stats
         if v2v:
             attention["v2v"], share = v2v_object_loss(engine, before[0], batch["colour"] > 0)
             stats["v2v_object_share"] = share
@@ -552,6 +607,11 @@ def stage_layer(engine: DuetLlava) -> int:
     return plan(ReductionConfig("duet", 64), engine.n_layers, engine.n_patches).stages[0].layer
 
 
+def bind_layer(cfg: TrainConfig, n_layers: int) -> int:
+    """The decoder layer where the last prompt token finds the asked object: ``--bind-layer``, L/4 by default."""
+    return n_layers // 4 if cfg.bind_layer < 0 else cfg.bind_layer
+
+
 def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Supervision]:
     """The attentions the trainer supervises: ``attn``, the T2V score at the first stage layer (all
     salient rows); ``bind``, the last prompt token at ``bind_layer``, which has to find the asked
@@ -567,7 +627,7 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
     if cfg.attn_weight > 0:
         chosen["attn"] = Supervision(stage_layer(engine), False)
     if cfg.bind_weight > 0:
-        chosen["bind"] = Supervision(engine.n_layers // 4 if cfg.bind_layer < 0 else cfg.bind_layer, True)
+        chosen["bind"] = Supervision(bind_layer(cfg, engine.n_layers), True)
     if cfg.ask_weight > 0:
         chosen["ask"] = Supervision(cfg.ask_layer, True, "words")
     if cfg.choices_weight > 0:
@@ -779,19 +839,23 @@ def train_main(argv: list[str]) -> int:
     model = build_model(spec, processor).train()
     heads = AuxHeads(spec.text_hidden, cfg.position_weight)
     state_heads = StateHeads(spec.text_hidden, cfg.state_layer) if cfg.state_weight > 0 else None
+    read_heads = ReadHeads(spec.text_hidden, bind_layer(cfg, spec.text_layers)) if cfg.read_weight > 0 else None
     engine = DuetLlava(model, processor, "training")
     duet = plan(ReductionConfig("duet", cfg.budget), engine.n_layers, engine.n_patches) if cfg.reduction == "duet" else None
     supervised = supervised_attention(cfg, engine)
-    weights = {name: getattr(cfg, f"{name}_weight") for name in [*supervised, "state", "v2v"]}
-    params = [*model.parameters(), *heads.parameters(), *(state_heads.parameters() if state_heads else ())]
+    weights = {name: getattr(cfg, f"{name}_weight") for name in [*supervised, "state", "read", "v2v"]}
+    extra_heads = {"state_heads": state_heads, "read_heads": read_heads}
+    params = [*model.parameters(), *heads.parameters(),
+              *(p for h in extra_heads.values() if h is not None for p in h.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, next_index, best_acc = 0, 0, -1.0
     init_grid_positions(model)
     if state:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
-        if state_heads is not None:
-            state_heads.load_state_dict(state["state_heads"])
+        for key, module in extra_heads.items():
+            if module is not None:
+                module.load_state_dict(state[key])
         optimizer.load_state_dict(state["optimizer"])
         step, next_index, best_acc = state["step"], state["next_index"], state["best_acc"]
         torch.set_rng_state(state["torch_rng"])
@@ -825,7 +889,7 @@ def train_main(argv: list[str]) -> int:
 
     def checkpoint() -> None:
         save_state(state_path, model=model.state_dict(), heads=heads.state_dict(),
-                   state_heads=state_heads.state_dict() if state_heads is not None else None,
+                   **{key: None if module is None else module.state_dict() for key, module in extra_heads.items()},
                    optimizer=optimizer.state_dict(), step=step, next_index=next_index, best_acc=best_acc,
                    torch_rng=torch.get_rng_state(), spec=asdict(spec), config=asdict(cfg))
 
@@ -854,7 +918,7 @@ def train_main(argv: list[str]) -> int:
                 model, heads, batch, with_answer=step >= cfg.pre_steps, engine=engine,
                 duet=late_drop_plan(engine, generator) if dropped else early_drop_plan(engine, generator) if early
                 else duet, supervised=supervised, generator=generator, state_heads=state_heads,
-                v2v=cfg.v2v_weight > 0)
+                v2v=cfg.v2v_weight > 0, read_heads=read_heads)
             if cfg.late_drop:
                 stats["late_drop"] = float(dropped)
             if cfg.early_drop:

@@ -9,7 +9,7 @@ from model.budget import ReductionConfig, plan
 from model.checkpoint import build_processor
 from model.engine import DuetLlava, Timer
 from model.checkpoint import TinyLlavaSpec, build_model
-from model.train import (VISION_PARTS, AuxHeads, StateHeads, TrainConfig, conversation, encode, exported_accuracy,
+from model.train import (VISION_PARTS, AuxHeads, ReadHeads, StateHeads, TrainConfig, conversation, encode, exported_accuracy,
                          forward_losses, init_grid_positions, lr_at, max_objects_at, redraw_rows, train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
@@ -351,6 +351,63 @@ def test_training_with_state_heads_logs_their_loss_and_resumes(tmp_path, reducti
     assert torch.load(tmp_path / "state.pt", weights_only=False)["state_heads"] is not None
     with pytest.raises(ValueError):
         run(tmp_path / "late", 1, "--state-weight", "1", "--state-layer", "6")
+
+
+def test_read_targets_are_the_halves_of_the_one_asked_object_off_the_centre_lines():
+    samples = [data.sample(0, "val", i) for i in range(80)]
+    targets = ReadHeads.targets(samples)
+    middle = data.IMAGE_SIZE / 2
+    for s, across, updown in zip(samples, targets["across"].tolist(), targets["updown"].tolist()):
+        for label, axis in ((across, 0), (updown, 1)):
+            if len(s.query) != 1:
+                assert label == -100
+                continue
+            coordinate = s.objects[s.query[0]].centroid[axis]
+            off = abs(coordinate - middle) >= data.POSITION_MARGIN_PX
+            assert label == (int(coordinate >= middle) if off else -100)
+        if s.kind == "position":  # the label is the answer when the question asks along that axis
+            asked = across if s.answer in ("left", "right") else updown
+            assert s.answer == (("left", "right") if s.answer in ("left", "right") else ("top", "bottom"))[asked]
+    kinds = {s.kind for s, a in zip(samples, targets["across"].tolist()) if a != -100}
+    assert {"colour", "shape", "position"} <= kinds
+
+
+class RecordingReads(ReadHeads):
+    def loss(self, reads, targets):
+        self.seen = reads.detach().clone()
+        return super().loss(reads, targets)
+
+
+def test_read_heads_read_the_bind_layers_attention_output_at_the_row_that_predicts_the_answer(trained):
+    model = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
+    processor = AutoProcessor.from_pretrained(trained / "shipped")
+    engine = DuetLlava(model, processor, "training")
+    samples = [data.sample(0, "val", i) for i in (0, 5, 7)]  # questions of different lengths pad differently
+    batch = encode(processor, samples, 0.3)
+    read_heads = RecordingReads(model.config.text_config.hidden_size, 1)
+    _, _, losses, _ = forward_losses(model, AuxHeads(read_heads.across.in_features), batch, True, engine,
+                                     read_heads=read_heads)
+    assert losses["read"].requires_grad
+    for row, sample in enumerate(samples):  # causal: the prompt alone gives the same read at its last row
+        prompt = processor.apply_chat_template(conversation(sample.question), add_generation_prompt=True)
+        outputs = []
+        hook = engine.lm.layers[1].self_attn.register_forward_hook(lambda _m, _a, out: outputs.append(out[0]))
+        try:
+            model(**processor(images=sample.image, text=prompt, return_tensors="pt"))
+        finally:
+            hook.remove()
+        assert torch.allclose(read_heads.seen[row], outputs[0][0, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "duet"])
+def test_training_with_read_heads_logs_their_loss_and_resumes(tmp_path, reduction):
+    flags = ("--read-weight", "1", "--bind-layer", "2", "--reduction", reduction, "--budget", "64")
+    assert run(tmp_path, 3, *flags) == 0
+    answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
+    assert answered and all(m["read_loss"] > 0 for m in answered)
+    assert run(tmp_path, 4, *flags) == 0
+    assert set(torch.load(tmp_path / "state.pt", weights_only=False)["read_heads"]) == {
+        "across.weight", "across.bias", "updown.weight", "updown.bias"}
 
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
