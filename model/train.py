@@ -65,6 +65,7 @@ answers the question offers, the asked object's image halves, and the count.
 
 `--read-weight W` trains `ReadHeads` on the attention output of the bind layer at that row: the
 binding read itself, which must carry the asked object's image halves out of its tokens.
+`--count-read-weight W` does the same for the count, on the count layer's attention output.
 
 `--v2v-weight W` pushes the vision tower's CLS attention at the layer V2V ranks and clusters by
 onto the objects' patches (`v2v_object_loss`): the tower's half of DUET, as `--attn-weight` is
@@ -156,6 +157,7 @@ class TrainConfig:
     state_weight: float = 0.0  # > 0: the last prompt token's state names the offered pair, the asked object's halves and the count (StateHeads)
     state_layer: int = -1  # the state StateHeads read: -1 the final one, K >= 0 decoder layer K's normed input
     read_weight: float = 0.0  # > 0: the bind layer's attention output at the answer row names the asked object's halves (ReadHeads)
+    count_read_weight: float = 0.0  # > 0: the count layer's attention output at that row names a count question's count
     pre_steps: int = 300  # vision pre-stage: auxiliary loss only, decoder not run
     pre_crops: int = 0  # > 0: the pre-stage trains on windows of this many patches a side (see crop_batch)
     curriculum_steps: int = 500  # one more object allowed per this many steps after the pre-stage
@@ -292,33 +294,39 @@ class ReadHeads(nn.Module):
     top / bottom at 1.00 / 0.98 from its own tokens, but at only 0.85 / 0.68 from that attention
     output in the shipped model (0.92 / 0.83 in its DUET-64 twin): the value path, two 16-wide
     key-value heads trained on colour and shape answers, drops the half on the way. Position
-    answers stayed at 58 % after the offered pair was read (pair-swap total variation 0.98)."""
+    answers stayed at 58 % after the offered pair was read (pair-swap total variation 0.98).
 
-    CLASSES = ("across", "updown")
+    The same heads also name a count question's count (``--count-read-weight``, on the count
+    layer): the count head's attention alone settled at twice its optimal loss and count answers
+    stayed at the prior (the model answered "one")."""
 
-    def __init__(self, width: int, layer: int):
+    CLASSES = {"across": 2, "updown": 2, "count": len(data.COUNT_WORDS)}
+
+    def __init__(self, width: int, layer: int, names: tuple[str, ...] = ("across", "updown")):
         super().__init__()
-        self.layer = layer
-        for name in self.CLASSES:
-            self.add_module(name, nn.Linear(width, 2))
+        self.layer, self.names = layer, names
+        for name in names:
+            self.add_module(name, nn.Linear(width, self.CLASSES[name]))
 
     @staticmethod
     def targets(samples: list[data.Sample]) -> dict[str, torch.Tensor]:
         """Per sample, 0/1 for the left/right and top/bottom half of its one asked object's mask
-        centroid; -100 (ignored) for questions about no or several objects and for a centroid
-        closer than ``data.POSITION_MARGIN_PX`` to that centre line, as position questions do."""
+        centroid, -100 (ignored) for questions about no or several objects and for a centroid
+        closer than ``data.POSITION_MARGIN_PX`` to that centre line, as position questions do;
+        the count of a count question (0 for "one"), -100 for other questions."""
         middle, labels = data.IMAGE_SIZE / 2, {name: [] for name in ReadHeads.CLASSES}
         for s in samples:
             centroid = s.objects[s.query[0]].centroid if len(s.query) == 1 else None
-            for name, axis in zip(ReadHeads.CLASSES, (0, 1)):
+            for name, axis in (("across", 0), ("updown", 1)):
                 off = centroid is not None and abs(centroid[axis] - middle) >= data.POSITION_MARGIN_PX
                 labels[name].append(int(centroid[axis] >= middle) if off else -100)
+            labels["count"].append(len(s.query) - 1 if s.kind == "count" else -100)
         return {name: torch.tensor(v) for name, v in labels.items()}
 
     def loss(self, reads: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """reads (B, width); the summed cross-entropies (a head with no labelled row adds 0) and recalls."""
         total, stats = reads.new_zeros(()), {}
-        for name in self.CLASSES:
+        for name in self.names:
             labelled = targets[name] != -100
             if not labelled.any():
                 continue
@@ -466,18 +474,20 @@ def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engine: DuetLlava,
                    duet: Plan | None = None, supervised: dict[str, Supervision] | None = None,
                    generator: torch.Generator | None = None, state_heads: StateHeads | None = None,
-                   v2v: bool = False, read_heads: ReadHeads | None = None):
+                   v2v: bool = False, read_heads: dict[str, ReadHeads] | None = None):
     """(answer loss or None, auxiliary loss, {name: supervised loss or None}, aux stats) for
     one batch. ``duet`` runs the answer forward with DUET's reductions under that plan (SPEC §2
     Training), or with a ``late_drop_plan`` whose random stage draws from ``generator``.
     ``supervised`` names the attentions scored by ``query_attention_loss`` (see
     ``supervised_attention``); with ``state_heads`` the dict also holds ``state``, their loss on
-    the final state of the row that predicts the answer, with ``read_heads`` ``read``, theirs on
-    the bind layer's attention output at that row, and with ``v2v`` ``v2v``
+    the final state of the row that predicts the answer, each of ``read_heads`` (name: heads)
+    its loss on its layer's attention output at that row, and with ``v2v`` ``v2v``
     (``v2v_object_loss``). A clip batch (no patch targets) has none of these."""
     supervised = supervised or {}
-    if with_answer and "colour" in batch and (state_heads is not None or v2v or read_heads is not None):
-        final, before, reads, hooks = [], [], [], []
+    read_heads = read_heads or {}
+    if with_answer and "colour" in batch and (state_heads is not None or v2v or read_heads):
+        final, before, hooks = [], [], []
+        reads = {name: [] for name in read_heads}
         if state_heads is not None and state_heads.layer < 0:
             hooks.append(engine.lm.norm.register_forward_hook(lambda _module, _args, output: final.append(output)))
         elif state_heads is not None:  # layer K's input, normed as its attention reads it
@@ -486,9 +496,9 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
                 lambda _module, args, kwargs: final.append(read.input_layernorm(args[0] if args else
                                                                                 kwargs["hidden_states"])),
                 with_kwargs=True))
-        if read_heads is not None:
-            hooks.append(engine.lm.layers[read_heads.layer].self_attn.register_forward_hook(
-                lambda _module, _args, output: reads.append(output[0])))
+        for name, row_heads in read_heads.items():
+            hooks.append(engine.lm.layers[row_heads.layer].self_attn.register_forward_hook(
+                lambda _module, _args, output, into=reads[name]: into.append(output[0])))
         if v2v:  # the input of the layer whose CLS attention V2V ranks by (engine.reduce)
             scored = engine.vision.encoder.layers[engine.feature_index - 1]
             hooks.append(scored.register_forward_pre_hook(
@@ -500,11 +510,12 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         finally:
             for hook in hooks:
                 hook.remove()
-        for row_heads, captured, name in ((state_heads, final, "state"), (read_heads, reads, "read")):
-            if row_heads is not None:
-                rows = captured[-1].shape[1] - batch["answer_from_end"]
-                attention[name], head_stats = row_heads.loss(captured[-1][torch.arange(len(rows)), rows], batch[name])
-                stats |= head_stats
+        row_heads = {"state": (state_heads, final, batch["state"])} if state_heads is not None else {}
+        row_heads |= {name: (h, reads[name], batch["read"]) for name, h in read_heads.items()}
+        for name, (h, captured, targets) in row_heads.items():
+            rows = captured[-1].shape[1] - batch["answer_from_end"]
+            attention[name], head_stats = h.loss(captured[-1][torch.arange(len(rows)), rows], targets)
+            stats |= head_stats
         if v2v:
             attention["v2v"], share = v2v_object_loss(engine, before[0], batch["colour"] > 0)
             stats["v2v_object_share"] = share
@@ -839,12 +850,16 @@ def train_main(argv: list[str]) -> int:
     model = build_model(spec, processor).train()
     heads = AuxHeads(spec.text_hidden, cfg.position_weight)
     state_heads = StateHeads(spec.text_hidden, cfg.state_layer) if cfg.state_weight > 0 else None
-    read_heads = ReadHeads(spec.text_hidden, bind_layer(cfg, spec.text_layers)) if cfg.read_weight > 0 else None
+    read_heads = {}
+    if cfg.read_weight > 0:
+        read_heads["read"] = ReadHeads(spec.text_hidden, bind_layer(cfg, spec.text_layers))
+    if cfg.count_read_weight > 0:
+        read_heads["count_read"] = ReadHeads(spec.text_hidden, cfg.count_layer, ("count",))
     engine = DuetLlava(model, processor, "training")
     duet = plan(ReductionConfig("duet", cfg.budget), engine.n_layers, engine.n_patches) if cfg.reduction == "duet" else None
     supervised = supervised_attention(cfg, engine)
-    weights = {name: getattr(cfg, f"{name}_weight") for name in [*supervised, "state", "read", "v2v"]}
-    extra_heads = {"state_heads": state_heads, "read_heads": read_heads}
+    weights = {name: getattr(cfg, f"{name}_weight") for name in [*supervised, "state", *read_heads, "v2v"]}
+    extra_heads = {"state_heads": state_heads, **{f"{name}_heads": h for name, h in read_heads.items()}}
     params = [*model.parameters(), *heads.parameters(),
               *(p for h in extra_heads.values() if h is not None for p in h.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

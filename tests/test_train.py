@@ -353,9 +353,12 @@ def test_training_with_state_heads_logs_their_loss_and_resumes(tmp_path, reducti
         run(tmp_path / "late", 1, "--state-weight", "1", "--state-layer", "6")
 
 
-def test_read_targets_are_the_halves_of_the_one_asked_object_off_the_centre_lines():
+def test_read_targets_are_the_halves_of_the_one_asked_object_off_the_centre_lines_and_the_count():
     samples = [data.sample(0, "val", i) for i in range(80)]
     targets = ReadHeads.targets(samples)
+    for s, count in zip(samples, targets["count"].tolist()):
+        assert count == (data.COUNT_WORDS.index(s.answer) if s.kind == "count" else -100)
+    assert len(set(targets["count"].tolist())) > 2
     middle = data.IMAGE_SIZE / 2
     for s, across, updown in zip(samples, targets["across"].tolist(), targets["updown"].tolist()):
         for label, axis in ((across, 0), (updown, 1)):
@@ -382,32 +385,39 @@ def test_read_heads_read_the_bind_layers_attention_output_at_the_row_that_predic
     model = LlavaForConditionalGeneration.from_pretrained(trained / "shipped")
     processor = AutoProcessor.from_pretrained(trained / "shipped")
     engine = DuetLlava(model, processor, "training")
-    samples = [data.sample(0, "val", i) for i in (0, 5, 7)]  # questions of different lengths pad differently
+    samples = [data.sample(0, "val", i) for i in (1, 5, 6)]  # position, exist, count: padded differently
     batch = encode(processor, samples, 0.3)
     read_heads = RecordingReads(model.config.text_config.hidden_size, 1)
-    _, _, losses, _ = forward_losses(model, AuxHeads(read_heads.across.in_features), batch, True, engine,
-                                     read_heads=read_heads)
-    assert losses["read"].requires_grad
+    counting = RecordingReads(model.config.text_config.hidden_size, 2, ("count",))
+    _, _, losses, stats = forward_losses(model, AuxHeads(read_heads.across.in_features), batch, True, engine,
+                                         read_heads={"read": read_heads, "count_read": counting})
+    assert losses["read"].requires_grad and losses["count_read"].requires_grad
+    assert "read_across_recall" in stats and "read_count_recall" in stats
     for row, sample in enumerate(samples):  # causal: the prompt alone gives the same read at its last row
         prompt = processor.apply_chat_template(conversation(sample.question), add_generation_prompt=True)
-        outputs = []
-        hook = engine.lm.layers[1].self_attn.register_forward_hook(lambda _m, _a, out: outputs.append(out[0]))
+        outputs = {1: [], 2: []}
+        hooks = [engine.lm.layers[i].self_attn.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out[0]))
+                 for i in outputs]
         try:
             model(**processor(images=sample.image, text=prompt, return_tensors="pt"))
         finally:
-            hook.remove()
-        assert torch.allclose(read_heads.seen[row], outputs[0][0, -1], atol=1e-5)
+            for hook in hooks:
+                hook.remove()
+        assert torch.allclose(read_heads.seen[row], outputs[1][0][0, -1], atol=1e-5)
+        assert torch.allclose(counting.seen[row], outputs[2][0][0, -1], atol=1e-5)
 
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
 def test_training_with_read_heads_logs_their_loss_and_resumes(tmp_path, reduction):
-    flags = ("--read-weight", "1", "--bind-layer", "2", "--reduction", reduction, "--budget", "64")
+    flags = ("--read-weight", "1", "--bind-layer", "2", "--count-read-weight", "1", "--reduction", reduction,
+             "--budget", "64")
     assert run(tmp_path, 3, *flags) == 0
     answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
     assert answered and all(m["read_loss"] > 0 for m in answered)
     assert run(tmp_path, 4, *flags) == 0
-    assert set(torch.load(tmp_path / "state.pt", weights_only=False)["read_heads"]) == {
-        "across.weight", "across.bias", "updown.weight", "updown.bias"}
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert set(state["read_heads"]) == {"across.weight", "across.bias", "updown.weight", "updown.bias"}
+    assert set(state["count_read_heads"]) == {"count.weight", "count.bias"}
 
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
