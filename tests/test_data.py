@@ -148,6 +148,21 @@ def test_patch_labels_follow_the_mask():
     assert not labels["across"][colour == 0].any() and not labels["updown"][colour == 0].any()
 
 
+def test_count_labels_name_how_many_objects_share_the_patchs_colour_and_shape():
+    def obj(shape, colour, x, y):
+        return data.SceneObject(shape, colour, "large", 30.0, (x, y), data.draw_mask(shape, x, y, 30))
+    objects = [obj("circle", "red", 60, 60), obj("circle", "blue", 200, 60), obj("square", "red", 60, 220),
+               obj("circle", "red", 220, 220)]
+    labels = data.patch_labels(objects, min_coverage=0.5)
+    for o in objects:
+        own = data.patch_coverage(o.mask) >= 0.5
+        assert own.any()
+        assert set(labels["colour_count"][own]) == {sum(p.colour == o.colour for p in objects)}
+        assert set(labels["shape_count"][own]) == {sum(p.shape == o.shape for p in objects)}
+    assert not labels["colour_count"][labels["colour"] == 0].any() and not labels["shape_count"][labels["colour"] == 0].any()
+    assert {3, 1} <= set(labels["colour_count"].flat) and {3, 1} <= set(labels["shape_count"].flat)
+
+
 def test_position_labels_give_each_patch_its_own_objects_half():
     """Two objects overlapping the vertical midline's neighbourhood: a patch is labelled by the
     object that covers most of it, with that object's centroid half, not the patch's own half."""

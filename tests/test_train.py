@@ -294,6 +294,22 @@ def test_position_heads_start_small_and_their_loss_scales_with_the_weight():
     assert 0 < losses[1.0] - losses[0.0] < 4 * 2.0
 
 
+def test_count_heads_start_small_and_their_loss_scales_with_the_weight():
+    torch.manual_seed(0)
+    tokens = 40 * torch.randn(2, 576, 64)
+    samples = [data.sample(0, "train", i) for i in range(2)]
+    targets = {name: torch.stack([torch.from_numpy(data.patch_labels(s.objects)[name].reshape(-1)) for s in samples])
+               for name in data.PATCH_TARGETS}
+    losses = {}
+    for weight in (0.0, 1.0, 3.0):
+        torch.manual_seed(1)
+        heads = AuxHeads(64, count_aux_weight=weight)
+        losses[weight], stats = heads.loss(tokens, targets)
+        assert ("aux_colour_count_recall" in stats) == ("aux_shape_count_recall" in stats) == (weight > 0)
+    assert torch.isclose(losses[3.0] - losses[0.0], 3.0 * (losses[1.0] - losses[0.0]))
+    assert 0 < losses[1.0] - losses[0.0] < 4 * 2.5  # two heads x two terms, each near log 7
+
+
 def test_training_with_position_heads_logs_their_recall(tmp_path):
     assert run(tmp_path, 2, "--pre-steps", "1", "--position-weight", "1") == 0
     log = (tmp_path / "train.log").read_text()
@@ -409,11 +425,11 @@ def test_read_heads_read_the_bind_layers_attention_output_at_the_row_that_predic
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
 def test_training_with_read_heads_logs_their_loss_and_resumes(tmp_path, reduction):
-    flags = ("--read-weight", "1", "--bind-layer", "2", "--count-read-weight", "1", "--reduction", reduction,
-             "--budget", "64")
+    flags = ("--read-weight", "1", "--bind-layer", "2", "--count-read-weight", "1", "--count-aux-weight", "1",
+             "--reduction", reduction, "--budget", "64")
     assert run(tmp_path, 3, *flags) == 0
     answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
-    assert answered and all(m["read_loss"] > 0 for m in answered)
+    assert answered and all(m["read_loss"] > 0 and "aux_colour_count_recall" in m for m in answered)
     assert run(tmp_path, 4, *flags) == 0
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     assert set(state["read_heads"]) == {"across.weight", "across.bias", "updown.weight", "updown.bias"}
