@@ -242,6 +242,27 @@ class AuxHeads(nn.Module):
         return total, stats
 
 
+def count_targets(samples: list[data.Sample]) -> torch.Tensor:
+    """Per sample, the index in ``data.COUNT_WORDS`` of a count question's answer, -100 for other kinds."""
+    return torch.tensor([len(s.query) - 1 if s.kind == "count" else -100 for s in samples])
+
+
+def row_heads_loss(heads: nn.Module, names, rows: torch.Tensor, targets: dict[str, torch.Tensor],
+                   prefix: str) -> tuple[torch.Tensor, dict]:
+    """The summed cross-entropies of the linear heads ``names`` of ``heads`` on ``rows`` (B, width)
+    against class ids (-100: not labelled; a head with no labelled row adds 0), and their recalls
+    as ``{prefix}_{name}_recall``."""
+    total, stats = rows.new_zeros(()), {}
+    for name in names:
+        labelled = targets[name] != -100
+        if not labelled.any():
+            continue
+        logits = getattr(heads, name)(rows[labelled].float())
+        total = total + F.cross_entropy(logits, targets[name][labelled])
+        stats[f"{prefix}_{name}_recall"] = (logits.argmax(-1) == targets[name][labelled]).float().mean().item()
+    return total, stats
+
+
 class StateHeads(nn.Module):
     """Linear classifiers on the decoder's state at the last prompt token (not part of the
     exported model): by default the final (normed) state ``lm_head`` reads the answer from; with
@@ -275,28 +296,19 @@ class StateHeads(nn.Module):
     def targets(samples: list[data.Sample]) -> dict[str, torch.Tensor]:
         """Class ids per sample; -100 (ignored) for the halves of a question that is not about
         position and for the count of one that is not a count question."""
-        pair, across, updown, count = [], [], [], []
+        pair, across, updown = [], [], []
         for s in samples:
             position = s.kind == "position"
             pair.append(0 if not position else 1 if s.answer in ("left", "right") else 2)
             x, y = s.objects[s.query[0]].centroid if position else (0.0, 0.0)
             across.append(int(x >= data.IMAGE_SIZE / 2) if position else -100)
             updown.append(int(y >= data.IMAGE_SIZE / 2) if position else -100)
-            count.append(len(s.query) - 1 if s.kind == "count" else -100)
         return {"pair": torch.tensor(pair), "across": torch.tensor(across), "updown": torch.tensor(updown),
-                "count": torch.tensor(count)}
+                "count": count_targets(samples)}
 
     def loss(self, states: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """states (B, width); the summed cross-entropies (a head with no labelled row adds 0) and recalls."""
-        total, stats = states.new_zeros(()), {}
-        for name in self.CLASSES:
-            labelled = targets[name] != -100
-            if not labelled.any():
-                continue
-            logits = getattr(self, name)(states[labelled].float())
-            total = total + F.cross_entropy(logits, targets[name][labelled])
-            stats[f"state_{name}_recall"] = (logits.argmax(-1) == targets[name][labelled]).float().mean().item()
-        return total, stats
+        return row_heads_loss(self, self.CLASSES, states, targets, "state")
 
 
 class ReadHeads(nn.Module):
@@ -331,26 +343,17 @@ class ReadHeads(nn.Module):
         centroid, -100 (ignored) for questions about no or several objects and for a centroid
         closer than ``data.POSITION_MARGIN_PX`` to that centre line, as position questions do;
         the count of a count question (0 for "one"), -100 for other questions."""
-        middle, labels = data.IMAGE_SIZE / 2, {name: [] for name in ReadHeads.CLASSES}
+        middle, labels = data.IMAGE_SIZE / 2, {"across": [], "updown": []}
         for s in samples:
             centroid = s.objects[s.query[0]].centroid if len(s.query) == 1 else None
             for name, axis in (("across", 0), ("updown", 1)):
                 off = centroid is not None and abs(centroid[axis] - middle) >= data.POSITION_MARGIN_PX
                 labels[name].append(int(centroid[axis] >= middle) if off else -100)
-            labels["count"].append(len(s.query) - 1 if s.kind == "count" else -100)
-        return {name: torch.tensor(v) for name, v in labels.items()}
+        return {name: torch.tensor(v) for name, v in labels.items()} | {"count": count_targets(samples)}
 
     def loss(self, reads: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """reads (B, width); the summed cross-entropies (a head with no labelled row adds 0) and recalls."""
-        total, stats = reads.new_zeros(()), {}
-        for name in self.names:
-            labelled = targets[name] != -100
-            if not labelled.any():
-                continue
-            logits = getattr(self, name)(reads[labelled].float())
-            total = total + F.cross_entropy(logits, targets[name][labelled])
-            stats[f"read_{name}_recall"] = (logits.argmax(-1) == targets[name][labelled]).float().mean().item()
-        return total, stats
+        return row_heads_loss(self, self.names, reads, targets, "read")
 
 
 def redraw_rows(model, tokenizer, words: list[str], generator: torch.Generator) -> None:

@@ -9,8 +9,9 @@ from model.budget import ReductionConfig, plan
 from model.checkpoint import build_processor
 from model.engine import DuetLlava, Timer
 from model.checkpoint import TinyLlavaSpec, build_model
-from model.train import (VISION_PARTS, AuxHeads, ReadHeads, StateHeads, TrainConfig, conversation, encode, exported_accuracy,
-                         forward_losses, init_grid_positions, lr_at, max_objects_at, redraw_rows, train_main)
+from model.train import (VISION_PARTS, AuxHeads, ReadHeads, StateHeads, TrainConfig, conversation, count_targets,
+                         encode, exported_accuracy, forward_losses, init_grid_positions, lr_at, max_objects_at,
+                         redraw_rows, train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
         "--text-hidden", "16", "--text-layers", "12", "--text-heads", "2", "--text-kv-heads", "1",
@@ -277,12 +278,15 @@ def test_training_with_a_window_pre_stage_runs(tmp_path):
     assert "aux_shape_recall" in (tmp_path / "train.log").read_text()
 
 
+def patch_targets(samples):
+    return {name: torch.stack([torch.from_numpy(data.patch_labels(s.objects)[name].reshape(-1)) for s in samples])
+            for name in data.PATCH_TARGETS}
+
+
 def test_position_heads_start_small_and_their_loss_scales_with_the_weight():
     torch.manual_seed(0)
     tokens = 40 * torch.randn(2, 576, 64)  # norm ~320, as the shipped tower's projected tokens
-    samples = [data.sample(0, "train", i) for i in range(2)]
-    targets = {name: torch.stack([torch.from_numpy(data.patch_labels(s.objects)[name].reshape(-1)) for s in samples])
-               for name in data.PATCH_TARGETS}
+    targets = patch_targets([data.sample(0, "train", i) for i in range(2)])
     losses = {}
     for weight in (0.0, 1.0, 2.5):
         torch.manual_seed(1)
@@ -297,9 +301,7 @@ def test_position_heads_start_small_and_their_loss_scales_with_the_weight():
 def test_count_heads_start_small_and_their_loss_scales_with_the_weight():
     torch.manual_seed(0)
     tokens = 40 * torch.randn(2, 576, 64)
-    samples = [data.sample(0, "train", i) for i in range(2)]
-    targets = {name: torch.stack([torch.from_numpy(data.patch_labels(s.objects)[name].reshape(-1)) for s in samples])
-               for name in data.PATCH_TARGETS}
+    targets = patch_targets([data.sample(0, "train", i) for i in range(2)])
     losses = {}
     for weight in (0.0, 1.0, 3.0):
         torch.manual_seed(1)
@@ -316,12 +318,18 @@ def test_training_with_position_heads_logs_their_recall(tmp_path):
     assert "aux_across_recall" in log and "aux_updown_recall" in log
 
 
+def test_count_targets_are_a_count_questions_answer():
+    samples = [data.sample(0, "val", i) for i in range(60)]
+    targets = count_targets(samples)
+    for s, count in zip(samples, targets.tolist()):
+        assert count == (data.COUNT_WORDS.index(s.answer) if s.kind == "count" else -100)
+    assert len(set(targets.tolist())) > 2
+
+
 def test_state_targets_name_the_offered_pair_the_asked_objects_halves_and_the_count():
     samples = [data.sample(0, "val", i) for i in range(60)]
     targets = StateHeads.targets(samples)
-    for s, count in zip(samples, targets["count"].tolist()):
-        assert count == (data.COUNT_WORDS.index(s.answer) if s.kind == "count" else -100)
-    assert len(set(targets["count"].tolist())) > 2
+    assert torch.equal(targets["count"], count_targets(samples))
     for s, pair, across, updown in zip(samples, *(targets[k].tolist() for k in ("pair", "across", "updown"))):
         if s.kind != "position":
             assert (pair, across, updown) == (0, -100, -100)
@@ -372,9 +380,7 @@ def test_training_with_state_heads_logs_their_loss_and_resumes(tmp_path, reducti
 def test_read_targets_are_the_halves_of_the_one_asked_object_off_the_centre_lines_and_the_count():
     samples = [data.sample(0, "val", i) for i in range(80)]
     targets = ReadHeads.targets(samples)
-    for s, count in zip(samples, targets["count"].tolist()):
-        assert count == (data.COUNT_WORDS.index(s.answer) if s.kind == "count" else -100)
-    assert len(set(targets["count"].tolist())) > 2
+    assert torch.equal(targets["count"], count_targets(samples))
     middle = data.IMAGE_SIZE / 2
     for s, across, updown in zip(samples, targets["across"].tolist(), targets["updown"].tolist()):
         for label, axis in ((across, 0), (updown, 1)):
