@@ -302,7 +302,7 @@ def patch_coverage(mask: np.ndarray, patch: int = PATCH_SIZE) -> np.ndarray:
     return mask.reshape(h // patch, patch, w // patch, patch).mean(axis=(1, 3))
 
 
-PATCH_TARGETS = ("colour", "shape", "centre", "across", "updown", "colour_count", "shape_count")  # what patch_labels names
+PATCH_TARGETS = ("colour", "shape", "centre", "across", "updown", "colour_count", "shape_count", "object")  # what patch_labels names
 
 
 def patch_labels(objects: list[SceneObject], min_coverage: float = 0.3, patch: int = PATCH_SIZE) -> dict:
@@ -313,7 +313,8 @@ def patch_labels(objects: list[SceneObject], min_coverage: float = 0.3, patch: i
     2 (right, bottom) for the image half that object's mask centroid lies in, what position answers
     are judged by, else 0; centre is 1 on the patch holding an object's mask centroid (what counting
     needs), else 0; colour_count / shape_count are how many objects of the scene share that
-    object's colour / shape (1..6), else 0: what a count question about it answers.
+    object's colour / shape (1..6), else 0: what a count question about it answers; object is 1 +
+    the index of that object, else 0.
     """
     side = IMAGE_SIZE // patch
     labels = {name: np.zeros((side, side), dtype=np.int64) for name in PATCH_TARGETS}
@@ -330,6 +331,7 @@ def patch_labels(objects: list[SceneObject], min_coverage: float = 0.3, patch: i
         "updown": 1 + (centroids[:, 1] >= IMAGE_SIZE / 2),
         "colour_count": [sum(p.colour == o.colour for p in objects) for o in objects],
         "shape_count": [sum(p.shape == o.shape for p in objects) for o in objects],
+        "object": 1 + np.arange(len(objects)),
     }
     for name, ids in per_object.items():
         labels[name][covered] = np.asarray(ids)[best[covered]]

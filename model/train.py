@@ -143,6 +143,7 @@ class TrainConfig:
     aux_min_coverage: float = 0.3  # a patch is labelled with an object covering >= this fraction
     position_weight: float = 0.0  # > 0: auxiliary heads also read which image half each object patch's object is in
     count_aux_weight: float = 0.0  # > 0: auxiliary heads also read how many objects share each object patch's colour / shape
+    centre_per_object: bool = False  # the centre head also ranks each object's patches: its centroid patch first (AuxHeads)
     attn_weight: float = 0.0  # > 0: supervise the salient rows' attention at the first stage layer (query_attention_loss)
     bind_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --bind-layer (query_attention_loss)
     bind_layer: int = -1  # the decoder layer binding is supervised at; -1: L/4
@@ -205,10 +206,20 @@ class AuxHeads(nn.Module):
     (``--count-read-weight`` names it there). Counting in the decoder instead needs a head that
     attends to one patch per object; that head's attention settled at twice its optimal loss
     and count answers stayed at the prior. The tower's heads are 32 wide with learned 2D
-    positions; the decoder's are 16 wide under rotary positions."""
+    positions; the decoder's are 16 wide under rotary positions.
 
-    def __init__(self, width: int, position_weight: float = 0.0, count_aux_weight: float = 0.0):
+    With ``centre_per_object`` the centre head's loss adds, for each object, a softmax over its
+    own patches whose target is its centroid patch. Why: the plain loss averages the few centre
+    patches and all others separately, and a head trained so (the shipped one) fires on ~5
+    patches per object: precision 0.20 at recall 1.00 on validation scenes, and the centroid
+    patch's score beats the best other patch of its object in only 54 % of objects (median
+    margin 0.02). A count head needs one marked token per object; a free per-word query on the
+    layer-2 keys reached a count-target cross-entropy of 1.8-2.1 against an optimum of 0.86."""
+
+    def __init__(self, width: int, position_weight: float = 0.0, count_aux_weight: float = 0.0,
+                 centre_per_object: bool = False):
         super().__init__()
+        self.centre_per_object = centre_per_object
         counts = len(data.COUNT_WORDS) + 1
         classes = {"colour": len(data.COLOURS) + 1, "shape": len(data.SHAPES) + 1, "centre": 2, "across": 3,
                    "updown": 3, "colour_count": counts, "shape_count": counts}
@@ -239,7 +250,29 @@ class AuxHeads(nn.Module):
             total = total + weight * (ce[~positive].mean() + (ce[positive].mean() if positive.any() else 0.0))
             hits = (logits.argmax(-1) == targets[name]).flatten()[positive]
             stats[f"aux_{name}_recall"] = hits.float().mean().item() if positive.any() else 0.0
+            if name == "centre":
+                fired = logits.argmax(-1).flatten() == 1
+                stats["aux_centre_precision"] = (fired & positive).sum().item() / max(int(fired.sum()), 1)
+                if self.centre_per_object:
+                    ranked = centre_ranking_loss(logits[..., 1] - logits[..., 0], targets["object"], targets["centre"])
+                    total = total + weight * ranked
+                    stats["aux_centre_rank_loss"] = ranked.item()
         return total, stats
+
+
+def centre_ranking_loss(scores: torch.Tensor, objects: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Mean over objects of -log softmax, over the object's own patches, of its centroid patch's
+    score. scores, objects (0 background, else 1 + object index), centres (1 on centroid
+    patches): (B, P). An object whose patches hold no centroid patch (or a neighbour's) is skipped."""
+    terms = []
+    for row_scores, row_objects, row_centres in zip(scores, objects, centres):
+        for k in row_objects.unique().tolist():
+            members = row_objects == k
+            hit = (row_centres[members] == 1).nonzero().flatten()
+            if k == 0 or len(hit) != 1:
+                continue
+            terms.append(-torch.log_softmax(row_scores[members], 0)[hit[0]])
+    return torch.stack(terms).mean() if terms else scores.new_zeros(())
 
 
 def count_targets(samples: list[data.Sample]) -> torch.Tensor:
@@ -806,6 +839,8 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
             parser.add_argument(flag, type=float, default=f.default,
                                 help="share of full-token steps that keep a random 0, 1/4 or 1/2 of the visual "
                                      "tokens from a random layer in [L/2, L) on")
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     for name in SPEC_FLAGS:
@@ -868,7 +903,7 @@ def train_main(argv: list[str]) -> int:
     processor = build_processor(spec.words, spec.image_size, spec.patch_size)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, processor).train()
-    heads = AuxHeads(spec.text_hidden, cfg.position_weight, cfg.count_aux_weight)
+    heads = AuxHeads(spec.text_hidden, cfg.position_weight, cfg.count_aux_weight, cfg.centre_per_object)
     state_heads = StateHeads(spec.text_hidden, cfg.state_layer) if cfg.state_weight > 0 else None
     read_heads = {}
     if cfg.read_weight > 0:

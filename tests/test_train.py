@@ -9,9 +9,9 @@ from model.budget import ReductionConfig, plan
 from model.checkpoint import build_processor
 from model.engine import DuetLlava, Timer
 from model.checkpoint import TinyLlavaSpec, build_model
-from model.train import (VISION_PARTS, AuxHeads, ReadHeads, StateHeads, TrainConfig, conversation, count_targets,
-                         encode, exported_accuracy, forward_losses, init_grid_positions, lr_at, max_objects_at,
-                         redraw_rows, train_main)
+from model.train import (VISION_PARTS, AuxHeads, ReadHeads, StateHeads, TrainConfig, centre_ranking_loss,
+                         conversation, count_targets, encode, exported_accuracy, forward_losses, init_grid_positions,
+                         lr_at, max_objects_at, redraw_rows, train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
         "--text-hidden", "16", "--text-layers", "12", "--text-heads", "2", "--text-kv-heads", "1",
@@ -310,6 +310,37 @@ def test_count_heads_start_small_and_their_loss_scales_with_the_weight():
         assert ("aux_colour_count_recall" in stats) == ("aux_shape_count_recall" in stats) == (weight > 0)
     assert torch.isclose(losses[3.0] - losses[0.0], 3.0 * (losses[1.0] - losses[0.0]))
     assert 0 < losses[1.0] - losses[0.0] < 4 * 2.5  # two heads x two terms, each near log 7
+
+
+def test_centre_ranking_loss_is_the_cross_entropy_of_each_objects_centroid_among_its_patches():
+    samples = [data.sample(0, "val", i) for i in range(3)]
+    targets = patch_targets(samples)
+    scores = torch.randn(3, 576)
+    terms = []
+    for b, s in enumerate(samples):
+        for k, o in enumerate(s.objects):
+            members = targets["object"][b] == k + 1
+            if targets["object"][b, o.centre_patch()] == k + 1:
+                own = scores[b][members]
+                terms.append(torch.logsumexp(own, 0) - scores[b, o.centre_patch()])
+    assert len(terms) > 3
+    assert torch.isclose(centre_ranking_loss(scores, targets["object"], targets["centre"]), torch.stack(terms).mean())
+    sharp = scores.clone()
+    sharp[targets["centre"] == 1] += 20.0  # each centroid far above its object's other patches
+    assert centre_ranking_loss(sharp, targets["object"], targets["centre"]) < 1e-3
+    # a centroid patch that no object covers enough is background: it names no object to rank
+    objects = targets["object"].clone()
+    lone = samples[0].objects[0].centre_patch()
+    objects[0, lone] = 0
+    scores[0, lone] = 50.0
+    expected = centre_ranking_loss(scores, objects, targets["centre"] * (objects > 0))
+    assert torch.isclose(centre_ranking_loss(scores, objects, targets["centre"]), expected)
+
+
+def test_training_with_per_object_centres_logs_the_ranking_loss(tmp_path):
+    assert run(tmp_path, 3, "--pre-steps", "1", "--centre-per-object") == 0
+    logged = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "aux_loss" in m]
+    assert logged and all(m["aux_centre_rank_loss"] > 0 and 0 <= m["aux_centre_precision"] <= 1 for m in logged)
 
 
 def test_training_with_position_heads_logs_their_recall(tmp_path):
