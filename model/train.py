@@ -549,8 +549,8 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
                 lambda _module, args, kwargs: final.append(read.input_layernorm(args[0] if args else
                                                                                 kwargs["hidden_states"])),
                 with_kwargs=True))
-        for name, row_heads in read_heads.items():
-            hooks.append(engine.lm.layers[row_heads.layer].self_attn.register_forward_hook(
+        for name, h in read_heads.items():
+            hooks.append(engine.lm.layers[h.layer].self_attn.register_forward_hook(
                 lambda _module, _args, output, into=reads[name]: into.append(output[0])))
         if v2v:  # the input of the layer whose CLS attention V2V ranks by (engine.reduce)
             scored = engine.vision.encoder.layers[engine.feature_index - 1]

@@ -224,9 +224,11 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     batch = input_ids.shape[0]
     hidden = engine.vision_states(pixel_values)
     visual = engine.reduce(hidden, p, Timer(engine.device))
+    # every patch projected, for the auxiliary heads: without a vision-side merge that is what reduce returned
+    every_patch = (visual.features.view(batch, engine.n_patches, -1) if p.k1 is None
+                   else engine.projector(hidden[engine.feature_index][:, 1:]))
     if p.method == EARLY_DROP:
         visual = random_subset(visual, p.budget, generator)
-    every_patch = engine.projector(hidden[engine.feature_index][:, 1:])
     n = visual.tokens_per_frame[0]
     tokens = visual.features.view(batch, n, -1)
 
