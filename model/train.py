@@ -83,6 +83,11 @@ which pair was offered).
 `--early-drop P` makes another share P of them let only a random 1/4 or 1/2 of the patch tokens
 into the LLM (`early_drop_plan`), so that the model reads objects from part of their patches, as
 it must after any reduction before the LLM.
+`--object-drop P` does the same in another share P of the steps with 1/8, 1/4 or 1/2 of them,
+drawing the patches objects cover first (`object_drop_plan`). A random subset is spread over the
+grid, but every reduction before the LLM keeps the salient patches (the shipped model's V2V at 64
+tokens keeps every patch of the asked object) and renumbers their positions: whole objects then
+sit at new relative positions, which the uniform draw never showed.
 
 `--late-drop P` makes a share P of the full-token steps lose visual tokens late: from a random
 layer in [L/2, L) a random 0, 1/4 or 1/2 of them survive, chosen at random (`late_drop_plan`).
@@ -122,7 +127,7 @@ from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor
 from .engine import DuetLlava, salient_positions
-from .train_reduce import EARLY_DROP, Marks, Supervision, marked_rows, reduced_loss, row_targets, supervised_losses
+from .train_reduce import EARLY_DROP, OBJECT_DROP, Marks, Supervision, marked_rows, reduced_loss, row_targets, supervised_losses
 
 
 @dataclass
@@ -179,6 +184,7 @@ class TrainConfig:
     budget: int = 192
     late_drop: float = 0.0  # share of full-token answer steps that drop visual tokens late (late_drop_plan)
     early_drop: float = 0.0  # share of full-token answer steps in which a random part of the visual tokens enters the LLM (early_drop_plan)
+    object_drop: float = 0.0  # share of full-token answer steps in which the object patches, then random others, enter the LLM (object_drop_plan)
     clip_every: int = 0  # > 0: every this many steps (after the pre-stage) train on a batch of moving clips
     clip_frames: int = 3  # clips have 2..clip_frames frames
 
@@ -585,7 +591,8 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         loss, _, every_patch, attention = reduced_loss(engine, duet, batch["input_ids"], batch["pixel_values"],
                                                        batch["labels"], batch["salient"], batch["query"],
                                                        supervised, batch["asked"], batch["named"], generator,
-                                                       batch["offered"], batch["centres"], batch["pointed"])
+                                                       batch["offered"], batch["centres"], batch["pointed"],
+                                                       batch["colour"] > 0)
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -664,6 +671,19 @@ def early_drop_plan(engine: DuetLlava, generator: torch.Generator) -> Plan:
     leaves it a few kept or merged ones. Like the late drop, this ranks by nothing."""
     keep = EARLY_DROP_KEEPS[int(torch.randint(len(EARLY_DROP_KEEPS), (1,), generator=generator))]
     return Plan(EARLY_DROP, round(keep * engine.n_patches), engine.n_layers, engine.n_patches)
+
+
+OBJECT_DROP_KEEPS = (0.125, 0.25, 0.5)
+
+
+def object_drop_plan(engine: DuetLlava, generator: torch.Generator) -> Plan:
+    """1/8, 1/4 or 1/2 of the patch tokens enter the LLM, the patches objects cover drawn first
+    (``--object-drop``). Why: at DUET 64 the shipped tower keeps every patch of the asked object,
+    and still shape answers fell from 95 to 84 % on validation (94 % with the prompt's original
+    position ids): the decoder had never read whole objects packed into a shorter sequence. The
+    marks are the scene's masks, no method's ranking."""
+    keep = OBJECT_DROP_KEEPS[int(torch.randint(len(OBJECT_DROP_KEEPS), (1,), generator=generator))]
+    return Plan(OBJECT_DROP, round(keep * engine.n_patches), engine.n_layers, engine.n_patches)
 
 
 def stage_layer(engine: DuetLlava) -> int:
@@ -858,9 +878,10 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
 def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
     if not 0 <= cfg.late_drop <= 1 or (cfg.late_drop and cfg.reduction != "none"):
         raise ValueError("--late-drop is a share of full-token steps (0..1) and needs --reduction none")
-    if cfg.early_drop < 0 or cfg.late_drop + cfg.early_drop > 1 or (cfg.early_drop and cfg.reduction != "none"):
-        raise ValueError("--early-drop is a share of full-token steps (with --late-drop at most 1) and needs "
-                         "--reduction none")
+    for name, share in (("early", cfg.early_drop), ("object", cfg.object_drop)):
+        if share < 0 or cfg.late_drop + cfg.early_drop + cfg.object_drop > 1 or (share and cfg.reduction != "none"):
+            raise ValueError(f"--{name}-drop is a share of full-token steps (with the other drops at most 1) and "
+                             "needs --reduction none")
     if cfg.clip_every and cfg.reduction != "none":
         raise ValueError("clip batches train with full tokens only (the batched DUET forward is single-image)")
     if cfg.redraw_answers and not cfg.init_from:
@@ -981,18 +1002,20 @@ def train_main(argv: list[str]) -> int:
             aux_loss, stats = heads.loss(window_tokens(model, pixels, indices), targets)
         else:
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same draws on resume
+            shares = {"late_drop": (cfg.late_drop, late_drop_plan), "early_drop": (cfg.early_drop, early_drop_plan),
+                      "object_drop": (cfg.object_drop, object_drop_plan)}
             draw = (float(torch.rand((), generator=generator))
-                    if (cfg.late_drop or cfg.early_drop) and clips is None and step >= cfg.pre_steps else 1.0)
-            dropped, early = draw < cfg.late_drop, cfg.late_drop <= draw < cfg.late_drop + cfg.early_drop
+                    if any(share for share, _ in shares.values()) and clips is None and step >= cfg.pre_steps else 1.0)
+            chosen, edge = None, 0.0
+            for name, (share, _) in shares.items():
+                if chosen is None and edge <= draw < edge + share:
+                    chosen = name
+                edge += share
             answer_loss, aux_loss, attention, stats = forward_losses(
                 model, heads, batch, with_answer=step >= cfg.pre_steps, engine=engine,
-                duet=late_drop_plan(engine, generator) if dropped else early_drop_plan(engine, generator) if early
-                else duet, supervised=supervised, generator=generator, state_heads=state_heads,
-                v2v=cfg.v2v_weight > 0, read_heads=read_heads)
-            if cfg.late_drop:
-                stats["late_drop"] = float(dropped)
-            if cfg.early_drop:
-                stats["early_drop"] = float(early)
+                duet=shares[chosen][1](engine, generator) if chosen else duet, supervised=supervised,
+                generator=generator, state_heads=state_heads, v2v=cfg.v2v_weight > 0, read_heads=read_heads)
+            stats |= {name: float(name == chosen) for name, (share, _) in shares.items() if share}
         loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)
         for name, value in attention.items():
             if value is not None:

@@ -110,14 +110,20 @@ def row_targets(marked: list[list[int] | None], present: torch.Tensor) -> list[t
 
 
 EARLY_DROP = "early-drop"  # a plan method: a random subset of each image's patch tokens enters the LLM
+OBJECT_DROP = "object-drop"  # the same, drawing the patches objects cover first
 
 
-def random_subset(visual: Visual, keep: int, generator: torch.Generator) -> Visual:
+def random_subset(visual: Visual, keep: int, generator: torch.Generator, first: torch.Tensor | None = None) -> Visual:
     """Per frame, ``keep`` of its tokens drawn uniformly at random from ``generator``, in their
-    order: what ranks them is nothing (the trainer's ``--early-drop``)."""
+    order: what ranks them is nothing (the trainer's ``--early-drop``). With ``first`` (frames,
+    tokens) bool, frame i draws its marked tokens before any other (``--object-drop``: the
+    patches objects cover, ground truth rather than any method's score)."""
     features, frames, offset = [], [], 0
-    for record, n in zip(visual.frames, visual.tokens_per_frame):
-        chosen = torch.randperm(n, generator=generator)[:keep].sort().values
+    for i, (record, n) in enumerate(zip(visual.frames, visual.tokens_per_frame)):
+        order = torch.randperm(n, generator=generator)
+        if first is not None:
+            order = order[torch.argsort((~first[i].cpu()[order]).long(), stable=True)]
+        chosen = order[:keep].sort().values
         features.append(visual.features[offset + chosen.to(visual.features.device)])
         frames.append({**record, "token_patches": [record["token_patches"][i] for i in chosen.tolist()]})
         offset += n
@@ -182,7 +188,7 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                  supervised: dict[str, Supervision] | None = None, asked: list[list[int]] | None = None,
                  named: list[list[set[int]]] | None = None, generator: torch.Generator | None = None,
                  offered: list[list[int]] | None = None, centres: list[list[int] | None] | None = None,
-                 pointed: list[list[int] | None] | None = None,
+                 pointed: list[list[int] | None] | None = None, objects: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
@@ -196,7 +202,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     them (default: none). A stage whose ``query`` is "random"
     keeps a uniformly random choice of each row's visual tokens, drawn from ``generator`` (the
     trainer's ``--late-drop``: no method's ranking); a plan whose method is ``EARLY_DROP`` lets a
-    random ``p.budget`` of them enter the LLM (``--early-drop``).
+    random ``p.budget`` of them enter the LLM (``--early-drop``), and one whose method is
+    ``OBJECT_DROP`` draws the patches ``objects`` (B, P) marks first (``--object-drop``).
     """
     supervised = supervised or {}
     first_stage = p.stages[0].layer if p.stages else engine.n_layers
@@ -214,8 +221,10 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         raise ValueError("supervised pointing attention needs the answer word's positions")
     if any(s.onto == "named" for s in supervised.values()) and named is None:
         raise ValueError("supervised attention onto named objects needs their patches")
-    if (p.method == EARLY_DROP or any(s.query == "random" for s in p.stages)) and generator is None:
+    if (p.method in (EARLY_DROP, OBJECT_DROP) or any(s.query == "random" for s in p.stages)) and generator is None:
         raise ValueError("a random stage or early drop needs a generator")
+    if p.method == OBJECT_DROP and objects is None:
+        raise ValueError("an object-first drop needs the patches objects cover")
     lm = engine.lm
     pad = engine.tokenizer.pad_token_id
     real = input_ids != pad
@@ -227,8 +236,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     # every patch projected, for the auxiliary heads: without a vision-side merge that is what reduce returned
     every_patch = (visual.features.view(batch, engine.n_patches, -1) if p.k1 is None
                    else engine.projector(hidden[engine.feature_index][:, 1:]))
-    if p.method == EARLY_DROP:
-        visual = random_subset(visual, p.budget, generator)
+    if p.method in (EARLY_DROP, OBJECT_DROP):
+        visual = random_subset(visual, p.budget, generator, objects if p.method == OBJECT_DROP else None)
     n = visual.tokens_per_frame[0]
     tokens = visual.features.view(batch, n, -1)
 

@@ -555,11 +555,17 @@ def test_training_with_count_and_point_supervision_logs_their_losses(tmp_path, r
             run(tmp_path / "refused", 1, "--count-weight", "1", *flags)
 
 
-def test_early_and_late_drop_share_the_full_token_steps_and_need_them(tmp_path):
+def test_early_late_and_object_drop_share_the_full_token_steps_and_need_them(tmp_path):
     assert run(tmp_path, 6, "--early-drop", "0.5", "--late-drop", "0.5") == 0
     answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
     assert all(m["early_drop"] + m["late_drop"] == 1 for m in answered)
     assert {m["early_drop"] for m in answered} == {0.0, 1.0}
-    for flags in (("--early-drop", "0.6", "--late-drop", "0.5"), ("--early-drop", "0.5", "--reduction", "duet")):
+    assert run(tmp_path / "objects", 3, "--object-drop", "1") == 0
+    answered = [m for m in map(json.loads, (tmp_path / "objects" / "metrics.jsonl").read_text().splitlines())
+                if "answer_loss" in m]
+    assert answered and all(m["object_drop"] == 1 and "early_drop" not in m for m in answered)
+    for flags in (("--early-drop", "0.6", "--late-drop", "0.5"), ("--early-drop", "0.5", "--reduction", "duet"),
+                  ("--object-drop", "0.5", "--early-drop", "0.3", "--late-drop", "0.3"),
+                  ("--object-drop", "0.5", "--reduction", "duet")):
         with pytest.raises(ValueError):
             run(tmp_path / "refused", 1, *flags)

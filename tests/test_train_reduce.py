@@ -12,7 +12,7 @@ from model import data
 from model.budget import Plan, ReductionConfig, Stage, plan
 from model.engine import DuetLlava
 from model.train import LATE_DROP_KEEPS, AuxHeads, encode, forward_losses, late_drop_plan, stage_layer
-from model.train_reduce import EARLY_DROP, Supervision, reduced_loss, row_targets
+from model.train_reduce import EARLY_DROP, OBJECT_DROP, Supervision, reduced_loss, row_targets
 
 def batch(engine):
     """Two right-padded training rows built by the trainer's own encoder."""
@@ -413,3 +413,26 @@ def test_early_drop_lets_a_random_subset_of_the_projected_patches_into_the_llm(e
     assert torch.equal(same[1], tokens) and not torch.equal(other[1], tokens)
     with pytest.raises(ValueError):
         reduced_loss(engine, quarter, enc["input_ids"], enc["pixel_values"], labels, salient)
+
+
+def test_object_drop_draws_the_marked_patches_first_then_random_others(engine):
+    enc, labels, salient = batch(engine)
+    marked = torch.zeros(2, 576, dtype=torch.bool)
+    marked[0, 100:150] = True  # 50 patches in row 0, 10 in row 1
+    marked[1, torch.arange(300, 400, 10)] = True
+
+    def kept(budget, seed):
+        with torch.no_grad():
+            _, tokens, every_patch, _ = reduced_loss(engine, Plan(OBJECT_DROP, budget, engine.n_layers, 576),
+                                                     enc["input_ids"], enc["pixel_values"], labels, salient,
+                                                     generator=torch.Generator().manual_seed(seed), objects=marked)
+        return [torch.nonzero((every_patch[b][:, None] == tokens[b][None]).all(-1).any(1)).flatten() for b in range(2)]
+
+    few = kept(20, 0)  # fewer than row 0 marks: only marked patches, a random choice of them
+    assert len(few[0]) == 20 and marked[0, few[0]].all() and not torch.equal(few[0], kept(20, 1)[0])
+    assert len(few[1]) == 20 and marked[1, few[1]].sum() == 10
+    many = kept(144, 0)  # every marked patch, the rest unmarked
+    assert all(len(k) == 144 and marked[b, k].sum() == marked[b].sum() for b, k in enumerate(many))
+    with pytest.raises(ValueError):
+        reduced_loss(engine, Plan(OBJECT_DROP, 20, engine.n_layers, 576), enc["input_ids"], enc["pixel_values"],
+                     labels, salient, generator=torch.Generator().manual_seed(0))
