@@ -553,6 +553,8 @@ def test_training_with_count_and_point_supervision_logs_their_losses(tmp_path, r
                   ("--point-weight", "1", "--point-head", "0", "--count-head", "0")):
         with pytest.raises(ValueError):
             run(tmp_path / "refused", 1, "--count-weight", "1", *flags)
+    with pytest.raises(ValueError):
+        run(tmp_path / "refused", 1, "--count-exist")
 
 
 def test_early_late_and_object_drop_share_the_full_token_steps_and_need_them(tmp_path):

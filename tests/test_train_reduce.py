@@ -273,16 +273,24 @@ def test_late_drop_plans_are_random_late_and_reproducible(engine):
         reduced_loss(engine, late_stage(engine, 16, 0), enc["input_ids"], enc["pixel_values"], labels, salient)
 
 
-def test_count_supervision_is_the_cross_entropy_of_one_stock_head_against_first_token_and_centroids(tiny_checkpoint):
+@pytest.mark.parametrize("kind", ["count", "exist"])
+def test_count_supervision_is_the_cross_entropy_of_one_stock_head_against_first_token_and_centroids(tiny_checkpoint,
+                                                                                                   kind):
+    """Count questions, and with --count-exist existence questions ("no": the first token alone)."""
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
     engine = DuetLlava(model, processor, "eager")
     pool = [data.sample(0, "train", i) for i in range(80)]
-    samples = [s for s in pool if s.kind == "count" and len(s.query) > 1][:1]
-    samples += [s for s in pool if s.kind == "count" and len(s.query) == 1][:1]
+    if kind == "count":
+        samples = [s for s in pool if s.kind == "count" and len(s.query) > 1][:1]
+        samples += [s for s in pool if s.kind == "count" and len(s.query) == 1][:1]
+    else:
+        samples = [next(s for s in pool if s.kind == "exist" and s.answer == a) for a in ("yes", "no")]
     samples.append(next(s for s in pool if s.kind == "colour"))
-    enc = encode(processor, samples, 0.3)
+    enc = encode(processor, samples, 0.3, counted_kinds=("count", kind))
     assert enc["centres"][2] is None
+    assert [len(c) for c in enc["centres"][:2]] == [len(s.query) for s in samples[:2]]
+    assert encode(processor, samples, 0.3)["centres"][:2] == (enc["centres"][:2] if kind == "count" else [None] * 2)
     for s, centres in zip(samples[:2], enc["centres"]):
         assert [data.patch_labels(s.objects)["centre"].reshape(-1)[p] for p in centres] == [1] * len(s.query)
     layer, head = 2, 3
