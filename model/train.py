@@ -676,8 +676,7 @@ def early_drop_plan(engine: DuetLlava, generator: torch.Generator) -> Plan:
     validation accuracy at PyramidDrop 64 but 71.0 % at VisionZip 64 (shape answers 96 -> 44 %):
     it had only ever read an object from all of its patches, and a reduction before the LLM
     leaves it a few kept or merged ones. Like the late drop, this ranks by nothing."""
-    keep = EARLY_DROP_KEEPS[int(torch.randint(len(EARLY_DROP_KEEPS), (1,), generator=generator))]
-    return Plan(EARLY_DROP, round(keep * engine.n_patches), engine.n_layers, engine.n_patches)
+    return subset_plan(EARLY_DROP, EARLY_DROP_KEEPS, engine, generator)
 
 
 OBJECT_DROP_KEEPS = (0.125, 0.25, 0.5)
@@ -689,8 +688,13 @@ def object_drop_plan(engine: DuetLlava, generator: torch.Generator) -> Plan:
     and still shape answers fell from 95 to 84 % on validation (94 % with the prompt's original
     position ids): the decoder had never read whole objects packed into a shorter sequence. The
     marks are the scene's masks, no method's ranking."""
-    keep = OBJECT_DROP_KEEPS[int(torch.randint(len(OBJECT_DROP_KEEPS), (1,), generator=generator))]
-    return Plan(OBJECT_DROP, round(keep * engine.n_patches), engine.n_layers, engine.n_patches)
+    return subset_plan(OBJECT_DROP, OBJECT_DROP_KEEPS, engine, generator)
+
+
+def subset_plan(method: str, keeps: tuple[float, ...], engine: DuetLlava, generator: torch.Generator) -> Plan:
+    """A plan that lets one of ``keeps`` (shares of the patches, drawn from ``generator``) into the LLM."""
+    keep = keeps[int(torch.randint(len(keeps), (1,), generator=generator))]
+    return Plan(method, round(keep * engine.n_patches), engine.n_layers, engine.n_patches)
 
 
 def stage_layer(engine: DuetLlava) -> int:
@@ -885,10 +889,10 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict, bool]:
 def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
     if not 0 <= cfg.late_drop <= 1 or (cfg.late_drop and cfg.reduction != "none"):
         raise ValueError("--late-drop is a share of full-token steps (0..1) and needs --reduction none")
-    for name, share in (("early", cfg.early_drop), ("object", cfg.object_drop)):
-        if share < 0 or cfg.late_drop + cfg.early_drop + cfg.object_drop > 1 or (share and cfg.reduction != "none"):
-            raise ValueError(f"--{name}-drop is a share of full-token steps (with the other drops at most 1) and "
-                             "needs --reduction none")
+    if min(cfg.early_drop, cfg.object_drop) < 0 or cfg.late_drop + cfg.early_drop + cfg.object_drop > 1 or (
+            (cfg.early_drop or cfg.object_drop) and cfg.reduction != "none"):
+        raise ValueError("--early-drop and --object-drop are shares of full-token steps (with --late-drop at most 1 "
+                         "together) and need --reduction none")
     if cfg.clip_every and cfg.reduction != "none":
         raise ValueError("clip batches train with full tokens only (the batched DUET forward is single-image)")
     if cfg.redraw_answers and not cfg.init_from:
@@ -993,6 +997,10 @@ def train_main(argv: list[str]) -> int:
                    optimizer=optimizer.state_dict(), step=step, next_index=next_index, best_acc=best_acc,
                    torch_rng=torch.get_rng_state(), spec=asdict(spec), config=asdict(cfg))
 
+    counted_kinds = ("count", "exist") if cfg.count_exist else ("count",)
+    drops = {name: (share, make) for name, share, make in (("late_drop", cfg.late_drop, late_drop_plan),
+                                                          ("early_drop", cfg.early_drop, early_drop_plan),
+                                                          ("object_drop", cfg.object_drop, object_drop_plan)) if share}
     window: dict[str, list[float]] = {}
     last_result = None
     started = time.perf_counter()
@@ -1004,7 +1012,6 @@ def train_main(argv: list[str]) -> int:
             samples = [data.sample(cfg.seed, "train", i, max_objects=k)
                        for i in range(next_index, next_index + cfg.batch_size)]
             clips = None
-        counted_kinds = ("count", "exist") if cfg.count_exist else ("count",)
         batch = encode(processor, samples, cfg.aux_min_coverage, clips, counted_kinds)
         if step < cfg.pre_steps and cfg.pre_crops:
             pixels, indices, targets = crop_batch(cfg, next_index, batch, samples)
@@ -1012,20 +1019,19 @@ def train_main(argv: list[str]) -> int:
             aux_loss, stats = heads.loss(window_tokens(model, pixels, indices), targets)
         else:
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same draws on resume
-            shares = {"late_drop": (cfg.late_drop, late_drop_plan), "early_drop": (cfg.early_drop, early_drop_plan),
-                      "object_drop": (cfg.object_drop, object_drop_plan)}
-            draw = (float(torch.rand((), generator=generator))
-                    if any(share for share, _ in shares.values()) and clips is None and step >= cfg.pre_steps else 1.0)
+            dropping = drops and clips is None and step >= cfg.pre_steps
+            draw = float(torch.rand((), generator=generator)) if dropping else 1.0
             chosen, edge = None, 0.0
-            for name, (share, _) in shares.items():
-                if chosen is None and edge <= draw < edge + share:
-                    chosen = name
+            for name, (share, _) in drops.items():  # consecutive intervals of [0, 1), one per drop
                 edge += share
+                if draw < edge:
+                    chosen = name
+                    break
             answer_loss, aux_loss, attention, stats = forward_losses(
                 model, heads, batch, with_answer=step >= cfg.pre_steps, engine=engine,
-                duet=shares[chosen][1](engine, generator) if chosen else duet, supervised=supervised,
+                duet=drops[chosen][1](engine, generator) if chosen else duet, supervised=supervised,
                 generator=generator, state_heads=state_heads, v2v=cfg.v2v_weight > 0, read_heads=read_heads)
-            stats |= {name: float(name == chosen) for name, (share, _) in shares.items() if share}
+            stats |= {name: float(name == chosen) for name in drops}
         loss = cfg.aux_weight * aux_loss + (answer_loss if answer_loss is not None else 0.0)
         for name, value in attention.items():
             if value is not None:

@@ -119,10 +119,10 @@ def random_subset(visual: Visual, keep: int, generator: torch.Generator, first: 
     tokens) bool, frame i draws its marked tokens before any other (``--object-drop``: the
     patches objects cover, ground truth rather than any method's score)."""
     features, frames, offset = [], [], 0
-    for i, (record, n) in enumerate(zip(visual.frames, visual.tokens_per_frame)):
+    for frame, (record, n) in enumerate(zip(visual.frames, visual.tokens_per_frame)):
         order = torch.randperm(n, generator=generator)
-        if first is not None:
-            order = order[torch.argsort((~first[i].cpu()[order]).long(), stable=True)]
+        if first is not None:  # a stable sort on "unmarked" keeps the random order within each group
+            order = order[torch.argsort((~first[frame].cpu()[order]).long(), stable=True)]
         chosen = order[:keep].sort().values
         features.append(visual.features[offset + chosen.to(visual.features.device)])
         frames.append({**record, "token_patches": [record["token_patches"][i] for i in chosen.tolist()]})
