@@ -193,3 +193,45 @@ def build_random_video_llava(folder: str | Path, spec: TinyLlavaSpec | None = No
         size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
     ).save_pretrained(folder)
     return folder
+
+
+# Decoder weights that write into the residual stream (rows, or an embedding's columns, index it)
+# or read units a wider decoder adds (attention heads, MLP units, projector units).
+_WRITERS = ("embed_tokens.weight", "o_proj.weight", "down_proj.weight",
+            "multi_modal_projector.linear_2.weight", "multi_modal_projector.linear_2.bias")
+
+
+def load_widened(source: LlavaForConditionalGeneration, target: LlavaForConditionalGeneration) -> None:
+    """Load `source` into `target`, a LLaVA with the same tower whose decoder may be wider (hidden
+    size, attention heads of the same width and grouping, MLP units), so that `target` computes
+    what `source` does and the new units start learning from there.
+
+    Every tensor of `source` fills the leading block of its `target` counterpart; the rest keeps
+    `target`'s random draw, except where a new unit would change the function: the writers above
+    are zero outside that block, so the new residual dimensions stay zero and new heads and MLP
+    units add nothing until training moves them. RMS norms then divide by the root mean square
+    over a wider vector with zeros in it, sqrt(old / new) times the old one, so their weights are
+    scaled by that factor (the new dimensions get the old weights' mean: with a zero weight a
+    new dimension could never leave zero), and their epsilon too, so that it adds to the old mean
+    square what it added before."""
+    old, new = source.config.text_config, target.config.text_config
+    if old.head_dim != new.head_dim or (old.num_attention_heads // old.num_key_value_heads
+                                        != new.num_attention_heads // new.num_key_value_heads):
+        raise ValueError("a widened decoder keeps the head width and the query heads per key/value head")
+    scale = (old.hidden_size / new.hidden_size) ** 0.5
+    weights = source.state_dict()
+    with torch.no_grad():
+        for name, param in target.state_dict().items():
+            value = weights[name]
+            if any(a < b for a, b in zip(param.shape, value.shape)) or param.dim() != value.dim():
+                raise ValueError(f"{name}: {tuple(value.shape)} does not fit in {tuple(param.shape)}")
+            if name.endswith(_WRITERS):
+                param.zero_()
+            if name.startswith("model.language_model.") and name.endswith("norm.weight"):
+                value = value * scale
+                param.fill_(value.mean().item())
+            param[tuple(slice(0, n) for n in value.shape)] = value
+    new.rms_norm_eps = old.rms_norm_eps * scale**2
+    for module in target.model.language_model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = new.rms_norm_eps

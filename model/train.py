@@ -49,9 +49,10 @@ already take all of the ask share, so adding the choices to that target would no
 `--init-from F --init-parts vision` keeps a trained tower and projector under a fresh decoder;
 `--init-from D --init-vision-from T` puts T's tower and projector under D's trained decoder (a
 tower retrained for position answers, under the decoder that already binds and names objects);
-and `--rope-theta` sets the decoder's rotary base (a 16-wide head has two rotary pairs slow
-enough to match content across 576 positions at 1e4, four at 1e6). EVAL.md, *Reading*, reports
-the runs.
+`--init-from D --text-hidden H --text-heads N --text-kv-heads K --text-mlp M` widens D's decoder
+to those sizes, computing what D does at the start (`load_widened`); and `--rope-theta` sets the
+decoder's rotary base (a 16-wide head has two rotary pairs slow enough to match content across
+576 positions at 1e4, four at 1e6). EVAL.md, *Reading*, reports the runs.
 
 `--redraw-answers W1,W2,...` restarts the output rows of answers the loaded model cannot tell
 apart (`redraw_rows`). The shipped decoder's four position answers had collapsed onto one row
@@ -128,7 +129,7 @@ from transformers.utils import logging as hf_logging
 from . import clips as clips_module
 from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
-from .checkpoint import TinyLlavaSpec, build_model, build_processor
+from .checkpoint import TinyLlavaSpec, build_model, build_processor, load_widened
 from .engine import DuetLlava, salient_positions
 from .train_reduce import EARLY_DROP, OBJECT_DROP, Marks, Supervision, marked_rows, reduced_loss, row_targets, supervised_losses
 
@@ -967,10 +968,12 @@ def train_main(argv: list[str]) -> int:
         from transformers import LlavaForConditionalGeneration
 
         # Runs do not outlive a machine; the shipped folder does, so a new session can go on from it.
-        loaded = LlavaForConditionalGeneration.from_pretrained(cfg.init_from).state_dict()
+        source = LlavaForConditionalGeneration.from_pretrained(cfg.init_from)
         if cfg.init_parts == "vision":
-            loaded = {k: v for k, v in loaded.items() if k.startswith(VISION_PARTS)}
-        model.load_state_dict(loaded, strict=cfg.init_parts == "all")
+            model.load_state_dict({k: v for k, v in source.state_dict().items() if k.startswith(VISION_PARTS)},
+                                  strict=False)
+        else:  # text widths (--text-hidden, --text-heads, ...) above the source's widen its decoder
+            load_widened(source, model)
         if cfg.init_vision_from:
             tower = LlavaForConditionalGeneration.from_pretrained(cfg.init_vision_from).state_dict()
             model.load_state_dict({k: v for k, v in tower.items() if k.startswith(VISION_PARTS)}, strict=False)

@@ -219,6 +219,52 @@ def test_a_new_run_can_start_from_an_exported_model(trained, tmp_path):
         assert torch.allclose(state["model"][name], tensor, atol=1e-6), name
 
 
+WIDER = ["--text-hidden", "32", "--text-heads", "4", "--text-kv-heads", "2", "--text-mlp", "48"]
+
+
+def answer_logits(folder, samples):
+    processor = AutoProcessor.from_pretrained(folder)
+    batch = encode(processor, samples, 0.3)
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits
+
+
+def test_a_run_can_widen_an_exported_decoder_and_starts_from_what_it_computed(trained, tmp_path):
+    assert run(tmp_path, 1, "--init-from", str(trained / "shipped"), *WIDER, "--lr", "1e-12",
+               "--weight-decay", "0") == 0
+    config = LlavaForConditionalGeneration.from_pretrained(tmp_path / "best").config.text_config
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (32, 4, 48)
+    samples = [data.sample(0, "val", i) for i in range(2)]
+    narrow, wide = answer_logits(trained / "shipped", samples), answer_logits(tmp_path / "best", samples)
+    assert torch.allclose(narrow, wide, atol=1e-4)
+
+
+def test_widened_units_start_silent_but_learn_and_bad_widths_are_refused():
+    from model.checkpoint import load_widened
+
+    processor = build_processor(data.vocabulary(), data.IMAGE_SIZE, data.PATCH_SIZE)
+    narrow = TinyLlavaSpec(vision_hidden=16, vision_layers=1, text_hidden=16, text_layers=2, text_heads=2,
+                           text_kv_heads=1, text_mlp=32, words=data.vocabulary())
+    torch.manual_seed(0)
+    source = build_model(narrow, processor)
+    wide = build_model(TinyLlavaSpec(**{**narrow.__dict__, "text_hidden": 32, "text_heads": 4,
+                                        "text_kv_heads": 2, "text_mlp": 48}), processor)
+    load_widened(source, wide)
+    batch = encode(processor, [data.sample(0, "val", 0)], 0.3)
+    wide(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+         labels=batch["labels"]).loss.backward()
+    layer = wide.model.language_model.layers[1]
+    assert layer.self_attn.o_proj.weight.grad[16:, :16].abs().sum() > 0  # the new residual dimensions
+    assert layer.self_attn.o_proj.weight.grad[:16, 16:].abs().sum() > 0  # the new heads
+    assert layer.mlp.down_proj.weight.grad[:, 32:].abs().sum() > 0  # the new MLP units
+    for bad in ({"text_heads": 4, "text_kv_heads": 1}, {"text_hidden": 8}):
+        other = build_model(TinyLlavaSpec(**{**narrow.__dict__, **bad}), processor)
+        with pytest.raises(ValueError):
+            load_widened(source, other)
+
+
 def test_clip_batches_are_multi_image_prompts_with_answer_labels():
     from model.train import clip_batch
 
