@@ -131,7 +131,8 @@ from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor, load_widened
 from .engine import DuetLlava, salient_positions
-from .train_reduce import EARLY_DROP, OBJECT_DROP, Marks, Supervision, marked_rows, reduced_loss, row_targets, supervised_losses
+from .train_reduce import (EARLY_DROP, OBJECT_DROP, Marks, Supervision, absent_marks, marked_rows, reduced_loss,
+                           row_targets, supervised_losses)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class TrainConfig:
     ask_layer: int = 0
     choices_weight: float = 0.0  # > 0: supervise the last prompt token's attention at --ask-layer onto the offered answers
     lookup_weight: float = 0.0  # > 0: supervise each object word's layer-0 attention onto the objects it names
+    absent_weight: float = 0.0  # > 0: on existence questions, the last prompt token at --bind-layer onto the first token for "no" (absent_marks)
     count_weight: float = 0.0  # > 0: on count questions, one head's attention of the last prompt token (head_attention_loss)
     count_layer: int = 2
     count_head: int = 0
@@ -477,6 +479,7 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
     batch["query"] = [data.query_patches(s) for s in samples]
     batch["centres"] = [[s.objects[i].centre_patch() for i in s.query] if s.kind in counted_kinds else None
                         for s in samples]
+    batch["absent"] = [s.answer == "no" if s.kind == "exist" else None for s in samples]
     prompt_ids = [batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())] for row in range(len(samples))]
     object_words = torch.tensor([i for i in tok.convert_tokens_to_ids(data.object_words()) if i != tok.unk_token_id])
     batch["asked"] = [torch.nonzero(torch.isin(ids, object_words)).flatten().tolist()  # the prompt's colour/shape words
@@ -600,7 +603,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
                                                        batch["labels"], batch["salient"], batch["query"],
                                                        supervised, batch["asked"], batch["named"], generator,
                                                        batch["offered"], batch["centres"], batch["pointed"],
-                                                       batch["colour"] > 0)
+                                                       batch["colour"] > 0, batch["absent"])
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -635,7 +638,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
                                for b, patches in enumerate(batch["centres"])], present)
         marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query,
                       marked_rows(batch["asked"], present), lookups, marked_rows(batch["offered"], present), counted,
-                      row_targets(batch["pointed"], present))
+                      row_targets(batch["pointed"], present), absent_marks(batch["absent"], on_query, is_visual, present))
         for index, (h, rope) in captured.items():
             rope = tuple(r.expand(len(ids), -1, -1) for r in rope)  # the stock forward shares one row
             attention |= supervised_losses(engine, index, h, rope, pos, supervised, marks)
@@ -714,7 +717,9 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
     object early enough for later layers to read its attributes; ``ask``, the last prompt token at
     ``ask_layer`` onto the question's colour and shape words, so that it holds what to look for;
     ``choices``, the same token and layer onto the answers a position question offers;
-    ``lookup``, each colour and shape word at layer 0 onto the objects it names; ``count``, head
+    ``lookup``, each colour and shape word at layer 0 onto the objects it names; ``absent``, the
+    last prompt token at ``bind_layer`` on existence questions, scored over all tokens, onto the
+    asked object or, when there is none, the first token (``train_reduce.absent_marks``); ``count``, head
     ``count_head`` of the last prompt token at ``count_layer`` onto the first token and the
     counted objects' centroids, on count questions; ``point``, head ``point_head`` of the same
     token at ``point_layer`` onto the question's own copy of a position question's answer
@@ -730,6 +735,8 @@ def supervised_attention(cfg: TrainConfig, engine: DuetLlava) -> dict[str, Super
         chosen["choices"] = Supervision(cfg.ask_layer, True, "choices")
     if cfg.lookup_weight > 0:
         chosen["lookup"] = Supervision(0, False, "named")
+    if cfg.absent_weight > 0:
+        chosen["absent"] = Supervision(bind_layer(cfg, engine.n_layers), True, "absent")
     if cfg.count_weight > 0:
         chosen["count"] = Supervision(cfg.count_layer, True, "count", cfg.count_head)
     if cfg.point_weight > 0:

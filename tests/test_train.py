@@ -107,6 +107,17 @@ def test_training_with_query_attention_supervision_logs_its_loss(tmp_path, reduc
 
 
 @pytest.mark.parametrize("reduction", ["none", "duet"])
+def test_absent_supervision_logs_its_loss_only_on_batches_with_an_existence_question(tmp_path, reduction):
+    assert run(tmp_path, 4, "--absent-weight", "1", "--bind-layer", "1", "--reduction", reduction,
+               "--budget", "64") == 0
+    answered = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "answer_loss" in m]
+    exists = [any(data.sample(0, "train", i).kind == "exist" for i in (2 * m["step"] - 2, 2 * m["step"] - 1))
+              for m in answered]
+    assert any(exists) and not all(exists)
+    assert [m.get("absent_loss", 0) > 0 for m in answered] == exists
+
+
+@pytest.mark.parametrize("reduction", ["none", "duet"])
 def test_ask_lookup_and_chosen_layers_log_their_losses(tmp_path, reduction):
     assert run(tmp_path, 3, "--ask-weight", "1", "--ask-layer", "1", "--lookup-weight", "1", "--bind-weight", "1",
                "--bind-layer", "2", "--reduction", reduction, "--budget", "64") == 0

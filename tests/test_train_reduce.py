@@ -190,6 +190,33 @@ def test_choices_supervision_is_minus_log_of_the_stock_layer0_share_on_the_offer
                      enc["labels"], enc["salient"], supervised=supervised)
 
 
+def test_absent_supervision_scores_every_token_onto_the_first_for_no_and_the_object_for_yes(tiny_checkpoint):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    engine = DuetLlava(model, processor, "eager")
+    pool = [data.sample(0, "train", i) for i in range(80)]
+    samples = [next(s for s in pool if s.kind == "exist" and s.answer == answer) for answer in ("no", "yes")]
+    samples.append(next(s for s in pool if s.kind == "colour"))
+    enc = encode(processor, samples, 0.3)
+    assert enc["absent"] == [True, False, None]
+    image_at = int(torch.nonzero(enc["input_ids"][1] == engine.image_token_id)[0])
+    found = [[0], [image_at + p for p in sorted(enc["query"][1])]]  # the first token; the object's patches
+    supervised = {"absent": Supervision(0, True, "absent")}
+    with torch.no_grad():
+        _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
+                                       supervised=supervised)
+        shares = stock_last_row_shares(model, engine, enc, found)
+        *_, reduced = reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"],
+                                   enc["pixel_values"], enc["labels"], enc["salient"], enc["query"],
+                                   supervised=supervised, absent=enc["absent"])
+    expected = -sum(math.log(s) for s in shares) / 2  # the colour question is left out
+    assert full["absent"].item() == pytest.approx(expected, rel=1e-4)
+    assert reduced["absent"].item() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError):
+        reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"], enc["pixel_values"],
+                     enc["labels"], enc["salient"], enc["query"], supervised=supervised)
+
+
 def test_lookup_supervision_scores_each_object_word_row_on_the_objects_it_names(tiny_checkpoint):
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
