@@ -105,6 +105,7 @@ class TinyLlavaSpec:
     text_kv_heads: int = 2
     text_mlp: int = 64
     rope_theta: float = 10000.0  # Llama's default; a 16-wide head has few slow rotary pairs at it
+    text_norm_eps: float = 1e-6  # the decoder's RMSNorm epsilon (Llama's default; load_widened rescales it)
     words: list[str] = field(default_factory=lambda: "red green blue circle square triangle".split())
 
     def config(self, vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
@@ -128,6 +129,7 @@ class TinyLlavaSpec:
             num_key_value_heads=self.text_kv_heads,
             max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rms_norm_eps=self.text_norm_eps,
             pad_token_id=pad_token_id,
             bos_token_id=2,
             eos_token_id=3,

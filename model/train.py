@@ -117,7 +117,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -981,6 +981,7 @@ def train_main(argv: list[str]) -> int:
                                   strict=False)
         else:  # text widths (--text-hidden, --text-heads, ...) above the source's widen its decoder
             load_widened(source, model)
+            spec = replace(spec, text_norm_eps=model.config.text_config.rms_norm_eps)  # a resumed run rebuilds from spec
         if cfg.init_vision_from:
             tower = LlavaForConditionalGeneration.from_pretrained(cfg.init_vision_from).state_dict()
             model.load_state_dict({k: v for k, v in tower.items() if k.startswith(VISION_PARTS)}, strict=False)

@@ -250,6 +250,9 @@ def test_a_run_can_widen_an_exported_decoder_and_starts_from_what_it_computed(tr
     samples = [data.sample(0, "val", i) for i in range(2)]
     narrow, wide = answer_logits(trained / "shipped", samples), answer_logits(tmp_path / "best", samples)
     assert torch.allclose(narrow, wide, atol=1e-4)
+    assert run(tmp_path, 2, "--init-from", str(trained / "shipped"), *WIDER) == 0  # resumes from step 1
+    resumed = LlavaForConditionalGeneration.from_pretrained(tmp_path / "final").config.text_config
+    assert resumed.rms_norm_eps == pytest.approx(config.rms_norm_eps) and config.rms_norm_eps == pytest.approx(0.5e-6)
 
 
 def test_widened_units_start_silent_but_learn_and_bad_widths_are_refused():
