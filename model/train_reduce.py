@@ -152,7 +152,7 @@ def absent_marks(absent: list[bool | None], on_query: list[torch.Tensor | None],
     (``absent[b]`` True) the first token, for one answered "yes" the visual tokens showing the
     queried object (``on_query[b]``, one per visual token); None for other questions.
 
-    Why: where the answer is "no", the shipped model answers "is there a red circle?" wrongly in
+    Why: where the answer is "no", `od3-full` answered "is there a red circle?" wrongly in
     28-32 % of scenes with a red object of another shape but in 5 % of those with a circle of
     another colour: its match is the colour's. Scored over every token, the last prompt row at
     the bind layer has to put its attention on an object only when both words match it, and on
