@@ -20,9 +20,10 @@ existence question changes one attribute of an object that is present, so it can
 from colours or shapes alone. `query` lists the objects a question is about (empty for a "no"):
 their union mask is what the query-recall metric checks.
 
-Reproducibility: sample `index` of a split is a pure function of (seed, split, index, max_objects);
-numpy's SeedSequence of those numbers drives everything. `max_objects` < 6 only serves the
-trainer's curriculum; validation and test use the full 1-6 range. The test split is never trained on.
+Reproducibility: sample `index` of a split is a pure function of (seed, split, index, max_objects,
+kind); numpy's SeedSequence of the first four drives everything. `max_objects` < 6 only serves
+the trainer's curriculum and `kind` its extra count questions; validation and test use the full
+1-6 range and the drawn kind. The test split is never trained on.
 """
 
 from __future__ import annotations
@@ -113,12 +114,15 @@ def object_words() -> list[str]:
     return [*COLOURS, *SHAPES, *PLURALS.values()]
 
 
-def sample(seed: int, split: str, index: int, max_objects: int = MAX_OBJECTS) -> Sample:
-    """Sample `index` of `split`: a pure function of its arguments."""
+def sample(seed: int, split: str, index: int, max_objects: int = MAX_OBJECTS, kind: str | None = None) -> Sample:
+    """Sample `index` of `split`: a pure function of its arguments. `kind` forces the question kind
+    (None draws it); the scene is the same either way, and a kind the scene cannot ask raises."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     if not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {list(KINDS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index, max_objects])
     background = _background(rng)
     objects = _place_objects(rng, int(rng.integers(1, max_objects + 1)))
@@ -126,7 +130,7 @@ def sample(seed: int, split: str, index: int, max_objects: int = MAX_OBJECTS) ->
     for obj in objects:
         jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)
         pixels[obj.mask] = np.clip(np.array(COLOURS[obj.colour]) + jitter, 0, 255)
-    kind, question, answer, query = _question(rng, objects)
+    kind, question, answer, query = _question(rng, objects, kind)
     return Sample(Image.fromarray(pixels), question, answer, kind, query, objects)
 
 
@@ -216,8 +220,14 @@ def _place_objects(rng: np.random.Generator, n: int) -> list[SceneObject]:
 
 
 # ----------------------------------------------------------------------------- questions
-def _question(rng: np.random.Generator, objects: list[SceneObject]):
-    """(kind, question, answer, query) for a kind chosen uniformly among those this scene allows."""
+def _question(rng: np.random.Generator, objects: list[SceneObject], kind: str | None = None):
+    """(kind, question, answer, query) for `kind`, or for a kind chosen uniformly among those this
+    scene allows."""
+    if kind is not None:
+        made = QUESTION_MAKERS[kind](rng, objects)
+        if made is None:
+            raise ValueError(f"this scene cannot ask a {kind} question")
+        return (kind, *made)
     for k in rng.permutation(len(KINDS)):
         kind = KINDS[k]
         made = QUESTION_MAKERS[kind](rng, objects)

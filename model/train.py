@@ -194,6 +194,7 @@ class TrainConfig:
     object_drop: float = 0.0  # share of full-token answer steps in which the object patches, then random others, enter the LLM (object_drop_plan)
     clip_every: int = 0  # > 0: every this many steps (after the pre-stage) train on a batch of moving clips
     clip_frames: int = 3  # clips have 2..clip_frames frames
+    count_share: float = 0.0  # share of each image batch given to count questions with answers even over one..three (count_samples)
 
 
 # The shipped model: LLaVA-1.5 geometry, 12 decoder layers (stage layers 6/9 for DUET, 3/6/9 for
@@ -792,6 +793,31 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 CLIP_INDEX_BASE = 10_000_000  # clip batches draw training samples far from the image batches' indices
 
 
+COUNT_INDEX_BASE = 20_000_000  # extra count questions draw scenes far from the other batches' indices
+COUNT_SCAN = 10_000  # indices each step may look through for them
+EVEN_COUNTS = data.COUNT_WORDS[:3]
+
+
+def count_samples(cfg: TrainConfig, step: int, n: int, max_objects: int) -> list[data.Sample]:
+    """n count questions whose answers are drawn evenly from EVEN_COUNTS (those max_objects allows).
+    In the natural mix ~60 % of count answers are "one" and ~10 % "three", which lets a model score
+    well on counts without telling two from three. Each step scans its own block of indices, so a
+    resumed run draws the same questions."""
+    rng = np.random.default_rng([cfg.seed, step])
+    wanted = EVEN_COUNTS[:max_objects]
+    index, found = COUNT_INDEX_BASE + step * COUNT_SCAN, []
+    for answer in rng.choice(wanted, n):
+        while True:
+            if index >= COUNT_INDEX_BASE + (step + 1) * COUNT_SCAN:
+                raise RuntimeError(f"no count question answered {answer!r} in step {step}'s block of indices")
+            sample = data.sample(cfg.seed, "train", index, max_objects=max_objects, kind="count")
+            index += 1
+            if sample.answer == answer:
+                found.append(sample)
+                break
+    return found
+
+
 def clip_step(step: int, cfg: TrainConfig) -> bool:
     return cfg.clip_every > 0 and step >= cfg.pre_steps and step % cfg.clip_every == cfg.clip_every - 1
 
@@ -910,6 +936,8 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
                          "with --init-parts all")
     if cfg.pre_crops and not 3 <= cfg.pre_crops <= spec.image_size // spec.patch_size:
         raise ValueError("--pre-crops must be 0 (whole images) or a window of 3..24 patches")
+    if not 0 <= cfg.count_share < 1:
+        raise ValueError("--count-share is a share of each image batch, in [0, 1)")
     if cfg.clip_every and cfg.clip_frames < 2:
         raise ValueError("--clip-frames must be at least 2")
     if max(cfg.bind_layer, cfg.ask_layer, cfg.count_layer, cfg.point_layer) >= spec.text_layers // 2:
@@ -1020,8 +1048,10 @@ def train_main(argv: list[str]) -> int:
         if clip_step(step, cfg):
             samples, clips = clip_batch(cfg, next_index, k)
         else:
+            extra = round(cfg.count_share * cfg.batch_size) if step >= cfg.pre_steps else 0
             samples = [data.sample(cfg.seed, "train", i, max_objects=k)
-                       for i in range(next_index, next_index + cfg.batch_size)]
+                       for i in range(next_index, next_index + cfg.batch_size - extra)]
+            samples += count_samples(cfg, step, extra, k)
             clips = None
         batch = encode(processor, samples, cfg.aux_min_coverage, clips, counted_kinds)
         if step < cfg.pre_steps and cfg.pre_crops:

@@ -27,6 +27,23 @@ def test_bad_split_or_object_count_is_rejected():
         data.sample(0, "train", 0, max_objects=7)
 
 
+def test_a_forced_kind_asks_that_kind_about_the_same_scene():
+    for i in range(40):
+        drawn = data.sample(5, "train", i)
+        for kind in ("count", "exist"):
+            forced = data.sample(5, "train", i, kind=kind)
+            assert forced.kind == kind
+            assert np.array_equal(np.asarray(forced.image), np.asarray(drawn.image))
+        counted = data.sample(5, "train", i, kind="count")
+        named = counted.question.split()[2]
+        same = [o for o in counted.objects if named in (o.colour, data.PLURALS[o.shape])]
+        assert counted.answer == data.COUNT_WORDS[len(same) - 1] and counted.query == [counted.objects.index(o) for o in same]
+    with pytest.raises(ValueError, match="kind"):
+        data.sample(0, "train", 0, kind="size")
+    single = next(i for i in range(200) if len(data.sample(0, "train", i, max_objects=1).objects) == 1)
+    assert data.sample(0, "train", single, max_objects=1, kind="colour").kind == "colour"
+
+
 def test_scenes_have_1_to_6_disjoint_objects_painted_in_their_colour():
     counts = set()
     for s in SAMPLES:

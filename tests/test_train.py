@@ -10,7 +10,7 @@ from model.checkpoint import build_processor
 from model.engine import DuetLlava, Timer
 from model.checkpoint import TinyLlavaSpec, build_model
 from model.train import (VISION_PARTS, AuxHeads, ReadHeads, StateHeads, TrainConfig, centre_ranking_loss,
-                         conversation, count_targets, encode, exported_accuracy, forward_losses, init_grid_positions,
+                         conversation, count_samples, count_targets, encode, exported_accuracy, forward_losses, init_grid_positions,
                          lr_at, max_objects_at, redraw_rows, train_main)
 
 TINY = ["--vision-hidden", "16", "--vision-layers", "2", "--vision-heads", "2", "--vision-mlp", "32",
@@ -300,6 +300,25 @@ def test_training_with_clip_batches_runs(tmp_path):
     assert "answer_loss" in (tmp_path / "train.log").read_text()
     with pytest.raises(ValueError, match="full tokens"):
         run(tmp_path / "other", 2, "--clip-every", "2", "--reduction", "duet")
+
+
+def test_extra_count_questions_spread_their_answers_evenly_and_repeat_on_resume():
+    cfg = TrainConfig(count_share=0.5)
+    drawn = [s for step in range(60) for s in count_samples(cfg, step, 4, 6)]
+    assert all(s.kind == "count" for s in drawn)
+    answers = [s.answer for s in drawn]
+    assert {a: answers.count(a) for a in set(answers)}.keys() == {"one", "two", "three"}
+    assert min(answers.count(a) for a in ("one", "two", "three")) > len(drawn) / 5  # natural mix: ~11 % "three"
+    again = count_samples(cfg, 7, 4, 6)
+    assert [s.question for s in again] == [s.question for s in drawn[28:32]]
+    assert {s.answer for step in range(20) for s in count_samples(cfg, step, 2, 2)} <= {"one", "two"}
+
+
+def test_training_with_extra_count_questions_runs_and_checks_the_share(tmp_path):
+    assert run(tmp_path, 3, "--count-share", "0.5") == 0
+    assert '"count_share": 0.5' in (tmp_path / "train.log").read_text().replace("'", '"')
+    with pytest.raises(ValueError, match="count-share"):
+        run(tmp_path / "other", 2, "--count-share", "1")
 
 
 def test_window_tokens_of_the_whole_grid_are_the_stock_image_features():
