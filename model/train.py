@@ -805,10 +805,10 @@ def count_samples(cfg: TrainConfig, step: int, n: int, max_objects: int) -> list
     resumed run draws the same questions."""
     rng = np.random.default_rng([cfg.seed, step])
     wanted = EVEN_COUNTS[:max_objects]
-    index, found = COUNT_INDEX_BASE + step * COUNT_SCAN, []
+    index, end, found = COUNT_INDEX_BASE + step * COUNT_SCAN, COUNT_INDEX_BASE + (step + 1) * COUNT_SCAN, []
     for answer in rng.choice(wanted, n):
         while True:
-            if index >= COUNT_INDEX_BASE + (step + 1) * COUNT_SCAN:
+            if index >= end:
                 raise RuntimeError(f"no count question answered {answer!r} in step {step}'s block of indices")
             sample = data.sample(cfg.seed, "train", index, max_objects=max_objects, kind="count")
             index += 1
