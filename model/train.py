@@ -82,7 +82,10 @@ the question's copy of a position answer (the full-token model's answer barely d
 which pair was offered). `--count-exist` gives the count head existence questions as well: "is
 there a red circle ?" counts red circles, and "no" puts the whole target on the first token, so
 the head's output says "none" outright (existence answers were 84 % on test with the
-conjunction of colour and shape left to the binding read).
+conjunction of colour and shape left to the binding read). `--count-spread` spreads each counted
+object's share over the patches it covers (`counted_patches`): the tower marks about five
+patches per object rather than its centroid, and keys that tell an object's size can meet this
+target where no key singled out the centroid.
 
 `--early-drop P` makes another share P of them let only a random 1/4 or 1/2 of the patch tokens
 into the LLM (`early_drop_plan`), so that the model reads objects from part of their patches, as
@@ -166,6 +169,7 @@ class TrainConfig:
     count_layer: int = 2
     count_head: int = 0
     count_exist: bool = False  # the count head also counts an existence question's matches (none: all on the first token)
+    count_spread: bool = False  # the count head's target spreads each counted object's share over its patches (counted_patches)
     point_weight: float = 0.0  # > 0: on position questions, one head of the last prompt token onto the answer word it offers
     point_layer: int = 2
     point_head: int = 1
@@ -445,12 +449,30 @@ def conversation(question: str, answer: str | None = None, n_images: int = 1) ->
     return turns
 
 
+def counted_patches(sample: data.Sample, spread: bool) -> tuple[list[int], list[float] | None]:
+    """(patches, masses) of the objects ``sample``'s question counts: their centroid patches (masses
+    None: one each), or with ``spread`` every patch each object's mask touches, with the share of
+    that mask the patch holds (each object's masses sum to 1)."""
+    if not spread:
+        return [sample.objects[i].centre_patch() for i in sample.query], None
+    patches, masses = [], []
+    for i in sample.query:
+        coverage = data.patch_coverage(sample.objects[i].mask).reshape(-1)
+        touched = np.nonzero(coverage)[0]
+        patches += touched.tolist()
+        masses += (coverage[touched] / coverage[touched].sum()).tolist()
+    return patches, masses
+
+
 def encode(processor, samples: list[data.Sample], min_coverage: float,
-           clips: list[list] | None = None, counted_kinds: tuple[str, ...] = ("count",)) -> dict[str, torch.Tensor]:
+           clips: list[list] | None = None, counted_kinds: tuple[str, ...] = ("count",),
+           count_spread: bool = False) -> dict[str, torch.Tensor]:
     """Processor inputs for the full conversations, answer-only labels and per-patch targets.
     With ``clips`` (frames per sample) the prompts are multi-image and there are no patch targets.
     ``centres`` lists, for questions of ``counted_kinds``, the centroid patches of the objects the
-    question counts (an existence question answered "no": none); None for other questions."""
+    question counts (an existence question answered "no": none); None for other questions. With
+    ``count_spread`` it lists every patch they touch and ``centre_masses`` each one's mass
+    (``counted_patches``)."""
     tok = processor.tokenizer
     counts = [len(c) for c in clips] if clips else [1] * len(samples)
     full = [processor.apply_chat_template(conversation(s.question, s.answer, n)) for s, n in zip(samples, counts)]
@@ -478,8 +500,9 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
         batch["state"] = StateHeads.targets(samples)
         batch["read"] = ReadHeads.targets(samples)
     batch["query"] = [data.query_patches(s) for s in samples]
-    batch["centres"] = [[s.objects[i].centre_patch() for i in s.query] if s.kind in counted_kinds else None
-                        for s in samples]
+    counted = [counted_patches(s, count_spread) if s.kind in counted_kinds else (None, None) for s in samples]
+    batch["centres"] = [patches for patches, _ in counted]
+    batch["centre_masses"] = [masses for _, masses in counted] if count_spread else None
     batch["absent"] = [s.answer == "no" if s.kind == "exist" else None for s in samples]
     prompt_ids = [batch["input_ids"][row, : lengths[row] - int((labels[row] != -100).sum())] for row in range(len(samples))]
     object_words = torch.tensor([i for i in tok.convert_tokens_to_ids(data.object_words()) if i != tok.unk_token_id])
@@ -604,7 +627,7 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
                                                        batch["labels"], batch["salient"], batch["query"],
                                                        supervised, batch["asked"], batch["named"], generator,
                                                        batch["offered"], batch["centres"], batch["pointed"],
-                                                       batch["colour"] > 0, batch["absent"])
+                                                       batch["colour"] > 0, batch["absent"], batch["centre_masses"])
         aux, stats = heads.loss(every_patch, targets)
         return loss, aux, attention, stats
     captured = {}
@@ -635,8 +658,10 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         lookups = [(b, torch.tensor(at), torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(
                         0, torch.tensor(sorted(p), dtype=torch.long), True))
                    for b in range(len(ids)) for at, p in zip(batch["asked"][b], batch["named"][b])]
+        masses = batch["centre_masses"]
         counted = row_targets([None if patches is None else [0] + torch.nonzero(is_visual[b]).flatten()[patches].tolist()
-                               for b, patches in enumerate(batch["centres"])], present)
+                               for b, patches in enumerate(batch["centres"])], present,
+                              None if masses is None else [None if m is None else [1.0, *m] for m in masses])
         marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query,
                       marked_rows(batch["asked"], present), lookups, marked_rows(batch["offered"], present), counted,
                       row_targets(batch["pointed"], present), absent_marks(batch["absent"], on_query, is_visual, present))
@@ -947,8 +972,8 @@ def check(cfg: TrainConfig, spec: TinyLlavaSpec) -> None:
         raise ValueError("--state-layer must be -1 (the final state) or come before the first stage layer (L/2)")
     if not (0 <= cfg.count_head < spec.text_heads and 0 <= cfg.point_head < spec.text_heads):
         raise ValueError(f"--count-head and --point-head must name one of the decoder's {spec.text_heads} heads")
-    if cfg.count_exist and not cfg.count_weight:
-        raise ValueError("--count-exist extends the count head's target: it needs --count-weight")
+    if (cfg.count_exist or cfg.count_spread) and not cfg.count_weight:
+        raise ValueError("--count-exist and --count-spread change the count head's target: they need --count-weight")
     if cfg.count_weight and cfg.point_weight and (cfg.count_layer, cfg.count_head) == (cfg.point_layer, cfg.point_head):
         raise ValueError("--count-weight and --point-weight supervise the same head: give them different heads")
     if spec.text_layers < 12 or spec.text_layers % 4:
@@ -1053,7 +1078,7 @@ def train_main(argv: list[str]) -> int:
                        for i in range(next_index, next_index + cfg.batch_size - extra)]
             samples += count_samples(cfg, step, extra, k)
             clips = None
-        batch = encode(processor, samples, cfg.aux_min_coverage, clips, counted_kinds)
+        batch = encode(processor, samples, cfg.aux_min_coverage, clips, counted_kinds, cfg.count_spread)
         if step < cfg.pre_steps and cfg.pre_crops:
             pixels, indices, targets = crop_batch(cfg, next_index, batch, samples)
             answer_loss, attention = None, {}

@@ -80,7 +80,9 @@ def head_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[t
       object's centroid patch. The head's output then holds the first token's value with weight
       1 / (n + 1), a number the later layers can read n from. Attention spread over whole
       objects, as binding learns it, averages their features into one and says nothing about how
-      many there are.
+      many there are. With ``--count-spread`` each object's share is spread over the patches it
+      covers, in proportion to how much of its mask each holds: equal mass per object still, but
+      asked of keys that only need to tell how large an object is, not single out one patch of it.
     - point: all mass on the question's own copy of the answer to a position question ("is the
       red circle on the left or right ?" -> the row of "left"). The query has to match the bound
       object's half to a word, and only the offered pair is there to match: the head copies an
@@ -95,18 +97,21 @@ def head_attention_loss(engine: DuetLlava, layer, h: torch.Tensor, rope: tuple[t
     return torch.stack(losses).mean() if losses else None
 
 
-def row_targets(marked: list[list[int] | None], present: torch.Tensor) -> list[torch.Tensor | None]:
+def row_targets(marked: list[list[int] | None], present: torch.Tensor,
+                masses: list[list[float] | None] | None = None) -> list[torch.Tensor | None]:
     """Per sequence, a ``head_attention_loss`` target over its present tokens: equal mass on each
-    listed row (a row listed twice, e.g. two centroids merged into one token, gets twice the
-    mass); None stays None."""
+    listed row, or ``masses[b]`` (one per listed row) when given, normalised to sum to 1 (a row
+    listed twice, e.g. two centroids merged into one token, gets both masses); None stays None."""
     targets = []
     for b, rows in enumerate(marked):
         if rows is None:
             targets.append(None)
             continue
+        weights = (torch.ones(len(rows)) if masses is None or masses[b] is None
+                   else torch.tensor(masses[b], dtype=torch.float32)).to(present.device)
         mass = torch.zeros(present.shape[1], device=present.device)
-        mass.index_add_(0, torch.tensor(rows, device=present.device), torch.ones(len(rows), device=present.device))
-        targets.append(mass[present[b]] / len(rows))
+        mass.index_add_(0, torch.tensor(rows, device=present.device), weights)
+        targets.append(mass[present[b]] / weights.sum())
     return targets
 
 
@@ -218,7 +223,7 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                  named: list[list[set[int]]] | None = None, generator: torch.Generator | None = None,
                  offered: list[list[int]] | None = None, centres: list[list[int] | None] | None = None,
                  pointed: list[list[int] | None] | None = None, objects: torch.Tensor | None = None,
-                 absent: list[bool | None] | None = None,
+                 absent: list[bool | None] | None = None, centre_masses: list[list[float] | None] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
     """(answer cross-entropy, visual tokens entering the LLM (B, k1+k2, d), every patch projected
     (B, P, d) for per-patch supervision, {name: query attention loss or None}) under plan ``p``.
@@ -227,7 +232,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
     the patches of row b's queried objects (empty: none); ``asked[b]`` the positions of row b's
     object words, ``named[b]`` the patches of the objects each of them names, ``offered[b]`` the
     positions of the answers its question offers, ``centres[b]`` the centroid patches of the objects
-    a count question counts and ``pointed[b]`` the positions of the answer word in a position
+    a count question counts (or, with ``centre_masses[b]``, every patch they cover, each with its
+    share of its object's mass 1) and ``pointed[b]`` the positions of the answer word in a position
     question (None for other questions), ``absent[b]`` whether an existence question's answer is
     "no" (None for other questions); ``supervised`` the attentions to score against
     them (default: none). A stage whose ``query`` is "random"
@@ -301,14 +307,15 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         for b in range(batch) for at, patches in zip(asked[b], named[b])]
 
     def centre_rows(b: int, patches: list[int]) -> list[int] | None:
-        """The first row, then the row of the visual token representing each centroid patch; None
+        """The first row, then the row of the visual token representing each counted patch; None
         when one is not represented (an early drop can leave it out)."""
         visual_rows = torch.nonzero(is_visual[b]).flatten()
         rows = [visual_rows[covering(b, {p})] for p in patches]
         return None if any(len(r) == 0 for r in rows) else [0] + [int(r.min()) for r in rows]
 
     counted = None if centres is None else row_targets(
-        [None if patches is None else centre_rows(b, patches) for b, patches in enumerate(centres)], present)
+        [None if patches is None else centre_rows(b, patches) for b, patches in enumerate(centres)], present,
+        None if centre_masses is None else [None if m is None else [1.0, *m] for m in centre_masses])
     pointed_rows = None if pointed is None else row_targets(
         [None if at is None else new_index[b, torch.tensor(at)].tolist() for b, at in enumerate(pointed)], present)
     # no stage runs before a supervised layer, so rows are still positions and salient_pos the salient rows

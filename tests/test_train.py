@@ -619,10 +619,10 @@ def test_redraw_answers_applies_to_the_initial_model_and_needs_init_from(trained
         run(tmp_path / "alone", 1, "--redraw-answers", "left,right")
 
 
-@pytest.mark.parametrize("reduction", ["none", "duet"])
-def test_training_with_count_and_point_supervision_logs_their_losses(tmp_path, reduction):
+@pytest.mark.parametrize("reduction, extra", [("none", ()), ("duet", ()), ("none", ("--count-spread", "--object-drop", "0.5"))])
+def test_training_with_count_and_point_supervision_logs_their_losses(tmp_path, reduction, extra):
     assert run(tmp_path, 4, "--count-weight", "1", "--count-layer", "1", "--count-head", "1", "--point-weight", "1",
-               "--reduction", reduction, "--budget", "64", "--batch-size", "8") == 0
+               "--reduction", reduction, "--budget", "64", "--batch-size", "8", *extra) == 0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for name in ("count_loss", "point_loss"):  # logged on steps whose batch asks a count / position question
         values = [m[name] for m in logged if name in m]
@@ -632,8 +632,9 @@ def test_training_with_count_and_point_supervision_logs_their_losses(tmp_path, r
                   ("--point-weight", "1", "--point-head", "0", "--count-head", "0")):
         with pytest.raises(ValueError):
             run(tmp_path / "refused", 1, "--count-weight", "1", *flags)
-    with pytest.raises(ValueError):
-        run(tmp_path / "refused", 1, "--count-exist")
+    for flag in ("--count-exist", "--count-spread"):
+        with pytest.raises(ValueError):
+            run(tmp_path / "refused", 1, flag)
 
 
 def test_early_late_and_object_drop_share_the_full_token_steps_and_need_them(tmp_path):

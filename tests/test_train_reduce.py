@@ -346,6 +346,46 @@ def test_count_supervision_is_the_cross_entropy_of_one_stock_head_against_first_
                      enc["labels"], enc["salient"], supervised=supervised)
 
 
+def test_spread_count_target_is_each_objects_mask_share_per_patch_and_both_paths_score_it_alike(tiny_checkpoint):
+    """--count-spread: mass 1 on the first token and 1 per counted object, spread over the patches
+    its mask touches by the share of the mask each holds."""
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    engine = DuetLlava(model, processor, "eager")
+    pool = [data.sample(0, "train", i) for i in range(80)]
+    samples = [next(s for s in pool if s.kind == "count" and len(s.query) > 1),
+               next(s for s in pool if s.kind == "colour")]
+    enc = encode(processor, samples, 0.3, count_spread=True)
+    assert enc["centres"][1] is None and enc["centre_masses"][1] is None
+    assert encode(processor, samples, 0.3)["centre_masses"] is None
+    patches, masses = enc["centres"][0], enc["centre_masses"][0]
+    expected = torch.zeros(engine.n_patches)
+    for i in samples[0].query:
+        coverage = torch.from_numpy(data.patch_coverage(samples[0].objects[i].mask).reshape(-1)).float()
+        expected += coverage / coverage.sum()
+    spread = torch.zeros(engine.n_patches).index_add_(0, torch.tensor(patches), torch.tensor(masses))
+    assert torch.allclose(spread, expected, atol=1e-6)
+    assert sum(masses) == pytest.approx(len(samples[0].query))
+    layer, head = 2, 1
+    supervised = {"count": Supervision(layer, True, "count", head)}
+    with torch.no_grad():
+        _, _, full, _ = forward_losses(model, AuxHeads(model.config.text_config.hidden_size), enc, True, engine,
+                                       supervised=supervised)
+        *_, unreduced = reduced_loss(engine, plan(ReductionConfig("full"), engine.n_layers), enc["input_ids"],
+                                     enc["pixel_values"], enc["labels"], enc["salient"], supervised=supervised,
+                                     centres=enc["centres"], centre_masses=enc["centre_masses"])
+        out = model(input_ids=enc["input_ids"][:1], pixel_values=enc["pixel_values"][:1], output_attentions=True)
+    length = int(enc["attention_mask"][0].sum() - (enc["labels"][0] != -100).sum())
+    probs = out.attentions[layer][0, head, length - 1, :length]
+    image_at = int(torch.nonzero(enc["input_ids"][0] == engine.image_token_id)[0])
+    target = torch.zeros_like(probs)
+    target[0] = 1.0
+    target[image_at:image_at + engine.n_patches] += spread
+    target /= target.sum()
+    assert full["count"].item() == pytest.approx(float(-(target * probs.log()).sum()), rel=1e-4)
+    assert unreduced["count"].item() == pytest.approx(full["count"].item(), rel=1e-4)
+
+
 def test_row_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_share_one(engine):
     present = torch.ones(2, 6, dtype=torch.bool)
     present[1, 5] = False
@@ -358,9 +398,9 @@ def test_row_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_sha
     captured = {}
     real = row_targets
 
-    def spy(marked, present):
+    def spy(marked, present, masses=None):
         captured["rows"] = marked
-        return real(marked, present)
+        return real(marked, present, masses)
 
     supervised = {"count": Supervision(2, True, "count", 0)}
     import model.train_reduce as train_reduce
