@@ -33,11 +33,12 @@ def test_loads_with_stock_transformers_alone(folder):
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
 def test_engine_answers_reproduce_the_recorded_validation_accuracy(folder):
     """The trainer scores teacher-forced batches; the engine decodes one prompt at a time. Both
-    read the same weights, so greedy answers must give the accuracy training.json records."""
+    read the same weights, so greedy answers must give the accuracy training.json records (on the
+    validation scenes of the run's data seed)."""
     info = json.loads((folder / "training.json").read_text())
-    assert info["data_seed"] == 0 and info["vocabulary"] == data.vocabulary()
+    assert info["vocabulary"] == data.vocabulary()
     engine = DuetLlava.load(folder, device="cpu")
-    samples = [data.sample(0, "val", i) for i in range(info["val_samples"])]
+    samples = [data.sample(info["data_seed"], "val", i) for i in range(info["val_samples"])]
     full = ReductionConfig("full")
     correct = sum(engine.answer(s.image, s.question, full, max_new_tokens=2)["answer"] == s.answer for s in samples)
     assert correct == round(info["val_acc"] * len(samples))
