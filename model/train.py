@@ -85,7 +85,7 @@ the head's output says "none" outright (existence answers were 84 % on test with
 conjunction of colour and shape left to the binding read). `--count-spread` spreads each counted
 object's share over the patches it covers (`counted_patches`): the tower marks about five
 patches per object rather than its centroid, and keys that tell an object's size can meet this
-target where no key singled out the centroid.
+target where no key singled out the centroid (it did not raise count answers: EVAL.md, *Reading*).
 
 `--early-drop P` makes another share P of them let only a random 1/4 or 1/2 of the patch tokens
 into the LLM (`early_drop_plan`), so that the model reads objects from part of their patches, as
@@ -134,8 +134,8 @@ from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
 from .checkpoint import TinyLlavaSpec, build_model, build_processor, load_widened
 from .engine import DuetLlava, salient_positions
-from .train_reduce import (EARLY_DROP, OBJECT_DROP, Marks, Supervision, absent_marks, marked_rows, reduced_loss,
-                           row_targets, supervised_losses)
+from .train_reduce import (EARLY_DROP, OBJECT_DROP, Marks, Supervision, absent_marks, counting_targets, marked_rows,
+                           reduced_loss, row_targets, supervised_losses)
 
 
 @dataclass
@@ -658,10 +658,8 @@ def forward_losses(model, heads: AuxHeads, batch: dict, with_answer: bool, engin
         lookups = [(b, torch.tensor(at), torch.zeros(engine.n_patches, dtype=torch.bool).index_fill_(
                         0, torch.tensor(sorted(p), dtype=torch.long), True))
                    for b in range(len(ids)) for at, p in zip(batch["asked"][b], batch["named"][b])]
-        masses = batch["centre_masses"]
-        counted = row_targets([None if patches is None else [0] + torch.nonzero(is_visual[b]).flatten()[patches].tolist()
-                               for b, patches in enumerate(batch["centres"])], present,
-                              None if masses is None else [None if m is None else [1.0, *m] for m in masses])
+        counted = counting_targets([None if patches is None else [0] + torch.nonzero(is_visual[b]).flatten()[patches].tolist()
+                                    for b, patches in enumerate(batch["centres"])], present, batch["centre_masses"])
         marks = Marks([torch.tensor(r) for r in batch["salient"]], is_visual, present, on_query,
                       marked_rows(batch["asked"], present), lookups, marked_rows(batch["offered"], present), counted,
                       row_targets(batch["pointed"], present), absent_marks(batch["absent"], on_query, is_visual, present))

@@ -115,6 +115,14 @@ def row_targets(marked: list[list[int] | None], present: torch.Tensor,
     return targets
 
 
+def counting_targets(rows: list[list[int] | None], present: torch.Tensor,
+                     centre_masses: list[list[float] | None] | None) -> list[torch.Tensor | None]:
+    """The count head's ``row_targets``: ``rows[b]`` is the first row, then the row of each counted
+    patch; with ``centre_masses`` the first row weighs 1 and each patch its mass, else all alike."""
+    masses = None if centre_masses is None else [None if m is None else [1.0, *m] for m in centre_masses]
+    return row_targets(rows, present, masses)
+
+
 EARLY_DROP = "early-drop"  # a plan method: a random subset of each image's patch tokens enters the LLM
 OBJECT_DROP = "object-drop"  # the same, drawing the patches objects cover first
 
@@ -307,15 +315,17 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
         for b in range(batch) for at, patches in zip(asked[b], named[b])]
 
     def centre_rows(b: int, patches: list[int]) -> list[int] | None:
-        """The first row, then the row of the visual token representing each counted patch; None
-        when one is not represented (an early drop can leave it out)."""
-        visual_rows = torch.nonzero(is_visual[b]).flatten()
-        rows = [visual_rows[covering(b, {p})] for p in patches]
-        return None if any(len(r) == 0 for r in rows) else [0] + [int(r.min()) for r in rows]
+        """The first row, then the row of the first visual token representing each counted patch;
+        None when one is not represented (an early drop can leave it out)."""
+        first_row = {}
+        for row, members in zip(torch.nonzero(is_visual[b]).flatten().tolist(), visual.frames[b]["token_patches"]):
+            for patch in members:
+                first_row.setdefault(patch, row)
+        return None if any(p not in first_row for p in patches) else [0] + [first_row[p] for p in patches]
 
-    counted = None if centres is None else row_targets(
+    counted = None if centres is None else counting_targets(
         [None if patches is None else centre_rows(b, patches) for b, patches in enumerate(centres)], present,
-        None if centre_masses is None else [None if m is None else [1.0, *m] for m in centre_masses])
+        centre_masses)
     pointed_rows = None if pointed is None else row_targets(
         [None if at is None else new_index[b, torch.tensor(at)].tolist() for b, at in enumerate(pointed)], present)
     # no stage runs before a supervised layer, so rows are still positions and salient_pos the salient rows
