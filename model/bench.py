@@ -75,7 +75,7 @@ def bench_config(engine: DuetLlava, prompt, hidden, cfg: ReductionConfig, reps: 
         token = int(result.logits.argmax())
         started = timer.start()
         for step in range(decode_steps):
-            token = int(engine._step(token, embeds.shape[1] + step, result.cache).argmax())
+            token = int(engine.step(token, [n + step for n in result.next_positions], result.cache).argmax())
         timer.stop("decode", started)
         if rep:
             runs.append({**timer.ms, "t2v": scored.ms.get("t2v", 0.0), "kv": _kv_bytes(result.cache),

@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 
-from .budget import METHODS, ReductionConfig
+from .budget import METHODS, POSITIONS, QUERIES, VIDEO_LLAVA_DUET, ReductionConfig
+
+DEFAULT_BUDGET = 192
+VIDEO_FRAMES = 8  # Video-LLaVA samples 8 frames per clip
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -19,23 +22,37 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_reduction_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="duet")
-    parser.add_argument("--budget", type=int, default=192, help="average visual tokens per LLM layer")
-    parser.add_argument("--k1", type=int, help="V2V dominant tokens per frame (default: solved from budget)")
-    parser.add_argument("--k2", type=int, help="V2V contextual clusters per frame")
-    parser.add_argument("--cluster-width", type=int, default=4, help="V2V cluster window (patches)")
+    parser.add_argument("--budget", type=int, help=f"average visual tokens per LLM layer (default {DEFAULT_BUDGET}; "
+                        "with --video and DUET: the Video-LLaVA preset, 160 + 32 tokens per frame)")
+    parser.add_argument("--k1", type=int, help="V2V dominant tokens per frame, CLS counted (default: solved from budget)")
+    parser.add_argument("--k2", type=int, help="V2V contextual (merged) tokens per frame")
+    parser.add_argument("--cluster-width", type=int, default=4,
+                        help="DUET's merge pool holds cluster_width x k2 of the best non-dominant patches")
     parser.add_argument("--stage-layers", type=_ints, help="comma-separated T2V/PDrop stage layers")
     parser.add_argument("--stage-ratios", type=_floats, help="comma-separated keep ratios, one per stage layer")
     parser.add_argument("--fastv-k", type=int, help="FastV drop layer K")
-    parser.add_argument("--positions", choices=("contiguous", "original"), default="contiguous",
-                        help="position ids after V2V: a shorter sequence (reference) or the full prompt's")
+    parser.add_argument("--positions", choices=POSITIONS, default=None,
+                        help="position ids after a reduction: renumbered (DUET, PyramidDrop, VisionZip) or the "
+                             "full prompt's (FastV); default: the method's own")
+    parser.add_argument("--query", choices=QUERIES, default=None,
+                        help="rows that rank visual tokens inside the LLM; default: the method's own "
+                             "(DUET salient, PyramidDrop and FastV last)")
 
 
-def reduction_from_args(args: argparse.Namespace) -> ReductionConfig:
-    return ReductionConfig(
-        method=args.method, budget=args.budget, k1=args.k1, k2=args.k2,
+def reduction_from_args(args: argparse.Namespace, video: bool = False) -> ReductionConfig:
+    """The reduction the flags ask for. A DUET video run with no budget or split given takes the
+    official Video-LLaVA settings (``budget.VIDEO_LLAVA_DUET``); its nominal budget is their
+    per-frame average over 32 layers, (16 * 192 + 8 * 96) / 32 = 120."""
+    preset = {}
+    if video and args.method == "duet" and args.budget is None and args.k1 is None and args.k2 is None:
+        preset = dict(VIDEO_LLAVA_DUET, budget=120)
+    settings = dict(
+        method=args.method, budget=args.budget or DEFAULT_BUDGET, k1=args.k1, k2=args.k2,
         cluster_width=args.cluster_width, stage_layers=args.stage_layers,
-        stage_ratios=args.stage_ratios, fastv_k=args.fastv_k, positions=args.positions,
+        stage_ratios=args.stage_ratios, fastv_k=args.fastv_k, positions=args.positions, query=args.query,
     )
+    settings.update({k: v for k, v in preset.items() if k != "query" or args.query is None})
+    return ReductionConfig(**settings)
 
 
 def cmd_answer(args: argparse.Namespace) -> int:
@@ -43,12 +60,17 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
     from .engine import DuetLlava
     from .inputs import load_image
+    from .video import read_frames
 
     logging.disable_progress_bar()
-    reduction = reduction_from_args(args)
-    image = load_image(args.image)
+    video = args.video is not None
+    reduction = reduction_from_args(args, video)
+    if video:
+        frames = read_frames(args.video, args.frames).frames
+    else:
+        frames = [load_image(args.image)]
     engine = DuetLlava.load(args.model, device=args.device)
-    trace = engine.answer(image, args.question, reduction, max_new_tokens=args.max_new_tokens)
+    trace = engine.answer(frames, args.question, reduction, max_new_tokens=args.max_new_tokens)
     print(json.dumps(trace) if args.json else trace["answer"])
     return 0
 
@@ -88,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return delegate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m model", description="DUET-LLaVA token reduction")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,probe,train}")
-    answer = commands.add_parser("answer", help="answer a question about an image")
+    answer = commands.add_parser("answer", help="answer a question about an image or a video")
     answer.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
     answer.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    answer.add_argument("--image", required=True)
+    source = answer.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file")
+    source.add_argument("--video", help="a video file: frames sampled uniformly, one image each")
+    answer.add_argument("--frames", type=int, default=VIDEO_FRAMES, help="frames sampled from --video")
     answer.add_argument("--question", required=True)
     answer.add_argument("--max-new-tokens", type=int, default=16)
     answer.add_argument("--json", action="store_true", help="print the full trace as one JSON object")

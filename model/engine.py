@@ -3,9 +3,11 @@
 One run = prepare the prompt -> vision tower -> (V2V merge) -> projector -> a layer loop over the
 stock decoder layers that drops visual tokens at stage layers -> greedy decoding on a KV cache
 whose layers hold only the survivors. Scores are computed from a layer's own q/k for the few rows
-that need them, so the model never switches to eager attention. Kept tokens keep their original
-position ids (RoPE positions are not renumbered). Every decision lands in a JSON-able trace
-(SPEC §4); nothing else in the product reads model internals.
+that need them, so the model never switches to eager attention. After each reduction the
+position ids are renumbered 0..T'-1, as DUET's and PyramidDrop's code do (FastV keeps the
+survivors' ids; ``ReductionConfig.positions`` picks either), and each decoder layer decodes on
+from the length of its own cache. Every decision lands in a JSON-able trace (SPEC §4); nothing
+else in the product reads model internals.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from transformers import (
 
 from . import flops as F
 from .budget import Plan, ReductionConfig, average, plan
-from .t2v import attention_probs, keep_top, salient_spans, tokens_overlapping
+from .salient import salient_spans
+from .t2v import attention_probs, keep_top, tokens_overlapping
 from .v2v import cls_attention, duet_merge, visionzip_merge
 from .video_llava import Route, VideoLlavaInputs
 
@@ -72,6 +75,7 @@ class Prompt:
     input_ids: torch.Tensor  # (1, T) as the processor expands it: P (+ CLS) visual tokens per frame
     pixel_values: torch.Tensor  # (F, 3, H, W)
     salient: list[int]  # positions in input_ids of the salient text tokens (incl. the last)
+    salient_rule: str  # which rule chose them: "spacy", "builtin", "given" (or "last-only", see salient_positions)
     question: str
     view_boxes: list[list[float]]  # per frame: the region of the original image the model sees
     route: Route
@@ -92,6 +96,7 @@ class Prefill:
     counts: list[int]  # visual tokens seen by each layer
     tokens_per_layer: list[int]  # all tokens seen by each layer
     kept: dict[int, list[int]]  # stage layer -> surviving visual token ids
+    next_positions: list[int]  # per layer: the position id the first generated token takes there
 
 
 def per_frame_counts(frames: list[dict], stages: list[dict], n_layers: int) -> list[list[int]]:
@@ -109,10 +114,11 @@ def per_frame_counts(frames: list[dict], stages: list[dict], n_layers: int) -> l
 
 
 def salient_positions(tokenizer, image_token_id: int, text: str, question: str, input_ids: torch.Tensor,
-                      words=None) -> list[int]:
-    """Token positions (in the processor's expanded prompt ``input_ids``) of the question's salient
-    words plus the last prompt token. Offsets come from tokenizing ``text`` with a single image
-    token per image; if that does not reproduce the processor's ids, only the last token is used."""
+                      words=None) -> tuple[list[int], str]:
+    """(token positions in the processor's expanded prompt ``input_ids`` of the question's salient
+    words (``salient.salient_spans``) plus the last prompt token, the rule that chose them).
+    Offsets come from tokenizing ``text`` with a single image token per image; if that does not
+    reproduce the processor's ids, only the last token is used (rule "last-only")."""
     last = len(input_ids) - 1
     short = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = short["input_ids"], short["offset_mapping"]
@@ -125,10 +131,11 @@ def salient_positions(tokenizer, image_token_id: int, text: str, question: str, 
     expanded = [t for t in ids for _ in range(expansion if t == image_token_id else 1)]
     start = text.rfind(question)
     if expanded != input_ids.tolist() or start < 0:
-        return [last]
-    spans = [(start + a, start + b) for a, b, _ in salient_spans(question, words)]
+        return [last], "last-only"
+    words_found, rule = salient_spans(question, words)
+    spans = [(start + a, start + b) for a, b, _ in words_found]
     chosen = {expanded_pos[i] for i in tokens_overlapping(offsets, spans)}
-    return sorted(chosen | {last})
+    return sorted(chosen | {last}), rule
 
 
 class DuetLlava:
@@ -210,11 +217,12 @@ class DuetLlava:
         input_ids = inputs["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError("the engine runs one prompt at a time (batch size 1)")
+        salient, rule = salient_positions(self.tokenizer, route.token_id, text, question, input_ids[0], salient_words)
         return Prompt(
             input_ids=input_ids,
             pixel_values=inputs["pixel_values"],
-            salient=salient_positions(self.tokenizer, route.token_id, text, question, input_ids[0],
-                                      salient_words),
+            salient=salient,
+            salient_rule=rule,
             question=question,
             view_boxes=[self._view_box(f.size) for f in rgb],
             route=route,
@@ -281,31 +289,31 @@ class DuetLlava:
         return keys, torch.stack([cls_attention(query_cls[f], keys[f], attn.scale) for f in range(n_frames)])
 
     def reduce(self, hidden: tuple[torch.Tensor, ...], p: Plan, timer: Timer, route: Route | None = None) -> Visual:
-        """V2V (or VisionZip) merge per frame on the tower's states, then the projector. With
-        ``route.cls_kept`` (Video-LLaVA clips) each frame's CLS token goes first and is never merged:
-        the budget counts patch tokens."""
+        """V2V (or VisionZip) merge per frame on the tower's states, then the projector.
+
+        Without a vision-side reduction the frames enter as the checkpoint feeds them: patches only,
+        or CLS first on a ``route.cls_kept`` route (Video-LLaVA clips). A merge always keeps CLS as
+        its first dominant token (``v2v`` module docstring)."""
         route = route or self.image_route
-        features = hidden[self.feature_index][:, 1:]
+        features = hidden[self.feature_index]  # (F, 1 + P, d), CLS first
         if p.k1 is None:
-            records = [{"token_patches": [[i] for i in range(self.n_patches)]} for _ in range(len(features))]
-            merged = list(features)
+            cls = [[]] if route.cls_kept else []
+            records = [{"cls_kept": route.cls_kept, "token_patches": cls + [[i] for i in range(self.n_patches)]}
+                       for _ in range(len(features))]
+            merged = list(features if route.cls_kept else features[:, 1:])
         else:
             started = timer.start()
             merged, records = [], []
             keys, frame_scores = self.cls_scores(hidden[self.feature_index - 1], route.tower)
             for f, scores in enumerate(frame_scores):
-                head_mean_keys = keys[f, :, 1:].mean(dim=0)
+                metric = keys[f].mean(dim=0)  # (1 + P, hd): the keys averaged over heads
                 if p.method == "visionzip":
-                    m = visionzip_merge(features[f], head_mean_keys, scores, p.k1, p.k2)
+                    m = visionzip_merge(features[f], metric, scores, p.k1, p.k2)
                 else:
-                    m = duet_merge(features[f], head_mean_keys, scores, self.grid, p.k1, p.k2, p.cluster_width)
+                    m = duet_merge(features[f], metric, scores, p.k1, p.k2, p.cluster_width)
                 merged.append(m.tokens)
                 records.append({**m.record(scores), "token_patches": m.token_patches})
             timer.stop("v2v", started)
-        if route.cls_kept:
-            merged = [torch.cat([cls, m]) for cls, m in zip(hidden[self.feature_index][:, :1], merged)]
-            for record in records:
-                record["token_patches"] = [[], *record["token_patches"]]
         started = timer.start()
         counts = [len(m) for m in merged]
         projected = self.projector(torch.cat(merged, dim=0))
@@ -330,9 +338,9 @@ class DuetLlava:
         return ~is_image | (within < limit)
 
     def positions(self, prompt: Prompt, visual: Visual, layout: str = "contiguous") -> torch.Tensor:
-        """Position ids of the reduced LLM input. "contiguous" (the reference's, as in VisionZip):
-        0..T'-1, the sequence is simply shorter. "original": every token keeps its position in the
-        full-length prompt, so the question sits as far from the start as without reduction."""
+        """Position ids of the reduced LLM input. "contiguous" (DUET's and VisionZip's code: the
+        LLM simply gets a shorter sequence): 0..T'-1. "original": every token keeps its position
+        in the full-length prompt, so the question sits as far from the start as without reduction."""
         keep = self._kept(prompt, visual)
         if layout == "original":
             return torch.nonzero(keep).flatten()
@@ -394,36 +402,43 @@ class DuetLlava:
     ) -> Prefill:
         """Run the decoder layers, dropping visual tokens at the plan's stage layers.
 
-        ``force`` (stage layer -> kept visual ids) replays earlier decisions instead of scoring:
-        used to recompute a sequence without cache with exactly the same kept tokens. A ``timer``
-        collects the scoring + selection time under "t2v" (it synchronises, so only pass one
-        when measuring).
+        ``salient`` are the rows of the salient text tokens (the last row included). After a drop
+        the position ids are renumbered 0..T'-1 (``modeling_llama_pdrop.py`` l.1527-1528) unless
+        ``p.positions`` is "original". ``force`` (stage layer -> kept visual ids) replays earlier
+        decisions instead of scoring: used to recompute a sequence without cache with exactly the
+        same kept tokens. A ``timer`` collects the scoring + selection time under "t2v" (it
+        synchronises, so only pass one when measuring).
         """
         if embeds.shape[0] != 1:
             raise ValueError("the engine runs one sequence at a time (batch size 1)")
         lm = self.lm
         h = embeds
-        pos = torch.arange(h.shape[1], device=self.device) if positions is None else positions.to(self.device)
+        n_rows = h.shape[1]
+        pos = torch.arange(n_rows, device=self.device) if positions is None else positions.to(self.device)
         visual_ids = torch.arange(len(visual_rows), device=self.device)
-        is_visual = torch.zeros(h.shape[1], dtype=torch.bool, device=self.device)
+        n_visual = len(visual_rows)
+        is_visual = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
         is_visual[visual_rows] = True
-        salient_pos = pos[torch.tensor(salient, device=self.device, dtype=torch.long)]  # rows -> position ids
+        is_salient = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        is_salient[torch.tensor(salient, device=self.device, dtype=torch.long)] = True
+        after_image = torch.arange(n_rows, device=self.device) > (int(visual_rows.max()) if n_visual else -1)
         stage_at = {s.layer: s for s in p.stages}
         score_at = {s.score_layer: s for s in p.stages if not (force and s.layer in force)}
         cache = DynamicCache(config=lm.config) if use_cache else None
         rope = lm.rotary_emb(h, pos[None])
-        pending, stages, counts, totals, kept = {}, [], [], [], {}
+        pending, stages, counts, totals, kept, next_positions = {}, [], [], [], {}, []
         for index, layer in enumerate(lm.layers):
             rows = torch.nonzero(is_visual).flatten()
             started = timer.start() if timer and (index in score_at or index in stage_at) else None
             if index in score_at:
                 s = score_at[index]
                 query = {
-                    "salient": torch.nonzero(torch.isin(pos, salient_pos)).flatten(),
-                    "last": torch.tensor([h.shape[1] - 1], device=self.device),
-                    "all": torch.arange(h.shape[1], device=self.device),
+                    "salient": is_salient,
+                    "text": after_image,
+                    "last": torch.arange(h.shape[1], device=self.device) == h.shape[1] - 1,
+                    "all": torch.ones(h.shape[1], dtype=torch.bool, device=self.device),
                 }[s.query]
-                pending[s.layer] = self._scores(layer, h, rope, pos, query, rows)
+                pending[s.layer] = self._scores(layer, h, rope, pos, torch.nonzero(query).flatten(), rows)
             if index in stage_at:
                 s = stage_at[index]
                 if force and index in force:
@@ -431,9 +446,8 @@ class DuetLlava:
                     scores = None
                 else:
                     scores = pending.pop(index)
-                    choice = keep_top(scores, s.keep * n_frames)
-                survivors = torch.ones(h.shape[1], dtype=torch.bool, device=self.device)
-                survivors[rows] = False
+                    choice = keep_top(scores, s.keep_of(n_visual, n_frames))
+                survivors = ~is_visual
                 survivors[rows[choice]] = True
                 kept[index] = visual_ids[choice].tolist()
                 if record:
@@ -441,18 +455,22 @@ class DuetLlava:
                         "layer": index,
                         "score_layer": s.score_layer,
                         "query": s.query,
+                        "query_rows": None if scores is None else len(torch.nonzero(query)),
                         "n_in": len(rows),
                         "ids_in": visual_ids.tolist(),
                         "kept": kept[index],
                         "scores": None if scores is None else scores.tolist(),
                     })
-                h, pos, is_visual = h[:, survivors], pos[survivors], is_visual[survivors]
+                h, is_visual = h[:, survivors], is_visual[survivors]
+                is_salient, after_image = is_salient[survivors], after_image[survivors]
+                pos = torch.arange(h.shape[1], device=self.device) if p.positions == "contiguous" else pos[survivors]
                 visual_ids = visual_ids[choice]
                 rope = lm.rotary_emb(h, pos[None])
             if started is not None:
                 timer.stop("t2v", started)
             counts.append(int(is_visual.sum()))
             totals.append(h.shape[1])
+            next_positions.append(int(pos[-1]) + 1)
             h = layer(
                 h,
                 attention_mask=self._mask(h.shape[1]),
@@ -462,13 +480,19 @@ class DuetLlava:
                 position_embeddings=rope,
             )
         logits = self.lm_head(lm.norm(h[:, -1]))[0]
-        return Prefill(logits, cache, stages, counts, totals, kept)
+        return Prefill(logits, cache, stages, counts, totals, kept, next_positions)
 
-    def _step(self, token: int, position: int, cache: DynamicCache) -> torch.Tensor:
+    def step(self, token: int, positions: list[int], cache: DynamicCache) -> torch.Tensor:
+        """Logits after one generated ``token``, decoded at ``positions[i]`` in layer i (each layer
+        continues from its own renumbered length, as ``modeling_llama_pdrop.py`` l.1266-1275 shifts
+        the decoding position ids at every stage layer)."""
         h = self.lm.embed_tokens(torch.tensor([[token]], device=self.device))
-        pos = torch.tensor([[position]], device=self.device)
-        rope = self.lm.rotary_emb(h, pos)
-        for layer in self.lm.layers:
+        ropes = {}
+        for layer, position in zip(self.lm.layers, positions):
+            if position not in ropes:
+                pos = torch.tensor([[position]], device=self.device)
+                ropes[position] = (pos, self.lm.rotary_emb(h, pos))
+            pos, rope = ropes[position]
             h = layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
                       position_embeddings=rope)
         return self.lm_head(self.lm.norm(h[:, -1]))[0]
@@ -500,7 +524,7 @@ class DuetLlava:
         prompt = self.prepare(frames, question, reduction.salient_words)
         visual = self.encode(prompt, p, timer, hidden)
         embeds, visual_rows, salient = self.llm_inputs(prompt, visual)
-        positions = self.positions(prompt, visual, reduction.positions)
+        positions = self.positions(prompt, visual, p.positions)
         started = timer.start()
         n_frames = len(frames)
         first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record, n_frames=n_frames,
@@ -515,7 +539,7 @@ class DuetLlava:
             if len(generated) == max_new_tokens:
                 break
             if use_cache:
-                logits = self._step(token, int(positions[-1]) + len(generated), first.cache)
+                logits = self.step(token, [n + len(generated) - 1 for n in first.next_positions], first.cache)
             else:
                 grown = torch.cat([embeds, self.lm.embed_tokens(torch.tensor([generated], device=self.device))], 1)
                 grown_pos = torch.cat([positions, positions[-1] + torch.arange(1, len(generated) + 1,
@@ -547,9 +571,10 @@ class DuetLlava:
                 {"position": i, "token": self.tokenizer.convert_ids_to_tokens(int(prompt.input_ids[0, j]))}
                 for i, j in zip(salient, sorted(prompt.salient))
             ],
+            "salient_rule": prompt.salient_rule,
             "plan": {**{k: v for k, v in asdict(p).items() if k != "stages"},
                      "stages": [asdict(s) for s in p.stages]},
-            "positions": reduction.positions,  # position-id layout after V2V (see positions())
+            "positions": p.positions,  # position ids after a reduction: "contiguous" (renumbered) or "original"
             "t2v": first.stages,
             "visual_tokens_per_layer": first.counts,
             "visual_tokens_per_frame_layer": per_frame_counts(visual.frames, first.stages, self.n_layers),

@@ -154,7 +154,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                              "first --eval-samples) stays free of checkpoint selection")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=1, help="> 1: evaluate moving clips of this many frames")
-    parser.add_argument("--positions", choices=("contiguous", "original"), default="contiguous",
+    parser.add_argument("--positions", choices=("contiguous", "original"), default=None,
                         help="position ids after V2V for the reduced configurations (see engine.positions)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -517,7 +517,7 @@ def encode(processor, samples: list[data.Sample], min_coverage: float,
                         for s, ids, offered in zip(samples, prompt_ids, batch["offered"])]
     image_token = tok.convert_tokens_to_ids("<image>")
     batch["salient"] = [  # for DUET training: the T2V query rows of each prompt
-        salient_positions(tok, image_token, prompt, s.question, ids) for s, prompt, ids in zip(samples, prompts, prompt_ids)
+        salient_positions(tok, image_token, prompt, s.question, ids)[0] for s, prompt, ids in zip(samples, prompts, prompt_ids)
     ]
     return batch
 

@@ -2,11 +2,13 @@
 
 Rows are right-padded conversations with one image each. V2V merges every image to the same
 k1 + k2 tokens, so every row shrinks by the same amount; at each stage layer every row keeps the
-same number of visual tokens (its own top-ranked by its own salient text tokens, scored without
-gradient), so the batch stays rectangular and index gathers carry gradients for everything that
-survives. Right padding needs no padding mask under causal attention (SDPA's own, or the
-engine's mask with eager attention): real tokens never attend to the pad tokens after them.
-Kept tokens keep their position ids, as at inference.
+same number of visual tokens (its own top-ranked, scored without gradient), so the batch stays
+rectangular and index gathers carry gradients for everything that survives. The rows that rank
+are those DUET's training code uses (``modeling_llama_pdrop.py`` l.1427-1428, salient tokens off
+by default): every prompt token after the image that is not an answer token. After each drop the
+position ids are renumbered 0..T'-1, as at inference. Right padding needs no padding mask under
+causal attention (SDPA's own, or the engine's mask with eager attention): real tokens never
+attend to the pad tokens after them.
 
 ``query_attention_loss`` supervises what T2V ranks by: the salient rows' attention at the first
 stage layer, pushed onto the visual tokens of the objects the question is about (both training
@@ -343,7 +345,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                     if stage_at[index].query == "random":
                         scores = torch.rand(len(visual_rows), generator=generator).to(h.device)
                     else:
-                        query = torch.nonzero(torch.isin(pos[b], salient_pos[b])).flatten()
+                        after_image = torch.arange(h.shape[1], device=h.device) > int(visual_rows.max())
+                        query = torch.nonzero(after_image & present[b] & (targets[b] == -100)).flatten()
                         scores = engine._scores(layer, h[b:b + 1], (rope[0][b:b + 1], rope[1][b:b + 1]), pos[b],
                                                 query, visual_rows)
                     survivors = ~is_visual[b].clone()
@@ -351,7 +354,8 @@ def reduced_loss(engine: DuetLlava, p: Plan, input_ids: torch.Tensor, pixel_valu
                     rows.append(torch.nonzero(survivors).flatten())
                 gather = torch.stack(rows)
             h = h.gather(1, gather[..., None].expand(-1, -1, h.shape[-1]))
-            pos, is_visual, targets = pos.gather(1, gather), is_visual.gather(1, gather), targets.gather(1, gather)
+            is_visual, targets, present = is_visual.gather(1, gather), targets.gather(1, gather), present.gather(1, gather)
+            pos = torch.arange(h.shape[1], device=h.device).expand(batch, -1)
             rope = lm.rotary_emb(h, pos)
             mask = engine._mask(h.shape[1])
         h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)

@@ -1,15 +1,31 @@
-"""Stage A of DUET-VLM (V2V) and VisionZip's merge: pure functions over one frame's patches.
+"""Stage A of DUET-VLM (V2V) and VisionZip's merge: pure functions over one frame's tokens.
 
-Inputs are plain tensors of one image/frame (no model): patch hidden states ``hidden`` (P, d) at
-the vision feature layer, that layer's keys averaged over heads ``keys`` (P, dk) and the CLS
-attention ``scores`` (P,). Outputs are a :class:`Merge`: the reduced tokens plus the record of
-which patches each token stands for, which is all the visualisation needs.
+Inputs are plain tensors of one image/frame (no model): the hidden states ``hidden`` (1 + P, d)
+that the vision feature layer outputs, CLS first; that layer's keys averaged over heads ``keys``
+(1 + P, dk), the "metric"; and ``scores`` (P,), the CLS row of that layer's attention over the
+patches, summed over heads. Outputs are a :class:`Merge`: the reduced tokens plus the record of
+which patches each token stands for and which were discarded, all the visualisation needs.
 
-DUET's "local neighbourhood averaging" (paper §3.1; the official code's ``cluster_width``) is read
-as: the k2 highest-scoring non-dominant patches are centroids; every other non-dominant patch
-joins the centroid whose key is most cosine-similar among the centroids within ``cluster_width``
-patches of it on the grid (Chebyshev distance), or the most similar centroid overall when none is
-that close; each cluster becomes the mean of its members' hidden states, centroid included.
+Both methods, as their official code runs them (``dominant`` counts the CLS token, as
+``visionzip(model, dominant=...)`` passes ``dominant_num=dominant-1`` to the tower):
+
+* CLS + the ``dominant - 1`` best-scoring patches stay unchanged, CLS first, patches in raster
+  order (the boolean-mask ``masked_select`` keeps index order).
+* The other M patches form a *pool*. DUET (AMD-AGI/DUET-VLM ``visionzip/clip_encoder_cw.py``
+  l.72-77): the top ``min(max(1, cluster_width * contextual), M)`` of them by score, in score
+  order; ``cluster_width`` is a pool multiplier, not a spatial window, and every patch outside the
+  pool is discarded. VisionZip (dvlab-research/VisionZip ``visionzip/clip_encoder.py``): all M,
+  in index order; nothing is discarded.
+* Anchors sit at pool ranks 0, step, 2*step, ... (first ``contextual``), step = max(1, pool //
+  contextual) (``clip_encoder_cw.py`` l.79-87); every other pool member joins the anchor whose
+  metric is most cosine-similar (l.96-102, argmax over anchors, no spatial limit).
+* A contextual token is the anchor's hidden state plus the mean of its members' (l.103-110: a
+  sum, the anchor alone when nobody joined); contextual tokens follow the dominant ones in anchor
+  order (l.144).
+
+Choices where the code is silent or degenerate (also in the record): score ties go to the lower
+patch index (``torch.topk`` leaves them unspecified); ``contextual = 0`` gives no contextual token
+(the official fallback would still build one from the best pool member).
 """
 
 from __future__ import annotations
@@ -22,116 +38,106 @@ import torch.nn.functional as F
 
 @dataclass
 class Merge:
-    tokens: torch.Tensor  # (k1 + k2, d), ordered by representative patch (raster order)
-    token_patches: list[list[int]]  # patches each output token stands for, same order
-    dominant: list[int]
-    clusters: list[dict]  # {"centroid": patch, "members": [patches]} (members include centroid)
+    tokens: torch.Tensor  # (n, d): [CLS, dominant patches (raster)] then contextual tokens (anchor order)
+    token_patches: list[list[int]]  # patches each output token stands for ([] for CLS), same order
+    dominant: list[int]  # dominant patch ids, raster order (CLS not included)
+    clusters: list[dict]  # {"centroid": anchor patch, "members": sorted patches incl. the anchor}
+    discarded: list[int]  # patches that no output token stands for
 
     def record(self, scores: torch.Tensor) -> dict:
         return {
             "dominant": self.dominant,
+            "cls_kept": True,
             "clusters": self.clusters,
+            "discarded": self.discarded,
             "scores": scores.tolist(),
         }
 
 
 def cls_attention(query_cls: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention the CLS row pays every patch, mean over heads.
+    """Attention the CLS row pays every patch, summed over heads (``clip_encoder_cw.py`` l.52-53).
 
     query_cls: (H, hd) the CLS query per head; keys: (H, 1 + P, hd) with CLS first.
-    Returns (P,) -- the CLS column itself is dropped after the softmax, as in VisionZip.
+    Returns (P,): the softmax runs over all 1 + P keys, then the CLS column is dropped.
     """
     logits = torch.einsum("hd,hkd->hk", query_cls.float(), keys.float()) * scaling
-    return logits.softmax(dim=-1)[:, 1:].mean(dim=0)
+    return logits.softmax(dim=-1)[:, 1:].sum(dim=0)
 
 
-def _rank(scores: torch.Tensor) -> torch.Tensor:
+def rank(scores: torch.Tensor) -> torch.Tensor:
     """Indices by descending score; ties go to the lower index so results are deterministic."""
     return torch.sort(scores.float(), descending=True, stable=True).indices
 
 
-def _assemble(hidden, representatives, members_of, dominant) -> Merge:
-    order = sorted(representatives)
-    groups = [members_of[r] for r in order]
-    index = torch.tensor([p for g in groups for p in g], device=hidden.device)
-    owner = torch.repeat_interleave(
-        torch.arange(len(groups), device=hidden.device),
-        torch.tensor([len(g) for g in groups], device=hidden.device),
-    )
-    summed = torch.zeros(len(groups), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-    summed.index_add_(0, owner, hidden[index])
-    sizes = torch.tensor([len(g) for g in groups], dtype=hidden.dtype, device=hidden.device)
-    clusters = [{"centroid": r, "members": members_of[r]} for r in order if r not in dominant]
-    return Merge(summed / sizes[:, None], groups, sorted(dominant), clusters)
+def pool_size(n_rest: int, contextual: int, cluster_width: int) -> int:
+    """How many non-dominant patches DUET's pool holds (``clip_encoder_cw.py`` l.76)."""
+    return min(max(1, cluster_width * contextual), n_rest)
 
 
-def _split_dominant(scores: torch.Tensor, k1: int, k2: int):
+def anchor_ranks(pool: int, contextual: int) -> list[int]:
+    """Pool ranks of the anchors: every (pool // contextual)-th, the first ``contextual`` of them."""
+    if contextual <= 0 or pool <= 0:
+        return []
+    step = max(1, pool // contextual)
+    return list(range(0, pool, step))[:contextual]
+
+
+def _merge(hidden, keys, scores, dominant: int, contextual: int, pool_of) -> Merge:
+    """The steps both methods share; ``pool_of(rest)`` orders and cuts the non-dominant patches."""
     n_patches = scores.shape[0]
-    if not 0 <= k1 + k2 <= n_patches:
-        raise ValueError(f"k1 + k2 = {k1 + k2} exceeds the {n_patches} patches")
-    ranked = _rank(scores)
-    dominant = ranked[:k1]
+    if not 1 <= dominant <= n_patches + 1:
+        raise ValueError(f"dominant counts the CLS token and must lie in 1..{n_patches + 1}, got {dominant}")
+    if contextual < 0:
+        raise ValueError(f"contextual must be >= 0, got {contextual}")
+    patches = hidden[1:]
+    top = rank(scores)[: dominant - 1].sort().values
     is_rest = torch.ones(n_patches, dtype=torch.bool, device=scores.device)
-    is_rest[dominant] = False
+    is_rest[top] = False
     rest = torch.nonzero(is_rest).flatten()  # raster order
-    return dominant.tolist(), rest
+    pool = pool_of(rest)
+    at = anchor_ranks(len(pool), contextual)
+    is_anchor = torch.zeros(len(pool), dtype=torch.bool, device=scores.device)
+    is_anchor[at] = True
+    anchors, joiners = pool[is_anchor], pool[~is_anchor]  # both in pool order
+    members = [[a] for a in anchors.tolist()]
+    contextual_tokens = patches[anchors].clone()
+    if len(joiners) and len(anchors):
+        metric = F.normalize(keys[1:].float(), dim=-1)
+        choice = (metric[joiners] @ metric[anchors].T).argmax(dim=1)
+        sums = torch.zeros_like(contextual_tokens).index_add_(0, choice, patches[joiners])
+        counts = torch.bincount(choice, minlength=len(anchors)).clamp(min=1).to(sums.dtype)
+        contextual_tokens = contextual_tokens + sums / counts[:, None]
+        for patch, anchor in zip(joiners.tolist(), choice.tolist()):
+            members[anchor].append(patch)
+    in_pool = torch.zeros(n_patches, dtype=torch.bool, device=scores.device)
+    in_pool[pool] = True
+    discarded = torch.nonzero(is_rest & ~in_pool).flatten().tolist()
+    dominant_ids = top.tolist()
+    tokens = torch.cat([hidden[:1], patches[top], contextual_tokens])
+    return Merge(
+        tokens=tokens,
+        token_patches=[[]] + [[p] for p in dominant_ids] + [sorted(m) for m in members],
+        dominant=dominant_ids,
+        clusters=[{"centroid": m[0], "members": sorted(m)} for m in members],
+        discarded=discarded,
+    )
 
 
-def duet_merge(
-    hidden: torch.Tensor,
-    keys: torch.Tensor,
-    scores: torch.Tensor,
-    grid: tuple[int, int],
-    k1: int,
-    k2: int,
-    cluster_width: int = 4,
-) -> Merge:
-    """DUET V2V: k1 dominant patches kept + k2 local clusters merged (see module docstring).
+def duet_merge(hidden: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, dominant: int, contextual: int,
+               cluster_width: int = 4) -> Merge:
+    """DUET V2V (module docstring): CLS + ``dominant - 1`` patches kept, ``contextual`` tokens
+    merged from the ``cluster_width * contextual`` best remaining patches, the rest discarded."""
+    if cluster_width < 0:
+        raise ValueError(f"cluster_width must be >= 0, got {cluster_width}")
 
-    With k2 = 0 the non-dominant patches are discarded (pure dominant selection).
-    """
-    dominant, rest = _split_dominant(scores, k1, k2)
-    members_of = {p: [p] for p in dominant}
-    if k2 > 0 and len(rest) > 0:
-        by_score = rest[_rank(scores[rest])]
-        centroids, others = by_score[:k2], by_score[k2:].sort().values
-        for c in centroids.tolist():
-            members_of[c] = [c]
-        if len(others) > 0:
-            unit = F.normalize(keys.float(), dim=-1)
-            similarity = unit[others] @ unit[centroids].T  # (n_others, k2)
-            cols = grid[1]
-            distance = torch.maximum(
-                (others[:, None] // cols - centroids[None, :] // cols).abs(),
-                (others[:, None] % cols - centroids[None, :] % cols).abs(),
-            )
-            near = distance <= cluster_width
-            local = similarity.masked_fill(~near, float("-inf"))
-            choice = torch.where(near.any(dim=1), local.argmax(dim=1), similarity.argmax(dim=1))
-            for patch, c in zip(others.tolist(), centroids[choice].tolist()):
-                members_of[c].append(patch)
-        for c in centroids.tolist():
-            members_of[c].sort()
-    return _assemble(hidden, members_of.keys(), members_of, set(dominant))
+    def best_of(rest):
+        return rest[rank(scores[rest])][: pool_size(len(rest), contextual, cluster_width)]
+
+    return _merge(hidden, keys, scores, dominant, contextual, best_of)
 
 
-def visionzip_merge(hidden: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, k1: int, k2: int) -> Merge:
-    """VisionZip: k1 dominant patches by CLS attention; the remaining patches are merged into k2
-    contextual tokens whose targets are spaced uniformly along the remaining (raster-ordered)
-    patches; every other patch joins its most key-similar target, and each group is averaged
-    (Yang et al., "VisionZip", CVPR 2025, §3.2; dvlab-research/VisionZip)."""
-    dominant, rest = _split_dominant(scores, k1, k2)
-    members_of = {p: [p] for p in dominant}
-    if k2 > 0 and len(rest) > 0:
-        step = max(1, len(rest) // k2)
-        is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
-        is_target[torch.arange(0, len(rest), step, device=rest.device)[:k2]] = True
-        targets, others = rest[is_target], rest[~is_target]
-        for t in targets.tolist():
-            members_of[t] = [t]
-        if len(others) > 0:
-            unit = F.normalize(keys.float(), dim=-1)
-            choice = (unit[others] @ unit[targets].T).argmax(dim=1)
-            for patch, t in zip(others.tolist(), targets[choice].tolist()):
-                members_of[t].append(patch)
-    return _assemble(hidden, members_of.keys(), members_of, set(dominant))
+def visionzip_merge(hidden: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, dominant: int,
+                    contextual: int) -> Merge:
+    """VisionZip (Yang et al., CVPR 2025): CLS + ``dominant - 1`` patches kept, every remaining
+    patch merged into ``contextual`` targets evenly spaced along them in index order."""
+    return _merge(hidden, keys, scores, dominant, contextual, lambda rest: rest)

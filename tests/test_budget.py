@@ -3,13 +3,27 @@ import pytest
 from model.budget import METHODS, ReductionConfig, average, plan
 
 
-@pytest.mark.parametrize("budget,k1,k2,expected", [(192, 300, 7, 191.9), (128, 170, 32, 126.3), (64, 72, 30, 63.8)])
-def test_duet_presets_match_spec_table(budget, k1, k2, expected):
+@pytest.mark.parametrize("budget,k1,k2,half,expected", [(192, 300, 7, 153, 191.75), (128, 170, 35, 102, 128.0),
+                                                        (64, 85, 17, 51, 63.75)])
+def test_duet_presets_match_spec_table(budget, k1, k2, half, expected):
     p = plan(ReductionConfig("duet", budget), n_layers=32)
-    assert (p.k1, p.k2) == (k1, k2)
-    assert [(s.layer, s.query) for s in p.stages] == [(16, "salient"), (24, "salient")]
-    assert [s.keep for s in p.stages] == [-(-(k1 + k2) // 2), 0]
-    assert average(p.counts_per_layer()) == pytest.approx(expected, abs=0.15)
+    assert (p.k1, p.k2, p.tokens_per_frame) == (k1, k2, k1 + k2)
+    assert [(s.layer, s.query, s.keep) for s in p.stages] == [(16, "salient", half), (24, "salient", 0)]
+    assert p.counts_per_layer() == [k1 + k2] * 16 + [half] * 8 + [0] * 8
+    assert average(p.counts_per_layer()) == expected
+    assert p.positions == "contiguous"
+
+
+def test_stage_keeps_are_int_of_ratio_times_all_frames_tokens():
+    p = plan(ReductionConfig("duet", 192), n_layers=32)
+    assert p.counts_per_layer(n_frames=3)[16] == int(0.5 * 3 * 307) == 460
+    fastv = plan(ReductionConfig("fastv", 64), n_layers=32)
+    assert fastv.counts_per_layer(n_frames=3)[2] == 3 * fastv.stages[0].keep
+
+
+def test_small_cluster_width_limits_the_contextual_tokens():
+    assert plan(ReductionConfig("duet", 64, k1=20, k2=6, cluster_width=0), 32).tokens_per_frame == 21
+    assert plan(ReductionConfig("duet", 64, k1=20, k2=6, cluster_width=1), 32).tokens_per_frame == 26
 
 
 @pytest.mark.parametrize("method", METHODS[1:])
@@ -27,12 +41,12 @@ def test_every_method_meets_its_budget_on_average(method, budget, n_layers):
 
 def test_duet_budget_at_patch_count_is_no_reduction():
     p = plan(ReductionConfig("duet", 576), n_layers=32)
-    assert (p.k1, p.k2, p.stages) == (576, 0, ())
+    assert (p.k1, p.k2, p.stages, p.tokens_per_frame) == (None, 0, (), 576)
 
 
 def test_duet_large_budget_raises_stage_ratios_instead_of_exceeding_patches():
     p = plan(ReductionConfig("duet", 450), n_layers=32)
-    assert p.k1 + p.k2 == 576
+    assert p.k1 is None and p.tokens_per_frame == 576
     assert average(p.counts_per_layer()) == pytest.approx(450, abs=2)
 
 
@@ -47,11 +61,16 @@ def test_pyramiddrop_uses_8_16_24_when_it_can():
     assert [s.layer for s in p.stages] == [8, 16, 24]
     keeps = [s.keep for s in p.stages]
     assert keeps == sorted(keeps, reverse=True)
+    assert keeps == [int(576 * s.ratio) for s in p.stages] and {s.query for s in p.stages} == {"last"}
+    assert p.positions == "contiguous"
 
 
 def test_fastv_drops_after_layer_two_ranked_by_layer_one():
     (stage,) = plan(ReductionConfig("fastv", 128), 32).stages
-    assert (stage.layer, stage.score_layer, stage.query) == (2, 1, "all")
+    assert (stage.layer, stage.score_layer, stage.query) == (2, 1, "last")
+    assert plan(ReductionConfig("fastv", 128), 32).positions == "original"
+    assert plan(ReductionConfig("fastv", 128, query="all", positions="contiguous"), 32).positions == "contiguous"
+    assert plan(ReductionConfig("fastv", 128, query="all"), 32).stages[0].query == "all"
 
 
 def test_overrides_win_over_solved_values():
@@ -61,7 +80,8 @@ def test_overrides_win_over_solved_values():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(method="nope"), dict(budget=0), dict(k1=-1), dict(cluster_width=-1),
+    dict(method="nope"), dict(budget=0), dict(k1=-1), dict(cluster_width=-1), dict(query="middle"),
+    dict(positions="shuffled"),
     dict(stage_layers=(4,), stage_ratios=(1.5,)), dict(stage_layers=(4, 8), stage_ratios=(0.5,)),
 ])
 def test_invalid_configs_are_rejected_with_a_message(kwargs):

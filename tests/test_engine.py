@@ -74,11 +74,12 @@ def test_trace_average_tokens_per_layer_meets_budget(engine, image, method, budg
     assert abs(trace["avg_visual_tokens"] - target) <= 2
 
 
-def test_t2v_keeps_original_ids_and_counts(engine, image):
+def test_t2v_keeps_int_half_of_the_v2v_tokens_then_none(engine, image):
     trace = engine.answer(image, QUESTION, ReductionConfig("duet", 128), max_new_tokens=1)
     n = trace["plan"]["k1"] + trace["plan"]["k2"]
     first, second = trace["t2v"]
-    assert (first["layer"], first["n_in"], len(first["kept"])) == (16, n, -(-n // 2))
+    assert (first["layer"], first["n_in"], len(first["kept"]), n) == (16, 205, 102, 205)
+    assert trace["avg_visual_tokens"] == 128.0
     assert first["kept"] == sorted(first["kept"]) and set(first["kept"]) <= set(range(n))
     assert (second["n_in"], second["kept"]) == (len(first["kept"]), [])
     kept_by_score = sorted(range(n), key=lambda i: -first["scores"][i])[: len(first["kept"])]
@@ -88,19 +89,43 @@ def test_t2v_keeps_original_ids_and_counts(engine, image):
 def test_salient_tokens_cover_question_words_and_last_token(engine, image):
     trace = engine.answer(image, QUESTION, ReductionConfig("duet", 64), max_new_tokens=1)
     tokens = [s["token"] for s in trace["salient"]]
-    assert {"what", "color", "red", "circle", "?"} <= set(tokens)
-    assert "the" not in tokens
+    assert tokens == ["what", "color", "red", "circle", "?", ":"]  # "is", "the" are NLTK stopwords; ":" is last
+    assert trace["salient_rule"] == "builtin"
     n_text = 11 + trace["plan"]["k1"] + trace["plan"]["k2"]  # prompt tokens after V2V
     assert trace["salient"][-1]["position"] == n_text - 1
 
 
-def test_v2v_record_maps_every_patch_once(engine, image):
-    trace = engine.answer(image, QUESTION, ReductionConfig("duet", 64), max_new_tokens=1)
+def test_v2v_record_says_where_every_patch_went(engine, image):
+    trace = engine.answer(image, QUESTION, ReductionConfig("duet", 192), max_new_tokens=1)
     (frame,) = trace["frames"]
-    assert frame["n_tokens"] == len(frame["token_patches"]) == 102
-    patches = sorted(p for group in frame["token_patches"] for p in group)
-    assert patches == list(range(576))
+    assert frame["n_tokens"] == len(frame["token_patches"]) == 307
+    assert frame["cls_kept"] and frame["token_patches"][0] == []
+    assert len(frame["dominant"]) == 299 and len(frame["clusters"]) == 7
+    merged = [p for c in frame["clusters"] for p in c["members"]]
+    assert len(merged) == 28 and len(frame["discarded"]) == 576 - 299 - 28
+    assert sorted(frame["dominant"] + merged + frame["discarded"]) == list(range(576))
+    assert sorted(p for group in frame["token_patches"] for p in group) == sorted(frame["dominant"] + merged)
     assert len(frame["scores"]) == 576
+
+
+@pytest.mark.parametrize("method,budget,expected", [
+    ("duet", 192, [0] * 16 + [307 - 153] * 8 + [307] * 8),  # renumbered: each layer continues from its length
+    ("pyramiddrop", 192, None),
+    ("fastv", 192, None),  # original ids: every layer continues from the full prompt's end
+])
+def test_decoding_positions_follow_each_layers_renumbered_length(engine, image, method, budget, expected):
+    p = plan(ReductionConfig(method, budget), engine.n_layers, engine.n_patches)
+    prompt = engine.prepare([image], QUESTION)
+    with torch.inference_mode():
+        visual = engine.encode(prompt, p, Timer(engine.device))
+        embeds, rows, salient = engine.llm_inputs(prompt, visual)
+        result = engine.prefill(embeds, rows, salient, p, positions=engine.positions(prompt, visual, p.positions))
+    if method == "fastv":
+        assert result.next_positions == [prompt.input_ids.shape[1]] * engine.n_layers
+        return
+    assert result.next_positions == result.tokens_per_layer  # contiguous ids: next = length at that layer
+    if expected is not None:
+        assert [embeds.shape[1] - n for n in result.next_positions] == expected
 
 
 def test_trace_is_deterministic(engine, image):
@@ -139,13 +164,14 @@ def test_v2v_scores_equal_eager_cls_attention(engine, eager, image):
     with torch.inference_mode():
         out = eager.model.vision_tower(prompt.pixel_values, output_attentions=True)
     attention = out.attentions[engine.feature_index - 1][0]  # the layer producing the features
-    expected = attention[:, 0, 1:].mean(0)
+    expected = attention[:, 0, 1:].sum(0)  # summed over heads, as clip_encoder_cw.py does
     assert torch.allclose(torch.tensor(trace["frames"][0]["scores"]), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("method,rows", [("duet", "salient"), ("fastv", "all"), ("pyramiddrop", "last")])
+@pytest.mark.parametrize("method,rows", [("duet", "salient"), ("duet", "text"), ("fastv", "last"), ("fastv", "all"),
+                                         ("pyramiddrop", "last")])
 def test_llm_scores_equal_eager_attention(engine, eager, image, method, rows):
-    cfg = ReductionConfig(method, 128)
+    cfg = ReductionConfig(method, 128, query=rows)
     p = plan(cfg, engine.n_layers)
     trace = engine.answer(image, QUESTION, cfg, max_new_tokens=1)
     stage = trace["t2v"][0]
@@ -156,7 +182,9 @@ def test_llm_scores_equal_eager_attention(engine, eager, image, method, rows):
         out = eager.model.language_model(inputs_embeds=embeds, output_attentions=True)
     attention = out.attentions[stage["score_layer"]][0]  # (heads, T, T); no drop happened before
     query = {"salient": torch.tensor(salient), "all": torch.arange(embeds.shape[1]),
+             "text": torch.arange(int(visual_rows.max()) + 1, embeds.shape[1]),
              "last": torch.tensor([embeds.shape[1] - 1])}[rows]
+    assert stage["query"] == rows and stage["query_rows"] == len(query)
     expected = attention[:, query][:, :, visual_rows].mean((0, 1))
     assert torch.allclose(torch.tensor(stage["scores"]), expected, atol=1e-5)
 

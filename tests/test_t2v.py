@@ -1,20 +1,6 @@
 import torch
 
-from model.t2v import attention_probs, keep_top, salient_spans, tokens_overlapping
-
-
-def words(question, override=None):
-    return [w for _, _, w in salient_spans(question, override)]
-
-
-def test_salient_words_keep_question_words_content_and_punctuation():
-    assert words("What is the color of the big triangle on the left?") == [
-        "What", "is", "color", "big", "triangle", "left", "?"]
-    assert words("How many red circles are there ?") == ["How", "many", "red", "circles", "are", "?"]
-
-
-def test_salient_words_override():
-    assert words("what color is the triangle ?", ("triangle",)) == ["triangle"]
+from model.t2v import attention_probs, keep_top, tokens_overlapping
 
 
 def test_tokens_overlapping_maps_words_to_every_subword():

@@ -77,7 +77,8 @@ def test_query_attention_loss_is_minus_log_of_the_stock_attention_share(tiny_che
 
 def test_query_attention_loss_on_merged_tokens_trains_the_stage_layer(engine):
     enc, labels, salient = batch(engine)
-    p = plan(ReductionConfig("duet", 64), engine.n_layers)
+    # at 192 V2V keeps 327 of 576 patches (at 64 the queried objects can all be discarded)
+    p = plan(ReductionConfig("duet", 192), engine.n_layers)
     engine.model.zero_grad()
     with torch.enable_grad():
         *_, attention = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"],
@@ -97,7 +98,7 @@ def test_query_attention_loss_on_merged_tokens_trains_the_stage_layer(engine):
 
 def test_bind_supervision_reads_only_the_last_prompt_row_and_stays_before_the_stages(engine):
     enc, labels, salient = batch(engine)
-    p = plan(ReductionConfig("duet", 64), engine.n_layers)
+    p = plan(ReductionConfig("duet", 192), engine.n_layers)
     early = engine.n_layers // 4
     with torch.no_grad():
         *_, both = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], labels, salient, enc["query"],
@@ -146,7 +147,7 @@ def test_ask_supervision_is_minus_log_of_the_stock_layer0_share_on_the_object_wo
         shares = stock_last_row_shares(model, engine, enc, enc["asked"])
         assert full["ask"].item() == pytest.approx(-sum(math.log(s) for s in shares) / 3, rel=1e-4)
 
-        p = plan(ReductionConfig("duet", 64), engine.n_layers)
+        p = plan(ReductionConfig("duet", 192), engine.n_layers)
         _, tokens, _, reduced = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], enc["labels"],
                                              enc["salient"], enc["query"], ask, enc["asked"])
         shares = []
@@ -246,7 +247,8 @@ def test_lookup_supervision_scores_each_object_word_row_on_the_objects_it_names(
             expected.append(-math.log(float(score[sorted(patches)].sum() / score.sum())))
     assert len(expected) > len(samples)  # several words per question: entries map back to their sequence
     assert full["lookup"].item() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
-    p = plan(ReductionConfig("duet", 64), engine.n_layers)
+    # VisionZip merges every patch into some token (DUET discards most at 64)
+    p = plan(ReductionConfig("visionzip", 64), engine.n_layers)
     with torch.no_grad():
         *_, reduced = reduced_loss(engine, p, enc["input_ids"], enc["pixel_values"], enc["labels"], enc["salient"],
                                    enc["query"], lookup, enc["asked"], enc["named"])
@@ -407,7 +409,7 @@ def test_row_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_sha
     train_reduce.row_targets = spy
     try:
         with torch.no_grad():
-            _, tokens, _, losses = reduced_loss(engine, plan(ReductionConfig("duet", 64), engine.n_layers),
+            _, tokens, _, losses = reduced_loss(engine, plan(ReductionConfig("visionzip", 64), engine.n_layers),
                                                 enc["input_ids"], enc["pixel_values"], enc["labels"], enc["salient"],
                                                 supervised=supervised, centres=enc["centres"])
     finally:
@@ -415,7 +417,7 @@ def test_row_targets_follow_centroids_into_merged_tokens_and_add_up_when_two_sha
     assert losses["count"] > 0
     hidden = engine.vision_states(enc["pixel_values"])
     from model.engine import Timer
-    visual = engine.reduce(hidden, plan(ReductionConfig("duet", 64), engine.n_layers), Timer(engine.device))
+    visual = engine.reduce(hidden, plan(ReductionConfig("visionzip", 64), engine.n_layers), Timer(engine.device))
     for b, rows in enumerate(captured["rows"]):
         image_at = int(torch.nonzero(enc["input_ids"][b] == engine.image_token_id)[0])
         assert rows[0] == 0 and len(rows) == 1 + len(enc["centres"][b])

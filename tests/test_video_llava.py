@@ -73,7 +73,7 @@ def test_reduced_clip_keeps_cls_per_frame_and_caches_faithfully(engine, clip, me
     for record in trace["frames"]:
         assert record["token_patches"][0] == []  # the frame's CLS token, never merged
         covered = sorted(p for group in record["token_patches"] for p in group)
-        assert covered == list(range(256))  # every patch belongs to exactly one token
+        assert sorted(covered + record.get("discarded", [])) == list(range(256))  # one token or discarded
     if method in ("duet", "visionzip"):
         assert all(r["n_tokens"] < 257 for r in trace["frames"])
     assert [row[0] for row in trace["visual_tokens_per_frame_layer"]] == [r["n_tokens"] for r in trace["frames"]]
