@@ -13,7 +13,6 @@ L/32 (DUET 16/24 -> L/2, 3L/4; PyramidDrop 8/16/24 -> L/4, L/2, 3L/4; FastV K=2 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 from .v2v import anchor_ranks, pool_size
