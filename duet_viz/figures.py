@@ -15,19 +15,40 @@ import plotly.graph_objects as go
 from PIL import Image
 
 VIEW_PX = 336
-DROPPED = -0.1  # sentinel z for patches whose tokens are gone at a layer
-# Dropped patches are dimmed; surviving ones are tinted from faint yellow to red by score.
+# Sentinel z values of the layer view: a patch V2V put in no token at all, and a patch whose token
+# the LLM-side pruning has dropped by this layer. Scores of surviving tokens lie in [0, 1].
+DISCARDED = -0.2
+DROPPED = -0.1
+# Discarded patches are greyed (here, in the V2V cluster map and in the PNG export alike), so they
+# read as "never entered the LLM", apart from the near-black of tokens dropped inside it.
+DISCARDED_RGBA = (150, 150, 150, 0.8)
+DROPPED_RGBA = (10, 10, 30, 0.78)
+
+
+def _at(z: float) -> float:
+    """Position of layer-view value z on the colour scale, which spans [DISCARDED, 1]."""
+    return (z - DISCARDED) / (1.0 - DISCARDED)
+
+
+def _css(rgba: tuple) -> str:
+    return "rgba({},{},{},{})".format(*rgba)
+
+
+# Surviving tokens are tinted from faint yellow to red by score.
 LAYER_COLORSCALE = [
-    [0.0, "rgba(10,10,30,0.78)"],
-    [0.0909, "rgba(10,10,30,0.78)"],
-    [0.0910, "rgba(255,240,120,0.10)"],
-    [0.55, "rgba(255,150,40,0.40)"],
+    [0.0, _css(DISCARDED_RGBA)],
+    [_at(-0.15), _css(DISCARDED_RGBA)],
+    [_at(-0.15) + 1e-4, _css(DROPPED_RGBA)],
+    [_at(-0.001), _css(DROPPED_RGBA)],
+    [_at(0.0), "rgba(255,240,120,0.10)"],
+    [_at(0.505), "rgba(255,150,40,0.40)"],
     [1.0, "rgba(220,20,20,0.70)"],
 ]
+# Cluster colours (also the method lines); no grey in it, grey means "discarded".
 PALETTE = [
     "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
     "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000",
-    "#ffd8b1", "#000075", "#a9a9a9", "#ffe119",
+    "#ffd8b1", "#000075", "#ffe119",
 ]
 
 
@@ -86,8 +107,9 @@ def scores_per_layer(trace: dict) -> list[dict[int, float] | None]:
 
 
 def layer_grids(trace: dict, frame: int = 0) -> np.ndarray:
-    """(layers, rows, cols) z-values: DROPPED where a patch's token is gone, else its token's
-    score normalised to [0, 1] within the layer (1.0 everywhere when there are no scores)."""
+    """(layers, rows, cols) z-values: DISCARDED where V2V put a patch in no token, DROPPED where a
+    patch's token is gone, else its token's score normalised to [0, 1] within the layer (1.0
+    everywhere when there are no scores)."""
     rows, cols = trace["grid"]
     record = trace["frames"][frame]
     offset = record["token_offset"]
@@ -95,6 +117,7 @@ def layer_grids(trace: dict, frame: int = 0) -> np.ndarray:
     grids = []
     for alive, scores in zip(kept_tokens_per_layer(trace), scores_per_layer(trace)):
         z = np.full(rows * cols, DROPPED)
+        z[record.get("discarded", [])] = DISCARDED
         values = {}
         for local, patches in enumerate(groups):
             token = offset + local
@@ -113,72 +136,143 @@ def layer_title(method: str, layer: int, count: int) -> str:
     return f"{method} · layer {layer}: {count} visual tokens survive"
 
 
+def layer_hover(trace: dict, grids: np.ndarray, frame: int = 0) -> list[np.ndarray]:
+    """Per layer, what each patch is there. The colours alone hardly tell a grey patch from a dark
+    one, so the text says whether V2V discarded it (it never reached the LLM) or the LLM-side
+    pruning dropped its token, and at which layer."""
+    record = trace["frames"][frame]
+    rows, cols = trace["grid"]
+    alive_per_layer = kept_tokens_per_layer(trace)
+    alive_text = np.full(rows * cols, "discarded by V2V, in no token", dtype=object)
+    gone_text = alive_text.copy()
+    for local, patches in enumerate(record["token_patches"]):
+        token = record["token_offset"] + local
+        dropped = next((layer for layer, alive in enumerate(alive_per_layer)
+                        if alive is not None and token not in alive), None)
+        alive_text[patches] = f"token {token}"
+        gone_text[patches] = f"token {token}, dropped by T2V at layer {dropped}"
+    return [np.where(z >= 0, alive_text.reshape(rows, cols), gone_text.reshape(rows, cols)) for z in grids]
+
+
 def layer_view(trace: dict, image: Image.Image, frame: int = 0, layer: int = 0) -> go.Figure:
     """Image + one heatmap trace per LLM layer; only ``layer`` is visible. The slider switches
     visibility in the browser (see ui.LAYER_JS), so scrubbing never reaches Python."""
     record = trace["frames"][frame]
-    rows, cols = trace["grid"]
-    cell = VIEW_PX / cols
+    cell = VIEW_PX / trace["grid"][1]
     grids = layer_grids(trace, frame)
     counts = (trace["visual_tokens_per_frame_layer"][frame] if len(trace["frames"]) > 1
               else trace["visual_tokens_per_layer"])
     fig = _base_figure(frame_view(image, record["view_box"]), layer_title(trace["method"], layer, counts[layer]))
-    token_of = np.full(rows * cols, -1)
-    for local, patches in enumerate(record["token_patches"]):
-        token_of[patches] = record["token_offset"] + local
-    tokens = token_of.reshape(rows, cols)
-    for index, z in enumerate(grids):
+    for index, (z, hover) in enumerate(zip(grids, layer_hover(trace, grids, frame))):
         fig.add_trace(go.Heatmap(
-            z=np.round(z, 3), x0=cell / 2, dx=cell, y0=cell / 2, dy=cell, zmin=DROPPED, zmax=1.0,
+            z=np.round(z, 3), x0=cell / 2, dx=cell, y0=cell / 2, dy=cell, zmin=DISCARDED, zmax=1.0,
             colorscale=LAYER_COLORSCALE, showscale=False, visible=index == layer,
-            name=f"layer {index}", customdata=tokens, xgap=0.5, ygap=0.5,
-            hovertemplate=(f"layer {index} · {counts[index]} visual tokens<br>"
-                           "token %{customdata} · relative score %{z:.2f} (negative: dropped)<extra></extra>"),
+            name=f"layer {index}", customdata=hover, xgap=0.5, ygap=0.5,
+            hovertemplate=(f"layer {index} · {counts[index]} visual tokens<br>%{{customdata}}<br>"
+                           "relative score %{z:.2f} (negative: gone)<extra></extra>"),
         ))
     return fig
 
 
 def cluster_map(trace: dict, image: Image.Image, frame: int = 0) -> go.Figure:
-    """V2V decisions: dominant patches outlined, each merged cluster filled in its own colour."""
+    """V2V decisions, one look per kind of patch: dominant (kept as its own token) outlined in
+    white, merged ones filled in their contextual token's colour with a ring on the anchor, and
+    discarded ones (in no token) greyed. One trace per kind keeps the build fast."""
     record = trace["frames"][frame]
     rows, cols = trace["grid"]
-    cell = VIEW_PX / cols
     picture = frame_view(image, record["view_box"])
     if "dominant" not in record:
-        fig = _base_figure(picture, f"{trace['method']}: no vision-side merge (all {rows * cols} patches enter the LLM)")
-        return fig
+        return _base_figure(picture, f"{trace['method']}: no vision-side merge (all {rows * cols} patches enter the LLM)")
+    fig = _base_figure(picture, cluster_title(record))
+    fig.update_layout(margin=dict(t=56), height=450)
+    kinds = patch_kinds(record, rows * cols)
+    fig.add_trace(_kind_heatmap("merged", kinds["merged_z"], kinds["text"], _cluster_colorscale(), cols,
+                                zrange=(-0.5, len(PALETTE) - 0.5)))
+    fig.add_trace(_kind_heatmap("discarded", kinds["discarded_z"], kinds["text"],
+                                [[0, _css(DISCARDED_RGBA)], [1, _css(DISCARDED_RGBA)]], cols))
+    fig.add_trace(_kind_heatmap("dominant", kinds["dominant_z"], kinds["text"],
+                                [[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]], cols))
+    fig.add_trace(_outlines(record["dominant"], cols))
+    fig.add_trace(_anchor_dots(record["clusters"], cols))
+    return fig
+
+
+def cluster_title(record: dict) -> str:
+    """The counts of each kind, and how each is drawn (the figure has no legend)."""
     clusters = record["clusters"]
-    fig = _base_figure(picture, f"V2V · {len(record['dominant'])} dominant (outlined) + "
-                                f"{len(clusters)} merged clusters (filled)")
-    scores = np.asarray(record["scores"])
-    z = np.full(rows * cols, np.nan)
-    size = np.zeros(rows * cols)
-    label = np.full(rows * cols, -1)
-    for index, cluster in enumerate(clusters):
-        z[cluster["members"]] = index % len(PALETTE)
-        size[cluster["members"]] = len(cluster["members"])
-        label[cluster["members"]] = index
-    if clusters:
-        n = len(PALETTE)
-        scale = [[i / n + edge / n, _rgba(PALETTE[i], 0.45)] for i in range(n) for edge in (0, 1)]
-        scale[-1][0] = 1.0
-        custom = np.stack([label, size, scores * 1e3], axis=-1).reshape(rows, cols, 3)
-        fig.add_trace(go.Heatmap(
-            z=z.reshape(rows, cols), x0=cell / 2, dx=cell, y0=cell / 2, dy=cell, zmin=0,
-            zmax=n, colorscale=scale, showscale=False, customdata=custom, hoverongaps=False,
-            hovertemplate="cluster %{customdata[0]} · %{customdata[1]} patches<br>"
-                          "CLS score %{customdata[2]:.3f}e-3<extra></extra>",
-        ))
-    xs, ys, text = [], [], []
-    for p in record["dominant"]:
+    merged = sum(len(c["members"]) for c in clusters)
+    cls = "CLS + " if record["cls_kept"] else ""
+    discarded = f"{len(record['discarded'])} discarded (grey)" if record["discarded"] else "0 discarded"
+    return (f"V2V · {cls}{len(record['dominant'])} dominant (outlined) · {discarded}"
+            f"<br>{len(clusters)} merged tokens from {merged} patches (colour fill, ○ anchor)")
+
+
+def patch_kinds(record: dict, n_patches: int) -> dict:
+    """Per patch (raster order): z of each kind's heatmap (NaN where the patch is another kind;
+    for merged patches the cluster's palette index) and the hover text saying its kind."""
+    scores = record["scores"]
+    z = {kind: np.full(n_patches, np.nan) for kind in ("dominant_z", "merged_z", "discarded_z")}
+    kind = np.empty(n_patches, dtype=object)
+    z["dominant_z"][record["dominant"]] = 0
+    kind[record["dominant"]] = "dominant (kept as its own token)"
+    z["discarded_z"][record["discarded"]] = 0
+    kind[record["discarded"]] = "discarded (in no token)"
+    for index, cluster in enumerate(record["clusters"]):
+        anchor, members = cluster["centroid"], cluster["members"]
+        z["merged_z"][members] = index % len(PALETTE)
+        kind[members] = f"merged into cluster {index} (anchor patch {anchor})"
+        kind[anchor] = f"anchor of cluster {index} ({len(members)} patches, 1 token)"
+    text = np.array([f"patch {p}: {kind[p]}<br>CLS score {scores[p]:.3g}" for p in range(n_patches)],
+                    dtype=object)
+    return {**z, "text": text}
+
+
+def _kind_heatmap(name: str, z: np.ndarray, text: np.ndarray, colorscale: list, cols: int,
+                  zrange: tuple[float, float] = (0, 1)) -> go.Heatmap:
+    """One kind's cells (NaN elsewhere: not drawn, no hover); the hover says the patch's kind."""
+    cell = VIEW_PX / cols
+    rows = len(z) // cols
+    return go.Heatmap(
+        z=z.reshape(rows, cols), x0=cell / 2, dx=cell, y0=cell / 2, dy=cell, zmin=zrange[0],
+        zmax=zrange[1], colorscale=colorscale, showscale=False,
+        customdata=text.reshape(rows, cols), hoverongaps=False, name=name,
+        hovertemplate="%{customdata}<extra></extra>",
+    )
+
+
+def _cluster_colorscale() -> list:
+    """Stepwise scale, one band per colour: over z in [-0.5, n - 0.5], palette index i falls in the
+    middle of band i. Mostly opaque, so that the colour reads over any photo. Stops are computed as
+    (i + edge) / n so that equal stops are equal floats: Plotly.js silently replaces a scale whose
+    stops ever decrease (i / n + 1 / n can exceed (i + 1) / n by an ulp)."""
+    n = len(PALETTE)
+    return [[(i + edge) / n, _rgba(PALETTE[i], 0.75)] for i in range(n) for edge in (0, 1)]
+
+
+def _outlines(patches: list[int], cols: int) -> go.Scatter:
+    """All the patches' square outlines as one line trace (None breaks the line between them)."""
+    cell = VIEW_PX / cols
+    xs, ys = [], []
+    for p in patches:
         r, c = divmod(p, cols)
         x0, y0 = c * cell, r * cell
         xs += [x0, x0 + cell, x0 + cell, x0, x0, None]
         ys += [y0, y0, y0 + cell, y0 + cell, y0, None]
-        text += [f"dominant patch {p} · CLS score {scores[p] * 1e3:.3f}e-3"] * 6
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="white", width=1.2),
-                             hoverinfo="text", text=text, name="dominant"))
-    return fig
+    return go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="white", width=1.2), hoverinfo="skip",
+                      name="dominant outline")
+
+
+def _anchor_dots(clusters: list[dict], cols: int) -> go.Scatter:
+    """A white-ringed dot in the cluster's colour on each anchor patch (over the fill of the same
+    colour it reads as a ring); the heatmap below gives the hover."""
+    cell = VIEW_PX / cols
+    cells = [divmod(c["centroid"], cols) for c in clusters]
+    return go.Scatter(
+        x=[(c + 0.5) * cell for _, c in cells], y=[(r + 0.5) * cell for r, _ in cells], mode="markers",
+        marker=dict(size=max(4.0, cell * 0.55), line=dict(color="white", width=1.5),
+                    color=[PALETTE[i % len(PALETTE)] for i in range(len(clusters))]),
+        hoverinfo="skip", name="anchor",
+    )
 
 
 def _rgba(hex_colour: str, alpha: float) -> str:
@@ -257,12 +351,9 @@ def overlay_png(trace: dict, image: Image.Image, frame: int = 0, layer: int = 0)
     """The layer view as a picture (for download): the same colours, composited with PIL."""
     picture = frame_view(image, trace["frames"][frame]["view_box"]).convert("RGBA")
     z = layer_grids(trace, frame)[layer]
-    rgba = np.zeros(z.shape + (4,), dtype=np.float32)
-    dropped = z <= DROPPED + 1e-9
-    rgba[dropped] = (10, 10, 30, 0.78 * 255)
     heat = np.clip(z, 0, 1)
-    rgba[~dropped] = np.stack([
-        255 - 35 * heat, 240 - 220 * heat, 120 - 100 * heat, (0.10 + 0.60 * heat) * 255,
-    ], axis=-1)[~dropped]
+    rgba = np.stack([255 - 35 * heat, 240 - 220 * heat, 120 - 100 * heat, (0.10 + 0.60 * heat) * 255], axis=-1)
+    rgba[z <= DROPPED + 1e-9] = (*DROPPED_RGBA[:3], DROPPED_RGBA[3] * 255)
+    rgba[z <= DISCARDED + 1e-9] = (*DISCARDED_RGBA[:3], DISCARDED_RGBA[3] * 255)
     tile = Image.fromarray(rgba.astype(np.uint8), "RGBA").resize(picture.size, Image.NEAREST)
     return Image.alpha_composite(picture, tile).convert("RGB")

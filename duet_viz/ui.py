@@ -24,7 +24,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from model.budget import METHODS, PRESET_BUDGETS, ReductionConfig
+from model.budget import DUET_PUBLISHED, METHODS, PRESET_BUDGETS, ReductionConfig
 from model.engine import DuetLlava
 from model.inputs import InputError, check_question, load_image
 from model.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, read_frames
@@ -47,11 +47,16 @@ VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene gen
 # What the controls show on page load; also the settings example results are cached for.
 DEFAULTS = dict(method="duet", budget="64", custom_budget=96, compare=["full"], k1=None, k2=None, cluster_width=4,
                 stage_layers="", stage_ratios="", salient="", max_new_tokens=16, num_frames=DEFAULT_NUM_FRAMES,
-                positions="contiguous")
-# Position ids after V2V: the reference implementations keep the shorter sequence contiguous (the
-# default); "original" keeps the full prompt's positions, which an earlier shipped model needed
-# (EVAL.md).
-POSITION_CHOICES = [("contiguous (reference)", "contiguous"), ("original (full prompt's positions)", "original")]
+                positions="method")
+# Position ids after a reduction. "method": each method as its code runs it (DUET, PyramidDrop and
+# VisionZip renumber the shorter sequence, FastV keeps the survivors' ids); the others force one
+# layout on every compared method.
+POSITION_CHOICES = [("each method's own", "method"), ("renumbered (contiguous)", "contiguous"),
+                    ("original (full prompt's positions)", "original")]
+# Budget radio: (label, value). The DUET authors publish the dominant/contextual split only for
+# some presets; the label says where ours is our own extrapolation. Values stay the plain numbers.
+BUDGET_CHOICES = [(str(b) if b in DUET_PUBLISHED else f"{b} (DUET split not published)", str(b))
+                  for b in PRESET_BUDGETS] + [("custom", "custom")]
 METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
                 "pyramiddrop": "PyramidDrop"}
 
@@ -215,7 +220,7 @@ class App:
                 cluster_width=int(cluster_width), stage_layers=_ints(stage_layers),
                 stage_ratios=_floats(stage_ratios),
                 salient_words=tuple(salient.split()) if salient and salient.strip() else None,
-                positions=positions,
+                positions=None if positions == "method" else positions,
             )
         except ValueError as error:
             raise gr.Error(f"Invalid settings: {error}") from None
@@ -417,7 +422,7 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
                 question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
                 method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value=d["method"], label="Method")
                 with gr.Row():
-                    budget = gr.Radio([str(b) for b in PRESET_BUDGETS] + ["custom"], value=d["budget"],
+                    budget = gr.Radio(BUDGET_CHOICES, value=d["budget"],
                                       label="Visual-token budget (avg per LLM layer)")
                     custom_budget = gr.Number(value=d["custom_budget"], precision=0, minimum=1, maximum=engine.n_patches,
                                               label="Custom budget", visible=False)
@@ -425,16 +430,17 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
                                            label="Compare with (same input and budget, default knobs)")
                 with gr.Accordion("Advanced (applies to the selected method)", open=False):
                     with gr.Row():
-                        k1 = gr.Number(label="k1 dominant (blank: auto)", precision=0, minimum=0)
-                        k2 = gr.Number(label="k2 clusters (blank: auto)", precision=0, minimum=0)
-                    cluster_width = gr.Slider(0, max(engine.grid), value=d["cluster_width"], step=1, label="V2V cluster width (patches)")
+                        k1 = gr.Number(label="k1 dominant, CLS counted (blank: auto)", precision=0, minimum=0)
+                        k2 = gr.Number(label="k2 contextual tokens (blank: auto)", precision=0, minimum=0)
+                    cluster_width = gr.Slider(0, max(engine.grid), value=d["cluster_width"], step=1,
+                                              label="V2V pool width (DUET merges the width x k2 best other patches)")
                     with gr.Row():
                         stage_layers = gr.Textbox(label="Stage layers", placeholder=f"auto, e.g. {n_layers // 2},{3 * n_layers // 4}")
                         stage_ratios = gr.Textbox(label="Keep ratios", placeholder="auto, e.g. 0.5,0.0")
                     salient = gr.Textbox(label="Salient words override (blank: automatic)",
                                          placeholder="e.g. color triangle")
                     positions = gr.Radio(POSITION_CHOICES, value=d["positions"],
-                                         label="Position ids after the V2V merge (all methods compared)")
+                                         label="Position ids after a reduction (all methods compared)")
                     max_new_tokens = gr.Slider(1, 64, value=d["max_new_tokens"], step=1, label="Max new tokens")
                 run = gr.Button("Run", variant="primary")
                 example_sets = [

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import data
-from .budget import ReductionConfig
+from .budget import QUERIES, ReductionConfig
 from .clips import VIDEO_KINDS, moving_clip
 from .data import query_patches
 
@@ -102,7 +102,7 @@ def overrides(cfg: ReductionConfig) -> str:
     """The knobs a configuration sets beyond method and budget, e.g. "stage_layers=(6, 9)"."""
     default = ReductionConfig(cfg.method, cfg.budget)
     return ", ".join(f"{k}={getattr(cfg, k)}" for k in ("k1", "k2", "cluster_width", "stage_layers", "stage_ratios",
-                                                        "fastv_k", "salient_words", "positions")
+                                                        "fastv_k", "salient_words", "positions", "query")
                      if getattr(cfg, k) != getattr(default, k))
 
 
@@ -155,7 +155,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=1, help="> 1: evaluate moving clips of this many frames")
     parser.add_argument("--positions", choices=("contiguous", "original"), default=None,
-                        help="position ids after V2V for the reduced configurations (see engine.positions)")
+                        help="position ids after a reduction (default: each method's own, see budget.DEFAULT_POSITIONS)")
+    parser.add_argument("--query", choices=QUERIES, default=None,
+                        help="rows that rank visual tokens inside the LLM (default: each method's own)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -168,7 +170,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     budgets = [int(b) for b in args.budgets.split(",")]
     configs = [ReductionConfig("full", engine.n_patches)] if "full" in methods else []
-    configs += [ReductionConfig(m, b, positions=args.positions) for m in methods if m != "full" for b in budgets]
+    configs += [ReductionConfig(m, b, positions=args.positions, query=args.query)
+                for m in methods if m != "full" for b in budgets]
     started = time.time()
     result = evaluate(engine, args.split, args.n, configs, seed=args.seed, progress=max(1, args.n // 10),
                       frames=args.frames, start=args.start)

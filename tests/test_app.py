@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from duet_viz import figures
-from duet_viz.ui import ASSETS, DEFAULTS
+from duet_viz.ui import ASSETS
 from model.budget import ReductionConfig
 
 EXAMPLE = ASSETS / "chelsea.jpg"
@@ -42,7 +42,7 @@ def test_api_run_matches_the_engine_trace(client, engine):
         call_run(client)
     assert frame["visible"] is False and grid["visible"] is False and strip["visible"] is False
     with Image.open(EXAMPLE) as image:
-        expected = {m: engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(m, 64, positions=DEFAULTS["positions"]), max_new_tokens=4)
+        expected = {m: engine.answer(image.convert("RGB"), QUESTION, ReductionConfig(m, 64), max_new_tokens=4)
                     for m in ("duet", "full")}
     served_traces = {t["method"]: t for t in json.loads(Path(trace_path).read_text())}
     for method, trace in expected.items():
@@ -59,9 +59,13 @@ def test_api_run_matches_the_engine_trace(client, engine):
     assert [t["visible"] for t in heatmaps].index(True) == 20
     grids = figures.layer_grids(expected["duet"])
     assert np.allclose(array(heatmaps[20]["z"]), np.round(grids[20], 3))
-    cluster_fill = next(t for t in json.loads(clusters["plot"])["data"] if t["type"] == "heatmap")
-    filled = np.flatnonzero(~np.isnan(array(cluster_fill["z"]).astype(float).flatten()))
-    assert len(filled) == 576 - len(expected["duet"]["frames"][0]["dominant"])
+    record = expected["duet"]["frames"][0]
+    for name, patches in (("merged", [p for c in record["clusters"] for p in c["members"]]),
+                          ("discarded", record["discarded"]), ("dominant", record["dominant"])):
+        kind = next(t for t in json.loads(clusters["plot"])["data"] if t.get("name") == name)
+        filled = np.flatnonzero(~np.isnan(array(kind["z"]).astype(float).flatten()))
+        assert filled.tolist() == sorted(patches), name
+    assert len(record["discarded"]) == 576 - 84 - 68  # 64 preset: CLS + 84 dominant, a pool of 4 x 17
     assert [array(t["y"]).tolist() for t in json.loads(pyramid["plot"])["data"]] == [
         expected["duet"]["visual_tokens_per_layer"], expected["full"]["visual_tokens_per_layer"]]
 
@@ -115,11 +119,13 @@ def test_browser_example_run_and_layer_scrub(served):
         page.get_by_role("button", name="Run").click()  # the same request again: served from the cache
         page.get_by_text("Cached result").wait_for(timeout=30_000)
         view = page.locator("#layer-view")
-        before = ARTIFACTS / "layer-view-16.png"
-        view.screenshot(path=str(before))
         slider = page.locator("#layer-slider input[type=range]")
         slider.focus()
-        for _ in range(10):
+        page.keyboard.press("ArrowLeft")  # layer 15: all of DUET's V2V tokens, before the first stage drops half
+        page.wait_for_timeout(300)
+        before = ARTIFACTS / "layer-view-15.png"
+        view.screenshot(path=str(before))
+        for _ in range(11):
             page.keyboard.press("ArrowRight")
         page.wait_for_timeout(300)
         after = ARTIFACTS / "layer-view-26.png"
@@ -131,7 +137,7 @@ def test_browser_example_run_and_layer_scrub(served):
     b = np.asarray(Image.open(after).convert("L"), dtype=float)
     assert a.shape == b.shape
     changed = np.mean(np.abs(a - b) > 20)
-    assert changed > 0.1, f"only {changed:.1%} of the layer view changed when scrubbing 16 -> 26"
+    assert changed > 0.1, f"only {changed:.1%} of the layer view changed when scrubbing 15 -> 26"
 
 
 CLIP = ASSETS / "clip-moving.webm"
@@ -146,7 +152,7 @@ def test_api_video_clip_runs_per_frame_v2v_and_joint_t2v(client, engine):
                          "", 2, 6, handle_file(str(CLIP)), 4, api_name="/run")
     trace = json.loads(Path(out[7]).read_text())
     expected = engine.answer(read_frames(CLIP, 4).frames, "what color is the star ?",
-                             ReductionConfig("duet", 64, positions=DEFAULTS["positions"]), max_new_tokens=2)
+                             ReductionConfig("duet", 64), max_new_tokens=2)
     for key in ("frames", "t2v", "visual_tokens_per_frame_layer", "generated_ids"):
         assert trace[key] == expected[key], key
     frame, grid, strip = out[9], out[10], out[11]
