@@ -58,7 +58,7 @@ POSITION_CHOICES = [("each method's own", "method"), ("renumbered (contiguous)",
 BUDGET_CHOICES = [(str(b) if b in DUET_PUBLISHED else f"{b} (DUET split not published)", str(b))
                   for b in PRESET_BUDGETS] + [("custom", "custom")]
 METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
-                "pyramiddrop": "PyramidDrop"}
+                "pyramiddrop": "PyramidDrop", "hired": "HiRED", "fitprune": "FitPrune"}
 
 # Runs in the browser on every slider move: show heatmap trace `layer` (trace 0 is the image).
 LAYER_JS = """
@@ -400,7 +400,7 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
     d = DEFAULTS
     n_layers = engine.n_layers
     header = (f"## DUET-Viz\nWhich image patches DUET-VLM merges (V2V) and which visual tokens survive each LLM "
-              f"layer (T2V), next to VisionZip, FastV, PyramidDrop and the full model.  \n"
+              f"layer (T2V), next to VisionZip, FastV, PyramidDrop, HiRED, FitPrune and the full model.  \n"
               f"**Model** `{engine.name}` · **device** `{engine.device}` · **dtype** "
               f"`{str(engine.dtype).replace('torch.', '')}` · {n_layers} LLM layers · "
               f"{engine.grid[0]}×{engine.grid[1]} = {engine.n_patches} patches per image")

@@ -59,7 +59,7 @@ def _kv_bytes(cache) -> int:
 
 @torch.inference_mode()
 def bench_config(engine: DuetLlava, prompt, hidden, cfg: ReductionConfig, reps: int, decode_steps: int) -> dict:
-    p = plan(cfg, engine.n_layers, engine.n_patches)
+    p = engine.plan(cfg)
     runs = []
     for rep in range(reps + 1):  # rep 0 warms up
         timer = Timer(engine.device)
@@ -206,7 +206,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=["7b"], help="benchmark a random LLaVA-1.5-7B-shaped model instead")
     parser.add_argument("--llm-layers", type=int, default=8, help="decoder depth of --shape 7b")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--methods", default="duet,visionzip,fastv,pyramiddrop")
+    parser.add_argument("--methods", default="duet,visionzip,fastv,pyramiddrop,hired,fitprune")
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=8)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from .v2v import anchor_ranks, pool_size
 
-METHODS = ("full", "duet", "visionzip", "fastv", "pyramiddrop")
+METHODS = ("full", "duet", "visionzip", "fastv", "pyramiddrop", "hired", "fitprune")
 PRESET_BUDGETS = (192, 128, 64)
 PRESET_PATCHES = 576
 
@@ -33,12 +33,12 @@ DUET_STAGE_RATIOS = (0.5, 0.0)
 VIDEO_LLAVA_DUET = dict(k1=160, k2=32, query="last")
 # VisionZip's published dominant (counting CLS) + contextual splits.
 VISIONZIP_PRESETS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
-QUERIES = ("salient", "text", "last", "all")
+QUERIES = ("salient", "text", "last", "all")  # "fitprune" (self x cross, FitPrune's own) is no option
 POSITIONS = ("contiguous", "original")
 # Each method's official position ids after a drop: FastV keeps the survivors' ids
 # (keep_indexs as position_ids); DUET and PyramidDrop renumber (arange(0, cur_len)).
-DEFAULT_POSITIONS = {"fastv": "original"}
-DEFAULT_QUERY = {"duet": "salient", "pyramiddrop": "last", "fastv": "last"}
+DEFAULT_POSITIONS = {"fastv": "original", "fitprune": "original"}
+DEFAULT_QUERY = {"duet": "salient", "pyramiddrop": "last", "fastv": "last", "fitprune": "fitprune"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class ReductionConfig:
     salient_words: tuple[str, ...] | None = None
     positions: str | None = None  # position ids after a reduction; None: the method's own (DEFAULT_POSITIONS)
     query: str | None = None  # T2V query rows; None: the method's own (DEFAULT_QUERY)
+    # FitPrune: visual tokens deleted after each LLM layer; None: the analytic schedule (plan())
+    fitprune_deletions: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -91,7 +93,8 @@ class Stage:
     whose own q/k rank the tokens (FastV ranks at K-1 and drops at K); ``query`` says which rows
     score: ``salient`` text tokens + the last one (DUET inference), ``text`` = every row after the
     image (DUET's code when the checkpoint's config lacks ``use_salient_tokens``), ``last`` = the
-    last instruction token (PyramidDrop, FastV, Video-LLaVA DUET) or ``all`` rows.
+    last instruction token (PyramidDrop, FastV, Video-LLaVA DUET) or ``all`` rows; ``fitprune``
+    ranks by FitPrune's self x cross attention (``engine.fitprune_scores``).
     """
 
     layer: int
@@ -119,12 +122,15 @@ class Plan:
     stages: tuple[Stage, ...] = field(default_factory=tuple)
     feasible: bool = True  # False when the budget is below what the method can reach
     positions: str = "contiguous"  # position ids after a reduction (see ReductionConfig)
+    schedule: str | None = None  # FitPrune: "fitted" (fitprune.json) or "analytic" (fitprune_schedule)
 
     @property
     def tokens_per_frame(self) -> int:
         """Tokens V2V hands the LLM per frame: k1 + the anchors the pool can hold."""
         if self.k1 is None:
             return self.n_patches
+        if self.method == "hired":
+            return self.k1
         rest = self.n_patches - (self.k1 - 1)
         pool = rest if self.method == "visionzip" else pool_size(rest, self.k2, self.cluster_width)
         return self.k1 + len(anchor_ranks(pool, self.k2))
@@ -166,7 +172,8 @@ def plan(cfg: ReductionConfig, n_layers: int, n_patches: int = PRESET_PATCHES) -
     base = Plan(cfg.method, int(cfg.budget), n_layers, n_patches, cluster_width=cfg.cluster_width,
                 positions=positions)
     solver = {"full": lambda c, b: b, "duet": _plan_duet, "visionzip": _plan_visionzip,
-              "fastv": _plan_fastv, "pyramiddrop": _plan_pyramiddrop}[cfg.method]
+              "fastv": _plan_fastv, "pyramiddrop": _plan_pyramiddrop, "hired": _plan_hired,
+              "fitprune": _plan_fitprune}[cfg.method]
     solved = solver(cfg, base)
     if cfg.query is not None:
         solved = replace(solved, stages=tuple(replace(s, query=cfg.query) for s in solved.stages))
@@ -289,3 +296,62 @@ def _plan_pyramiddrop(cfg: ReductionConfig, base: Plan) -> Plan:
     lam = hi if abs(avg(hi) - b) < abs(avg(lo) - b) else lo
     stages = _ratio_stages(P, layers, [lam**i for i in (1, 2, 3)], query)
     return replace(base, stages=stages, feasible=abs(avg(lam) - b) <= max(2.0, 0.02 * b))
+
+
+def _plan_hired(cfg: ReductionConfig, base: Plan) -> Plan:
+    """HiRED (Arif et al., AAAI 2025; hasanar1f/HiRED, ``modeling_llava.py``
+    ``HiRED_token_selection``): the top int(P * budget / P) patches by the CLS attention of the
+    tower's feature layer, summed over heads, in raster order, dropped before the projector (no
+    CLS token, nothing inside the LLM). ``k1`` overrides the count (here: patches, CLS not
+    counted)."""
+    kept = cfg.k1 if cfg.k1 is not None else min(base.budget, base.n_patches)
+    if not 1 <= kept <= base.n_patches:
+        raise ValueError(f"HiRED keeps 1..{base.n_patches} patches, got {kept}")
+    return replace(base, k1=kept)
+
+
+def fitprune_schedule(n_visual: int, n_layers: int, budget: float) -> tuple[int, ...]:
+    """The analytic stand-in for a fitted FitPrune schedule (used when no ``fitprune.json`` was
+    fitted for the model): after every layer the surviving visual tokens shrink by one factor,
+    n_{l+1} = floor(n_l * lam), lam solved so the per-layer average meets ``budget``. Fitted
+    schedules (FitPrune's ``statistical_analysis.py``) delete most in the early layers too; this
+    one only has their shape, not their data."""
+    def counts(lam):
+        out = [n_visual]
+        for _ in range(n_layers - 1):
+            out.append(int(out[-1] * lam))
+        return out
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if average(counts(mid)) < budget else (lo, mid)
+    best = min((lo, hi), key=lambda lam: abs(average(counts(lam)) - budget))
+    kept = counts(best)
+    return tuple(a - b for a, b in zip(kept, kept[1:])) + (0,)
+
+
+def _plan_fitprune(cfg: ReductionConfig, base: Plan) -> Plan:
+    """FitPrune (Ye et al., AAAI 2025; ywh187/FitPrune ``LLaVA_1.5/llava/model/language_model/
+    modeling_llama.py`` l.392-405): after layer l's attention, ``deletions[l]`` visual tokens with
+    the lowest self x cross attention (head-max maps) leave; they served as keys at layer l and
+    stay in its cache. Here that is a stage before layer l + 1 scored at layer l (the MLP of layer
+    l still runs on the deleted rows: the survivors' outputs are identical). Deletions come from
+    ``cfg.fitprune_deletions`` (a fitted schedule) or ``fitprune_schedule``."""
+    L, P = base.n_layers, base.n_patches
+    if base.budget >= P:
+        return base
+    deletions = cfg.fitprune_deletions
+    source = "fitted"
+    if deletions is None:
+        deletions, source = fitprune_schedule(P, L, base.budget), "analytic"
+    if len(deletions) != L or any(d < 0 for d in deletions) or sum(deletions) > P:
+        raise ValueError(f"a FitPrune schedule has one deletion count >= 0 per layer ({L}) and deletes at most {P}")
+    stages, alive = [], P
+    for layer, deleted in enumerate(deletions[:-1]):
+        if deleted:
+            alive -= deleted
+            stages.append(Stage(layer + 1, alive, DEFAULT_QUERY["fitprune"], layer))
+    solved = replace(base, stages=tuple(stages), schedule=source)
+    feasible = abs(average(solved.counts_per_layer()) - base.budget) <= max(2.0, 0.02 * base.budget)
+    return replace(solved, feasible=feasible)

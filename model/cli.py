@@ -97,6 +97,10 @@ def _delegated(name: str):
         from .probe import probe_main
 
         return probe_main
+    if name == "fit-fitprune":
+        from .fitprune import fit_main
+
+        return fit_main
     if name == "train":
         from .train import train_main
 
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and (delegate := _delegated(argv[0])):
         return delegate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m model", description="DUET-LLaVA token reduction")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,probe,train}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,fit-fitprune,probe,train}")
     answer = commands.add_parser("answer", help="answer a question about an image or a video")
     answer.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
     answer.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,9 +29,10 @@ from transformers import (
 
 from . import flops as F
 from .budget import Plan, ReductionConfig, average, plan
+from .schedules import SCHEDULE_FILE, read_schedules
 from .salient import salient_spans
-from .t2v import attention_probs, keep_top, tokens_overlapping
-from .v2v import cls_attention, duet_merge, visionzip_merge
+from .t2v import attention_probs, fitprune_parts, keep_top, tokens_overlapping
+from .v2v import cls_attention, duet_merge, hired_select, visionzip_merge
 from .video_llava import Route, VideoLlavaInputs
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "duet-llava-tiny"
@@ -142,8 +143,10 @@ class DuetLlava:
     """A loaded LLaVA (or Video-LLaVA) checkpoint plus the DUET / baseline reduction machinery."""
 
     def __init__(self, model: LlavaForConditionalGeneration | VideoLlavaForConditionalGeneration, processor,
-                 name: str):
+                 name: str, fitprune_schedules: dict[int, tuple[int, ...]] | None = None):
         self.model, self.processor, self.name = model, processor, name
+        # budget -> FitPrune deletions per layer, fitted for this model (``fitprune.py``)
+        self.fitprune_schedules = fitprune_schedules or {}
         self.tokenizer = processor.tokenizer
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
@@ -196,7 +199,16 @@ class DuetLlava:
             processor = VideoLlavaInputs.from_pretrained(source, config)
         else:
             processor = AutoProcessor.from_pretrained(source, backend="pil")
-        return cls(model, processor, Path(source).name if Path(source).exists() else source)
+        local = Path(source).exists()
+        schedules = read_schedules(Path(source) / SCHEDULE_FILE) if local else {}
+        return cls(model, processor, Path(source).name if local else source, schedules)
+
+    def plan(self, reduction: ReductionConfig) -> Plan:
+        """``budget.plan`` for this model, with the FitPrune schedule fitted for it when there is one."""
+        fitted = self.fitprune_schedules.get(int(reduction.budget))
+        if reduction.method == "fitprune" and reduction.fitprune_deletions is None and fitted is not None:
+            reduction = replace(reduction, fitprune_deletions=fitted)
+        return plan(reduction, self.n_layers, self.n_patches)
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, frames: list[Image.Image], question: str, salient_words=None) -> Prompt:
@@ -309,6 +321,8 @@ class DuetLlava:
                 metric = keys[f].mean(dim=0)  # (1 + P, hd): the keys averaged over heads
                 if p.method == "visionzip":
                     m = visionzip_merge(features[f], metric, scores, p.k1, p.k2)
+                elif p.method == "hired":
+                    m = hired_select(features[f], scores, p.k1)
                 else:
                     m = duet_merge(features[f], metric, scores, p.k1, p.k2, p.cluster_width)
                 merged.append(m.tokens)
@@ -387,6 +401,14 @@ class DuetLlava:
         """Attention mass that ``query_rows`` pay each visual row at ``layer``, mean over heads and rows."""
         return self._probs(layer, h, rope, pos, query_rows)[..., visual_rows].mean(dim=(0, 1))
 
+    def fitprune_scores(self, layer, h, rope, pos, visual_rows, text_rows) -> tuple[torch.Tensor, dict]:
+        """FitPrune's ranking at ``layer`` (``t2v.fitprune_parts`` on the head-max map of every row):
+        (self x cross per visual row, {"self": ..., "cross": ...})."""
+        every_row = torch.arange(h.shape[1], device=self.device)
+        self_weight, cross_weight = fitprune_parts(self._probs(layer, h, rope, pos, every_row).amax(dim=0),
+                                                   visual_rows, text_rows)
+        return cross_weight * self_weight, {"self": self_weight, "cross": cross_weight}
+
     def prefill(
         self,
         embeds: torch.Tensor,
@@ -430,7 +452,12 @@ class DuetLlava:
         for index, layer in enumerate(lm.layers):
             rows = torch.nonzero(is_visual).flatten()
             started = timer.start() if timer and (index in score_at or index in stage_at) else None
-            if index in score_at:
+            parts = None
+            if index in score_at and score_at[index].query == "fitprune":
+                s = score_at[index]
+                query = after_image
+                pending[s.layer] = self.fitprune_scores(layer, h, rope, pos, rows, torch.nonzero(query).flatten())
+            elif index in score_at:
                 s = score_at[index]
                 query = {
                     "salient": is_salient,
@@ -438,14 +465,14 @@ class DuetLlava:
                     "last": torch.arange(h.shape[1], device=self.device) == h.shape[1] - 1,
                     "all": torch.ones(h.shape[1], dtype=torch.bool, device=self.device),
                 }[s.query]
-                pending[s.layer] = self._scores(layer, h, rope, pos, torch.nonzero(query).flatten(), rows)
+                pending[s.layer] = self._scores(layer, h, rope, pos, torch.nonzero(query).flatten(), rows), None
             if index in stage_at:
                 s = stage_at[index]
                 if force and index in force:
                     choice = torch.nonzero(torch.isin(visual_ids, torch.tensor(force[index], device=self.device))).flatten()
                     scores = None
                 else:
-                    scores = pending.pop(index)
+                    scores, parts = pending.pop(index)
                     choice = keep_top(scores, s.keep_of(n_visual, n_frames))
                 survivors = ~is_visual
                 survivors[rows[choice]] = True
@@ -460,6 +487,7 @@ class DuetLlava:
                         "ids_in": visual_ids.tolist(),
                         "kept": kept[index],
                         "scores": None if scores is None else scores.tolist(),
+                        **({} if parts is None else {k: v.tolist() for k, v in parts.items()}),
                     })
                 h, is_visual = h[:, survivors], is_visual[survivors]
                 is_salient, after_image = is_salient[survivors], after_image[survivors]
@@ -518,7 +546,7 @@ class DuetLlava:
         if not frames:
             raise ValueError("at least one image is required")
         reduction = reduction or ReductionConfig()
-        p = plan(reduction, self.n_layers, self.n_patches)
+        p = self.plan(reduction)
         timer = Timer(self.device)
         started_total = timer.start()
         prompt = self.prepare(frames, question, reduction.salient_words)

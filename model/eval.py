@@ -146,7 +146,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint folder (default: the shipped model)")
     parser.add_argument("--split", default="test", choices=list(data.SPLITS))
-    parser.add_argument("--methods", default="full,duet,visionzip,fastv,pyramiddrop")
+    parser.add_argument("--methods", default="full,duet,visionzip,fastv,pyramiddrop,hired,fitprune")
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--start", type=int, default=0,

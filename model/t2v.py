@@ -44,3 +44,14 @@ def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     n_keep = max(0, min(n_keep, scores.shape[0]))
     ranked = torch.sort(scores.float(), descending=True, stable=True).indices
     return ranked[:n_keep].sort().values
+
+
+def fitprune_parts(head_max: torch.Tensor, visual_rows: torch.Tensor, text_rows: torch.Tensor):
+    """FitPrune's two attention weights of each visual token (ywh187/FitPrune ``modeling_llama.py``
+    l.393-398) from one layer's attention map ``head_max`` (T, T), the maximum over heads:
+    self = the mass visual rows pay it, divided by the number of visual tokens; cross = the mass
+    the rows after the image (question and answer prompt) pay it. It ranks by self x cross."""
+    on_visual = head_max[:, visual_rows]
+    self_weight = on_visual[visual_rows].sum(dim=0) / len(visual_rows)
+    cross_weight = on_visual[text_rows].sum(dim=0)
+    return self_weight, cross_weight

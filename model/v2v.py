@@ -43,11 +43,12 @@ class Merge:
     dominant: list[int]  # dominant patch ids, raster order (CLS not included)
     clusters: list[dict]  # {"centroid": anchor patch, "members": sorted patches incl. the anchor}
     discarded: list[int]  # patches that no output token stands for
+    cls_kept: bool = True  # the first token is the CLS token
 
     def record(self, scores: torch.Tensor) -> dict:
         return {
             "dominant": self.dominant,
-            "cls_kept": True,
+            "cls_kept": self.cls_kept,
             "clusters": self.clusters,
             "discarded": self.discarded,
             "scores": scores.tolist(),
@@ -141,3 +142,18 @@ def visionzip_merge(hidden: torch.Tensor, keys: torch.Tensor, scores: torch.Tens
     """VisionZip (Yang et al., CVPR 2025): CLS + ``dominant - 1`` patches kept, every remaining
     patch merged into ``contextual`` targets evenly spaced along them in index order."""
     return _merge(hidden, keys, scores, dominant, contextual, lambda rest: rest)
+
+
+def hired_select(hidden: torch.Tensor, scores: torch.Tensor, kept: int) -> Merge:
+    """HiRED (hasanar1f/HiRED ``modeling_llava.py`` ``HiRED_token_selection``, l.340-353): the
+    ``kept`` best patches by the CLS attention summed over heads, in raster order; CLS and every
+    other patch are dropped before the projector."""
+    n_patches = scores.shape[0]
+    if not 1 <= kept <= n_patches:
+        raise ValueError(f"HiRED keeps 1..{n_patches} patches, got {kept}")
+    top = rank(scores)[:kept].sort().values
+    is_dropped = torch.ones(n_patches, dtype=torch.bool, device=scores.device)
+    is_dropped[top] = False
+    chosen = top.tolist()
+    return Merge(tokens=hidden[1:][top], token_patches=[[p] for p in chosen], dominant=chosen, clusters=[],
+                 discarded=torch.nonzero(is_dropped).flatten().tolist(), cls_kept=False)

@@ -53,7 +53,7 @@ def test_no_reduction_generates_what_stock_generate_does(engine, image, stock, c
     assert trace["visual_tokens_per_layer"] == [576] * engine.n_layers
 
 
-@pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop", "visionzip"])
+@pytest.mark.parametrize("method", ["duet", "fastv", "pyramiddrop", "visionzip", "hired", "fitprune"])
 @pytest.mark.parametrize("budget", [192, 64])
 def test_cached_generation_equals_uncached_recomputation(engine, image, method, budget):
     cfg = ReductionConfig(method, budget)
@@ -233,3 +233,29 @@ def test_original_positions_change_nothing_without_reduction(engine, image):
     a = engine.answer(image, QUESTION, ReductionConfig("full"), max_new_tokens=6)
     b = engine.answer(image, QUESTION, ReductionConfig("full", positions="original"), max_new_tokens=6)
     assert a["generated_ids"] == b["generated_ids"]
+
+
+def test_fitprune_scores_equal_eager_head_max_attention(engine, eager, image):
+    cfg = ReductionConfig("fitprune", 128)
+    p = plan(cfg, engine.n_layers)
+    stage = engine.answer(image, QUESTION, cfg, max_new_tokens=1)["t2v"][0]
+    prompt = engine.prepare([image], QUESTION)
+    with torch.inference_mode():
+        visual = engine.encode(prompt, p, Timer(engine.device))
+        embeds, visual_rows, _ = engine.llm_inputs(prompt, visual)
+        out = eager.model.language_model(inputs_embeds=embeds, output_attentions=True)
+    head_max = out.attentions[stage["score_layer"]][0].max(dim=0).values  # no drop happened before
+    n, text = len(visual_rows), torch.arange(int(visual_rows.max()) + 1, embeds.shape[1])
+    expected_self = head_max[visual_rows][:, visual_rows].sum(0) / n
+    expected_cross = head_max[text][:, visual_rows].sum(0)
+    assert torch.allclose(torch.tensor(stage["self"]), expected_self, atol=1e-5)
+    assert torch.allclose(torch.tensor(stage["cross"]), expected_cross, atol=1e-5)
+
+
+def test_hired_keeps_the_top_patches_without_cls_and_nothing_inside_the_llm(engine, image):
+    trace = engine.answer(image, QUESTION, ReductionConfig("hired", 64), max_new_tokens=1)
+    (frame,) = trace["frames"]
+    assert not frame["cls_kept"] and frame["n_tokens"] == 64 and trace["t2v"] == []
+    ranked = sorted(range(576), key=lambda p: -frame["scores"][p])
+    assert frame["dominant"] == sorted(ranked[:64]) and len(frame["discarded"]) == 512
+    assert trace["visual_tokens_per_layer"] == [64] * engine.n_layers

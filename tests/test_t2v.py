@@ -1,6 +1,6 @@
 import torch
 
-from model.t2v import attention_probs, keep_top, tokens_overlapping
+from model.t2v import attention_probs, fitprune_parts, keep_top, tokens_overlapping
 
 
 def test_tokens_overlapping_maps_words_to_every_subword():
@@ -35,3 +35,17 @@ def test_attention_probs_respect_causality_with_gapped_positions():
     q, k = torch.randn(1, 1, 4), torch.randn(1, 3, 4)
     probs = attention_probs(q, k, torch.tensor([5]), torch.tensor([2, 5, 9]), 0.5)
     assert probs[0, 0, 2] == 0.0 and torch.isclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_fitprune_parts_equal_the_official_slices():
+    """ywh187/FitPrune modeling_llama.py l.393-398 with the image at rows [s, s + n)."""
+    g = torch.Generator().manual_seed(0)
+    heads, length, start, n = 3, 14, 4, 6
+    attention = torch.rand(heads, length, length, generator=g).tril().softmax(-1)
+    head_max = attention.max(dim=0).values
+    official_self = (head_max[start:start + n, start:start + n] / n).sum(dim=0)
+    official_cross = head_max[start + n:, start:start + n].sum(dim=0)
+    self_weight, cross = fitprune_parts(head_max, torch.arange(start, start + n), torch.arange(start + n, length))
+    assert torch.allclose(self_weight, official_self) and torch.allclose(cross, official_cross)
+    official_deleted = torch.sort(official_cross * official_self).indices[:2]
+    assert sorted(set(range(n)) - set(keep_top(cross * self_weight, n - 2).tolist())) == sorted(official_deleted.tolist())

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.v2v import anchor_ranks, cls_attention, duet_merge, pool_size, visionzip_merge
+from model.v2v import anchor_ranks, cls_attention, duet_merge, hired_select, pool_size, visionzip_merge
 
 P = 576
 
@@ -148,3 +148,21 @@ def test_invalid_dominant_is_rejected(frame, dominant):
     hidden, metric, scores = frame
     with pytest.raises(ValueError, match="counts the CLS token"):
         duet_merge(hidden, metric, scores, dominant, 4)
+
+
+def official_hired(hidden, scores, kept):
+    """hasanar1f/HiRED HiRED_token_selection (l.340-353), one image: a boolean mask of the top
+    int(N * rate) patches by CLS attention; the features keep raster order."""
+    mask = torch.zeros(scores.shape[0], dtype=torch.bool)
+    mask[scores.topk(min(len(scores), int(len(scores) * (kept / len(scores))))).indices] = True
+    return hidden[1:][mask]
+
+
+@pytest.mark.parametrize("kept", [192, 128, 64, 1, P])
+def test_hired_equals_the_official_selection(frame, kept):
+    hidden, _, scores = frame
+    m = hired_select(hidden, scores, kept)
+    assert torch.equal(m.tokens, official_hired(hidden, scores, kept))
+    assert m.dominant == sorted(m.dominant) and len(m.dominant) == kept
+    assert sorted(m.dominant + m.discarded) == list(range(P)) and not m.cls_kept and m.clusters == []
+    assert m.token_patches == [[p] for p in m.dominant]
