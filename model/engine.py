@@ -449,30 +449,31 @@ class DuetLlava:
         cache = DynamicCache(config=lm.config) if use_cache else None
         rope = lm.rotary_emb(h, pos[None])
         pending, stages, counts, totals, kept, next_positions = {}, [], [], [], {}, []
-        for index, layer in enumerate(lm.layers):
+
+        def rank(s, layer):
+            """(scores of the current visual rows, FitPrune's parts or None, query rows) at ``layer``."""
             rows = torch.nonzero(is_visual).flatten()
+            if s.query == "fitprune":
+                query = torch.nonzero(after_image).flatten()
+                return *self.fitprune_scores(layer, h, rope, pos, rows, query), len(query)
+            query = torch.nonzero({
+                "salient": is_salient,
+                "text": after_image,
+                "last": torch.arange(h.shape[1], device=self.device) == h.shape[1] - 1,
+                "all": torch.ones(h.shape[1], dtype=torch.bool, device=self.device),
+            }[s.query]).flatten()
+            return self._scores(layer, h, rope, pos, query, rows), None, len(query)
+
+        for index, layer in enumerate(lm.layers):
             started = timer.start() if timer and (index in score_at or index in stage_at) else None
-            parts = None
-            if index in score_at and score_at[index].query == "fitprune":
-                s = score_at[index]
-                query = after_image
-                pending[s.layer] = self.fitprune_scores(layer, h, rope, pos, rows, torch.nonzero(query).flatten())
-            elif index in score_at:
-                s = score_at[index]
-                query = {
-                    "salient": is_salient,
-                    "text": after_image,
-                    "last": torch.arange(h.shape[1], device=self.device) == h.shape[1] - 1,
-                    "all": torch.ones(h.shape[1], dtype=torch.bool, device=self.device),
-                }[s.query]
-                pending[s.layer] = self._scores(layer, h, rope, pos, torch.nonzero(query).flatten(), rows), None
-            if index in stage_at:
+            if index in stage_at:  # drop first: a stage scored at this layer ranks its own input
                 s = stage_at[index]
+                rows = torch.nonzero(is_visual).flatten()
                 if force and index in force:
                     choice = torch.nonzero(torch.isin(visual_ids, torch.tensor(force[index], device=self.device))).flatten()
-                    scores = None
+                    scores, parts, n_query = None, None, None
                 else:
-                    scores, parts = pending.pop(index)
+                    scores, parts, n_query = rank(s, layer) if s.score_layer == index else pending.pop(index)
                     choice = keep_top(scores, s.keep_of(n_visual, n_frames))
                 survivors = ~is_visual
                 survivors[rows[choice]] = True
@@ -482,7 +483,7 @@ class DuetLlava:
                         "layer": index,
                         "score_layer": s.score_layer,
                         "query": s.query,
-                        "query_rows": None if scores is None else len(torch.nonzero(query)),
+                        "query_rows": n_query,
                         "n_in": len(rows),
                         "ids_in": visual_ids.tolist(),
                         "kept": kept[index],
@@ -494,6 +495,8 @@ class DuetLlava:
                 pos = torch.arange(h.shape[1], device=self.device) if p.positions == "contiguous" else pos[survivors]
                 visual_ids = visual_ids[choice]
                 rope = lm.rotary_emb(h, pos[None])
+            if index in score_at and score_at[index].layer > index:  # ranked here, dropped at a later layer
+                pending[score_at[index].layer] = rank(score_at[index], layer)
             if started is not None:
                 timer.stop("t2v", started)
             counts.append(int(is_visual.sum()))

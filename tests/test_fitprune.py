@@ -103,8 +103,11 @@ def test_engine_runs_the_fitted_schedule_and_falls_back_to_the_analytic_one(fitt
 def test_stages_record_self_and_cross_and_delete_the_lowest_product(engine, image):
     trace = engine.answer(image, QUESTION, ReductionConfig("fitprune", 64), max_new_tokens=1)
     assert trace["positions"] == "original"
+    layers = [stage["layer"] for stage in trace["t2v"]]
+    assert any(b == a + 1 for a, b in zip(layers, layers[1:]))  # stages at consecutive layers
     for stage in trace["t2v"]:
         assert stage["score_layer"] == stage["layer"] - 1 and stage["query"] == "fitprune"
+        assert len(stage["scores"]) == len(stage["ids_in"]) == stage["n_in"]  # ranked after the previous drop
         product = [c * s for c, s in zip(stage["cross"], stage["self"])]
         assert product == pytest.approx(stage["scores"])
         kept = {stage["ids_in"].index(t) for t in stage["kept"]}
