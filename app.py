@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from duet_viz.limits import Limits, launch_options
 from duet_viz.ui import CSS, build_demo
 from model.engine import DuetLlava
 
@@ -39,16 +42,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def trust_space_proxy() -> None:
+    """On a Hugging Face Space the app is reachable only through the Space's proxy, so uvicorn may
+    take each visitor's address from its X-Forwarded-For (the per-address limits key on it);
+    elsewhere only a proxy on loopback is trusted (uvicorn's default)."""
+    if os.environ.get("SPACE_ID"):
+        os.environ.setdefault("FORWARDED_ALLOW_IPS", "*")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, a Space restarting) exits the interpreter normally, status 0, so its
+    exit handlers remove the app's work folder (a temporary directory); the default action kills
+    the process and leaves the folder behind. (Raising KeyboardInterrupt instead, Ctrl-C's way,
+    was seen to end the process by SIGINT, status -2, when Gradio's handler did not catch it.)"""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
     engine = DuetLlava.load(resolve_model(args.model), device=args.device)
-    demo = build_demo(engine, cache_examples=args.cache_examples)
-    demo.queue(default_concurrency_limit=1, max_size=32)
-    # Gradio keeps a copy of the page's component configs per browser session (~15 KB each, 10000
-    # sessions by default); 512 bounds it while covering far more concurrent users than one model serves.
-    demo.launch(server_name=args.host, server_port=args.port, css=CSS, max_file_size="20mb", show_error=True,
-                state_session_capacity=512)
+    limits = Limits()
+    demo = build_demo(engine, cache_examples=args.cache_examples, limits=limits)
+    trust_space_proxy()
+    stop_on_sigterm()
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=True,
+                **launch_options(demo, limits))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,14 @@ budget, empty question, non-image upload). A valid request succeeds when it retu
 an invalid one succeeds when it is refused with a message. Reports the success rate, latency
 p50/p95 per kind, and the server's resident memory (sampled every 0.2 s) at the start, peak,
 end, and peak per quarter of the run, so a leak shows as a climbing RSS. Everything is bounded:
-``--sessions`` x ``--requests`` calls and ``--timeout`` s.
+``--sessions`` x ``--requests`` calls and ``--timeout`` s. Each session is its own visitor
+address (``X-Forwarded-For`` from loopback, which uvicorn trusts), so the app's per-address
+limits apply as they would to that many visitors.
+
+``--hostile`` runs the attacks of issue 26 instead (:mod:`duet_viz.hostile`): per case, the
+outcomes by kind, the server's peak RSS (and its rise during the case) and the growth of the
+disk the app writes to (its upload folder and work folder); at the end the server gets SIGTERM
+and the report says whether its work folder was removed.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -27,6 +36,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import hostile
 from .ui import ASSETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,13 +54,48 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(model: str | None, port: int, start_timeout_s: float = 180) -> subprocess.Popen:
-    """``python app.py`` on loopback, returned once it answers HTTP."""
-    command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+def folder_mb(folder: Path | None) -> float:
+    """Bytes of the files under ``folder``, in MB (files vanishing meanwhile are skipped)."""
+    total = 0
+    for path in (folder.rglob("*") if folder else ()):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total / 2**20
+
+
+class Sampler:
+    """The server's RSS (and the disk under ``folder``) every ``period_s``, in a thread."""
+
+    def __init__(self, pid: int, folder: Path | None = None, period_s: float = 0.2):
+        self.pid, self.folder, self.period_s = pid, folder, period_s
+        self.rss, self.disk = [rss_mb(pid)], [folder_mb(folder)]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        while not self.stop.wait(self.period_s):
+            self.rss.append(rss_mb(self.pid))
+            self.disk.append(folder_mb(self.folder))
+
+    def __enter__(self) -> Sampler:  # noqa: PYI034
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def start_server(model: str | None, port: int, start_timeout_s: float = 180, env: dict | None = None,
+                 root: Path = ROOT) -> subprocess.Popen:
+    """``python app.py`` (of the checkout at ``root``) on loopback, returned once it answers HTTP."""
+    command = [sys.executable, str(root / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                "--cache-examples", "lazy"] + (["--model", str(model)] if model else [])
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server
-    server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})})
     deadline = time.time() + start_timeout_s
     while time.time() < deadline:
         if server.poll() is not None:
@@ -94,7 +139,7 @@ def session(url: str, index: int, n_requests: int, deadline: float, junk: Path, 
     from gradio_client import Client
 
     rng = random.Random(index)
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, headers={"X-Forwarded-For": f"10.1.{index // 250}.{index % 250 + 1}"})
     results = []
     for _ in range(n_requests):
         if time.time() > deadline:
@@ -121,17 +166,9 @@ def run_load(model: str | None, sessions: int, requests: int, timeout_s: float, 
     port = free_port()
     server = start_server(model, port)
     url = f"http://127.0.0.1:{port}/"
-    samples, stop = [rss_mb(server.pid)], threading.Event()
-
-    def sample():
-        while not stop.wait(0.2):
-            samples.append(rss_mb(server.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     started = time.time()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with Sampler(server.pid) as sampler, tempfile.TemporaryDirectory() as tmp:
             junk = Path(tmp) / "notes.png"
             junk.write_text("definitely not a picture\n")
             deadline = started + timeout_s
@@ -140,10 +177,9 @@ def run_load(model: str | None, sessions: int, requests: int, timeout_s: float, 
                            for i in range(sessions)]
                 results = [r for f in futures for r in f.result()]
     finally:
-        stop.set()
-        sampler.join()
         server.terminate()
         server.wait(30)
+    samples = sampler.rss
     kinds = sorted({r["kind"] for r in results})
     quarter = max(1, len(samples) // 4)
     return {
@@ -158,6 +194,61 @@ def run_load(model: str | None, sessions: int, requests: int, timeout_s: float, 
     }
 
 
+def run_hostile(model: str | None, root: Path = ROOT, cases: list[str] | None = None) -> dict:
+    """The hostile mix against ``python app.py`` of the checkout at ``root``, in a fresh
+    temporary folder (its uploads and work folder), then SIGTERM."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"TMPDIR": tmp, "GRADIO_TEMP_DIR": str(Path(tmp) / "gradio")}
+        server = start_server(model, port, env=env, root=root)
+        try:
+            with Sampler(server.pid, Path(tmp)) as sampler:
+                probe = hostile.Probe(f"http://127.0.0.1:{port}/")
+                rows = [run_case(name, probe, sampler) for name in cases or hostile.CASES]
+        finally:
+            server.send_signal(signal.SIGTERM)
+            exit_code = server.wait(60)
+        left = sorted(p.name for p in Path(tmp).glob("duet-viz-*"))
+    return {"cases": rows, "rss_mb": {"start": round(sampler.rss[0], 1), "peak": round(max(sampler.rss), 1)},
+            "disk_mb": {"start": round(sampler.disk[0], 1), "peak": round(max(sampler.disk), 1)},
+            "sigterm": {"exit_code": exit_code, "work_folders_left": left}}
+
+
+def run_case(name: str, probe: hostile.Probe, sampler: Sampler) -> dict:
+    first, started = len(sampler.rss), time.time()
+    case = hostile.Case(name)
+    hostile.CASES[name](probe, case)
+    time.sleep(2 * sampler.period_s)  # let the sampler see the case's end
+    rss, disk = sampler.rss[first - 1:], sampler.disk[first - 1:]
+    return {"case": name, "requests": sum(case.outcomes.values()), "outcomes": case.outcomes,
+            "unexpected": case.unexpected, "seconds": round(time.time() - started, 1),
+            "peak_rss_mb": round(max(rss), 1), "rss_rise_mb": round(max(rss) - rss[0], 1),
+            "disk_growth_mb": round(max(disk) - disk[0], 1)}
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"CPU ({names[0] if names else platform.processor()}), {len(os.sched_getaffinity(0))} cores"
+
+
+def hostile_markdown(report: dict, command: str) -> str:
+    lines = [(f"`{command}` on {machine()}; server RSS {report['rss_mb']['start']} MB at start, "
+              f"{report['rss_mb']['peak']} MB peak; disk {report['disk_mb']['start']} MB at start, "
+              f"{report['disk_mb']['peak']} MB peak."), "",
+             "| case | requests | outcomes | unexpected | peak RSS MB | RSS rise MB | disk growth MB | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in report["cases"]:
+        outcomes = ", ".join(f"{kind} × {n}" for kind, n in row["outcomes"].items())
+        lines.append(f"| {row['case']} | {row['requests']} | {outcomes} | {row['unexpected']} | {row['peak_rss_mb']} | "
+                     f"{row['rss_rise_mb']} | {row['disk_growth_mb']} | {row['seconds']} |")
+    sigterm = report["sigterm"]
+    lines += ["", (f"SIGTERM: exit code {sigterm['exit_code']}, work folders left: "
+                   f"{', '.join(sigterm['work_folders_left']) or 'none'}.")]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m duet_viz.load", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint folder (default: the shipped model)")
@@ -165,13 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per session")
     parser.add_argument("--timeout", type=float, default=600, help="stop sending after this many seconds")
     parser.add_argument("--invalid-share", type=float, default=0.3)
+    parser.add_argument("--hostile", action="store_true", help="the hostile mix (module docstring) instead")
+    parser.add_argument("--case", action="append", choices=list(hostile.CASES), help="with --hostile: only these")
+    parser.add_argument("--root", type=Path, default=ROOT, help="with --hostile: the checkout whose app.py to start")
+    parser.add_argument("--markdown", type=Path, help="with --hostile: write the report as a markdown table")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    report = run_load(args.model, args.sessions, args.requests, args.timeout, args.invalid_share)
+    if args.hostile:
+        report = run_hostile(args.model, args.root.resolve(), args.case)
+        ok = all(row["unexpected"] == 0 for row in report["cases"]) and not report["sigterm"]["work_folders_left"]
+        if args.markdown:
+            command = " ".join(["python -m duet_viz.load", *(argv or sys.argv[1:])])
+            args.markdown.write_text(hostile_markdown(report, command))
+    else:
+        report = run_load(args.model, args.sessions, args.requests, args.timeout, args.invalid_share)
+        ok = report["success_rate"] == 1.0
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    return 0 if report["success_rate"] == 1.0 else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ The model runs once per click of *Run*; everything after that (switching the met
 moving the layer slider, downloads) works from the traces kept in a bounded server-side cache. The layer
 slider does not even reach Python: every layer is a hidden trace of the layer figure and a few
 lines of JavaScript flip their visibility.
+
+Every event that decodes an input or runs the model shares one concurrency group ("model", one at
+a time) behind one queue, and the queue is the only way in (``api_open=False``; the HTTP-level
+limits are in :mod:`duet_viz.limits`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import ctypes.util
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import threading
-import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -26,10 +31,11 @@ from PIL import Image
 
 from model.budget import DUET_PUBLISHED, METHODS, PRESET_BUDGETS, ReductionConfig
 from model.engine import DuetLlava
-from model.inputs import InputError, check_question, load_image
-from model.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, read_frames
+from model.inputs import MAX_IMAGE_BYTES, InputError, check_question, check_upload, load_image, whole_number
+from model.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, MAX_VIDEO_BYTES, read_frames
 
 from . import figures
+from .limits import Limits, RateLimit
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -44,6 +50,10 @@ EXAMPLES = [  # synthetic scenes from the test split (model.data) + scikit-image
 VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene generator
     ("clip-moving.webm", "what color is the star ?"),
 ]
+MAX_NEW_TOKENS = 64
+MODEL_WORK = "model"  # the concurrency group of every event that decodes an input or runs the model
+# Gradio's cache sweep (uploads and files sent out): every 2 minutes, files older than 15 minutes.
+CACHE_SWEEP_S, CACHE_MAX_AGE_S = 120, 900
 # What the controls show on page load; also the settings example results are cached for.
 DEFAULTS = dict(method="duet", budget="64", custom_budget=96, compare=["full"], k1=None, k2=None, cluster_width=4,
                 stage_layers="", stage_ratios="", salient="", max_new_tokens=16, num_frames=DEFAULT_NUM_FRAMES,
@@ -86,18 +96,37 @@ def gpu_task(fn):
 
 class UploadedImage(gr.Image):
     """gr.Image that hands the upload over unopened (as a file path): gr.Image would open it
-    with PIL first and fail on a bad file with a generic error, while model.inputs.load_image
-    checks size, pixel count and decoding and says what is wrong."""
+    with PIL first (a ``data:`` URL it even decodes in full, whatever its size) and fail on a bad
+    file with a generic error, while model.inputs.load_image checks bytes, geometry and format
+    before decoding and says what is wrong. A ``data:`` URL never gets here as such: the guard
+    (:mod:`duet_viz.limits`) stores it as an upload first, and the queue only accepts paths in the
+    upload folder."""
 
     is_template = True  # rendered by the stock image component
 
     def preprocess(self, payload):
-        if payload is None or (payload.url or "").startswith("data:"):
-            try:
-                return super().preprocess(payload)
-            except Exception:
-                raise gr.Error("The pasted image could not be decoded.") from None
-        return payload.path
+        return None if payload is None else payload.path
+
+
+class WholeNumber(gr.Number):
+    """gr.Number (precision 0) that refuses NaN and infinities in words: gr.Number's own
+    preprocess fails on them with Python's "cannot convert float NaN to integer"."""
+
+    is_template = True  # rendered by the stock number component
+
+    def preprocess(self, payload):
+        if isinstance(payload, float) and not math.isfinite(payload):
+            raise gr.Error(f"“{self.label}” must be a whole number (got {payload}).")
+        return super().preprocess(payload)
+
+
+@contextmanager
+def shown_to_user():
+    """An InputError raised inside becomes a gr.Error: Gradio shows its message as it is."""
+    try:
+        yield
+    except InputError as error:
+        raise gr.Error(str(error)) from None
 
 
 def _ints(text: str) -> tuple[int, ...] | None:
@@ -110,8 +139,8 @@ def _floats(text: str) -> tuple[float, ...] | None:
     return tuple(float(v) for v in text.replace(" ", "").split(",")) if text else None
 
 
-def _optional_int(value) -> int | None:
-    return None if value in (None, "") else int(value)
+def _optional_int(value, label: str, high: int) -> int | None:
+    return None if value in (None, "") else whole_number(value, label, 0, high)
 
 
 def fingerprint(source) -> str:
@@ -159,43 +188,90 @@ def _no_progress(*args, **kwargs) -> None:
     return None
 
 
+SHARED = "examples"  # owner of the pinned example results, which every session may reuse
+MAX_RESULT_BYTES = 256 * 2**20
+SESSION_SHARE = 0.25  # of the result cache's entries and bytes that one session's results may hold
+# Python's dicts, lists and floats of a trace take several times its JSON text: at most 5.2 times
+# (tracemalloc, the shipped model's traces of every method on an image and a 16-frame clip).
+TRACE_BYTES_PER_JSON_BYTE = 6
+
+
+def result_bytes(frames: list[Image.Image], trace_json: str) -> int:
+    """What a result holds in memory: its kept frames, its traces and their JSON text."""
+    pixels = sum(f.width * f.height * len(f.getbands()) for f in frames)
+    return pixels + (1 + TRACE_BYTES_PER_JSON_BYTE) * len(trace_json)
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    """The visitor's session (None for a call from Python, outside a request)."""
+    return None if request is None else request.session_hash
+
+
+def client_of(request: gr.Request | None) -> str | None:
+    return None if request is None or request.client is None else request.client.host
+
+
 class App:
     """Callbacks bound to one loaded engine.
 
     Results live in a bounded LRU keyed by run id (the session state holds only the key), so
-    memory and the files written for downloads stay flat however many sessions come and go.
-    A request whose input bytes and settings match a kept result reuses it instead of running
-    the model again ("cached" in the timing note). The examples' results at the default settings
-    are pinned: computed once (at start-up with ``cache_examples="eager"``, on first click with
-    "lazy") and never evicted, so clicking an example answers at once.
+    memory and the files written for downloads stay flat however many sessions come and go: at
+    most ``max_results`` entries and ``max_result_bytes`` (:func:`result_bytes`), of which one
+    session's results hold at most ``session_share``, so one visitor cannot flush the others'.
+    A request whose input bytes and settings match a result *of the same session* reuses it
+    instead of running the model again ("cached" in the timing note); results are private to
+    their session. The examples' results at the default settings are the exception: shared by
+    every session and pinned, computed once (at start-up with ``cache_examples="eager"``, on first
+    click with "lazy") and never evicted, so clicking an example answers at once.
+    ``runs_per_minute`` limits the model runs of one client address (None: no limit).
     """
 
-    def __init__(self, engine: DuetLlava, max_results: int = 32):
+    def __init__(self, engine: DuetLlava, max_results: int = 32, max_result_bytes: int = MAX_RESULT_BYTES,
+                 session_share: float = SESSION_SHARE, runs_per_minute: int | None = None):
         self.engine = engine
-        self.max_results = max_results
+        self.max_results, self.max_result_bytes, self.session_share = max_results, max_result_bytes, session_share
         self.results: OrderedDict[str, dict] = OrderedDict()
-        self.memo: dict[str, str] = {}  # request fingerprint -> result key
+        self.memo: dict[tuple[str | None, str], str] = {}  # (owner, request fingerprint) -> result key
         self.example_requests: set[str] = set()  # fingerprints of the examples at the default settings
+        self.runs = RateLimit(runs_per_minute, 60)
         self.lock = threading.Lock()
         self.model_lock = threading.Lock()  # one model run at a time (start-up warm-up vs. requests)
         self.workdir = tempfile.TemporaryDirectory(prefix="duet-viz-")
         self.run_models = gpu_task(self._run_models)
         bound_heap_growth()
 
-    def remember(self, result: dict, request: str | None = None) -> str:
+    def owner(self, request: str | None, session: str | None) -> str | None:
+        return SHARED if request in self.example_requests else session
+
+    def remember(self, result: dict, request: str | None = None, session: str | None = None) -> str:
         key = uuid.uuid4().hex[:16]
-        pinned = request in self.example_requests
+        owner = self.owner(request, session)
+        traces = list(result["traces"].values())
+        trace_json = json.dumps(traces if len(traces) > 1 else traces[0], indent=1)
+        entry = {**result, "trace_json": trace_json, "request": request, "owner": owner, "pinned": owner == SHARED,
+                 "bytes": result_bytes(result["frames"], trace_json)}
         with self.lock:
-            self.results[key] = {**result, "request": request, "pinned": pinned, "created": time.time()}
+            self.results[key] = entry
             if request is not None:
-                self.memo[request] = key
-            unpinned = [k for k, r in self.results.items() if not r["pinned"]]
-            for old in unpinned[: max(0, len(unpinned) - self.max_results)]:
-                evicted = self.results.pop(old)
-                self.memo.pop(evicted["request"], None)
-                for path in Path(self.workdir.name).glob(f"*{old}*"):
-                    path.unlink(missing_ok=True)
+                self.memo[(owner, request)] = key
+            own = [k for k, r in self.results.items() if r["owner"] == owner and not r["pinned"] and k != key]
+            self._evict(own, self.session_share * self.max_result_bytes - entry["bytes"],
+                        max(1, math.floor(self.session_share * self.max_results)) - 1)
+            anyone = [k for k, r in self.results.items() if not r["pinned"] and k != key]
+            self._evict(anyone, self.max_result_bytes - entry["bytes"], self.max_results - 1)
         return key
+
+    def _evict(self, keys: list[str], max_bytes: float, max_count: int) -> None:
+        """Forget the least recently used of ``keys`` (oldest first) until the rest fit."""
+        total, count = sum(self.results[k]["bytes"] for k in keys), len(keys)
+        for old in keys:
+            if total <= max_bytes and count <= max_count:
+                return
+            evicted = self.results.pop(old)
+            total, count = total - evicted["bytes"], count - 1
+            self.memo.pop((evicted["owner"], evicted["request"]), None)
+            for path in Path(self.workdir.name).glob(f"*{old}*"):
+                path.unlink(missing_ok=True)
 
     def recall(self, key: str | None) -> dict:
         with self.lock:
@@ -204,9 +280,9 @@ class App:
             self.results.move_to_end(key)
             return self.results[key]
 
-    def lookup(self, request: str) -> str | None:
+    def lookup(self, request: str, session: str | None) -> str | None:
         with self.lock:
-            key = self.memo.get(request)
+            key = self.memo.get((self.owner(request, session), request))
             if key is not None:
                 self.results.move_to_end(key)
             return key
@@ -214,10 +290,14 @@ class App:
     # --------------------------------------------------------------------- model runs
     def reduction(self, method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient,
                   positions=DEFAULTS["positions"]) -> ReductionConfig:
+        n_patches = self.engine.n_patches
+        with shown_to_user():
+            k1, k2 = _optional_int(k1, "k1", n_patches), _optional_int(k2, "k2", n_patches)
+            cluster_width = whole_number(cluster_width, "The V2V pool width", 0, max(self.engine.grid))
         try:
             return ReductionConfig(
-                method=method, budget=int(budget), k1=_optional_int(k1), k2=_optional_int(k2),
-                cluster_width=int(cluster_width), stage_layers=_ints(stage_layers),
+                method=method, budget=int(budget), k1=k1, k2=k2,
+                cluster_width=cluster_width, stage_layers=_ints(stage_layers),
                 stage_ratios=_floats(stage_ratios),
                 salient_words=tuple(salient.split()) if salient and salient.strip() else None,
                 positions=None if positions == "method" else positions,
@@ -228,9 +308,9 @@ class App:
     def configs(self, method, budget_choice, custom_budget, compare, k1, k2, cluster_width, stage_layers,
                 stage_ratios, salient, positions=DEFAULTS["positions"]) -> list[ReductionConfig]:
         """The selected method's config first, then each method to compare with at default knobs."""
-        budget = custom_budget if budget_choice == "custom" else budget_choice
-        if budget is None or not 1 <= int(budget) <= self.engine.n_patches:
-            raise gr.Error(f"The budget must be a whole number of visual tokens in 1..{self.engine.n_patches}.")
+        with shown_to_user():
+            budget = whole_number(custom_budget if budget_choice == "custom" else budget_choice,
+                                  "The budget (visual tokens)", 1, self.engine.n_patches)
         primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient, positions)
         others = [m for m in (compare or []) if m != method]
         return [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words,
@@ -243,22 +323,30 @@ class App:
         return hashlib.sha256(f"{fingerprint(source)}|{settings!r}".encode()).hexdigest()
 
     def result_for(self, source, use_video, question, configs, max_new_tokens, num_frames,
-                   progress=_no_progress) -> tuple[str, bool]:
-        """(result key, whether it was cached): the kept result of this exact request, or a new run."""
+                   progress=_no_progress, visitor: gr.Request | None = None) -> tuple[str, bool]:
+        """(result key, whether it was cached): the kept result of this exact request for this
+        session (or the shared one of an example), or a new run."""
+        with shown_to_user():
+            check_upload(source, *(("video", MAX_VIDEO_BYTES) if use_video else ("image", MAX_IMAGE_BYTES)))
         request = self.request(source, use_video, question, configs, max_new_tokens, num_frames)
-        key = self.lookup(request)
+        key = self.lookup(request, session_of(visitor))
         if key is not None:
             return key, True
-        try:
+        self.check_run_rate(client_of(visitor))
+        with shown_to_user():
             if use_video:
                 progress(0, desc="Decoding the video")
                 frames = read_frames(source, int(num_frames)).frames
             else:
                 frames = [load_image(source)]
-        except InputError as error:
-            raise gr.Error(str(error)) from None
         traces = self.run_models(frames, question, configs, int(max_new_tokens), progress)
-        return self.remember({"traces": traces, "frames": frames}, request), False
+        return self.remember({"traces": traces, "frames": frames}, request, session_of(visitor)), False
+
+    def check_run_rate(self, client: str | None) -> None:
+        wait = 0 if client is None else self.runs.wait_s(client)
+        if wait:
+            raise gr.Error(f"Too many runs from your address: try again in {math.ceil(wait)} s "
+                           "(the examples and results you already have are not limited).")
 
     def example_request(self, path: Path, question: str) -> tuple:
         """Arguments of ``result_for`` for an example at the default settings."""
@@ -290,18 +378,21 @@ class App:
 
     def run(self, image, question, method, budget_choice, custom_budget, compare, k1, k2, cluster_width,
             stage_layers, stage_ratios, salient, max_new_tokens, layer, video=None,
-            num_frames=DEFAULT_NUM_FRAMES, positions=DEFAULTS["positions"], mode="image", progress=gr.Progress()):
+            num_frames=DEFAULT_NUM_FRAMES, positions=DEFAULTS["positions"], mode="image",
+            visitor: gr.Request = None, progress=gr.Progress()):
+        """The *Run* button (and an example click): check everything a visitor sent, then answer
+        from this session's kept results or run the model."""
         use_video = video is not None and (mode == "video" or image is None)
         if image is None and not use_video:
             raise gr.Error("Upload an image or a video (or click an example) first.")
-        try:
+        with shown_to_user():
             question = check_question(question, self.engine.tokenizer)
-        except InputError as error:
-            raise gr.Error(str(error)) from None
+            max_new_tokens = whole_number(max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS)
+            num_frames = whole_number(num_frames, "The number of frames", 1, MAX_NUM_FRAMES)
         configs = self.configs(method, budget_choice, custom_budget, compare, k1, k2, cluster_width, stage_layers,
                                stage_ratios, salient, positions)
         key, cached = self.result_for(video if use_video else image, use_video, question, configs, max_new_tokens,
-                                      num_frames, progress)
+                                      num_frames, progress, visitor)
         progress(1.0, desc="Drawing")
         result = self.recall(key)
         traces, frames = result["traces"], result["frames"]
@@ -344,8 +435,9 @@ class App:
         if method not in result["traces"]:
             raise gr.Error(f"No {method} run in this result.")
         trace = result["traces"][method]
-        frame = min(int(frame or 0), len(result["frames"]) - 1)
-        layer = min(int(layer), len(trace["visual_tokens_per_layer"]) - 1)
+        with shown_to_user():
+            frame = whole_number(frame or 0, "The frame", 0, len(result["frames"]) - 1)
+            layer = whole_number(layer, "The LLM layer", 0, len(trace["visual_tokens_per_layer"]) - 1)
         return trace, result["frames"], frame, layer
 
     def render(self, key, method, layer, frame=0):
@@ -370,10 +462,11 @@ class App:
         note = (f"Timings on **{device}** ({traces[0]['dtype']}), one run each (the first run after start-up includes warm-up); "
                 "speed-up = full prefill time / method prefill time.")
         if cached:
-            ran = time.strftime("%H:%M:%S UTC", time.gmtime(result["created"]))
-            note += f"  \n**Cached result**: this input with these settings ran at {ran}; the model was not run again."
+            source = (" of this example, computed once for every visitor" if result["pinned"] else
+                      ": you ran this input with these settings before in this session")
+            note += f"  \n**Cached result**{source}; the model was not run again."
         path = Path(self.workdir.name) / f"trace-{'-'.join(t['method'] for t in traces)}-{key}.json"
-        path.write_text(json.dumps(traces if len(traces) > 1 else traces[0], indent=1))
+        path.write_text(result["trace_json"])
         return figures.tokens_per_layer(traces), answers, latency, note, str(path)
 
     def refresh_strip(self, key, method, layer):
@@ -382,18 +475,25 @@ class App:
         return self.strip(key, method, layer)
 
     def overlay(self, key, method, layer, frame=0):
+        """The overlay PNG to download; a result keeps only its latest one on disk, so the files
+        stay bounded by the result cache however many layers and frames a visitor asks for."""
         trace, frames, frame, layer = self._pick(key, method, layer, frame)
+        for old in Path(self.workdir.name).glob(f"overlay-*-{key}.png"):
+            old.unlink(missing_ok=True)
         path = Path(self.workdir.name) / f"overlay-{method}-frame{frame}-layer{layer}-{key}.png"
         figures.overlay_png(trace, frames[frame], frame=frame, layer=layer).save(path)
         return str(path)
 
 
-def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
-    """The page. ``cache_examples``: "eager" computes the examples' results in the background at
-    start-up, "lazy" on their first click; either way later clicks answer from the cache."""
+def build_demo(engine: DuetLlava, cache_examples: str = "lazy", limits: Limits | None = None) -> gr.Blocks:
+    """The page, its queue set up. ``cache_examples``: "eager" computes the examples' results in
+    the background at start-up, "lazy" on their first click; either way later clicks answer from
+    the cache. ``limits``: a public deployment's (``python app.py``; launch the demo with
+    ``duet_viz.limits.launch_options``); None leaves per-client limits off."""
     if cache_examples not in ("eager", "lazy"):
         raise ValueError(f"cache_examples must be 'eager' or 'lazy', not {cache_examples!r}")
-    app = App(engine)
+    limits = limits or Limits().shared_address()
+    app = App(engine, runs_per_minute=limits.runs_per_minute)
     image_examples = [(ASSETS / name, q) for name, q in EXAMPLES if (ASSETS / name).exists()]
     video_examples = [(ASSETS / name, q) for name, q in VIDEO_EXAMPLES if (ASSETS / name).exists()]
     app.register_examples(image_examples + video_examples, eager=cache_examples == "eager")
@@ -404,7 +504,7 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
               f"**Model** `{engine.name}` · **device** `{engine.device}` · **dtype** "
               f"`{str(engine.dtype).replace('torch.', '')}` · {n_layers} LLM layers · "
               f"{engine.grid[0]}×{engine.grid[1]} = {engine.n_patches} patches per image")
-    with gr.Blocks(title="DUET-Viz", delete_cache=(600, 3600)) as demo:
+    with gr.Blocks(title="DUET-Viz", delete_cache=(CACHE_SWEEP_S, CACHE_MAX_AGE_S)) as demo:
         gr.Markdown(header, elem_classes="duet-header")
         state = gr.State()
         mode = gr.State("image")
@@ -424,14 +524,14 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
                 with gr.Row():
                     budget = gr.Radio(BUDGET_CHOICES, value=d["budget"],
                                       label="Visual-token budget (avg per LLM layer)")
-                    custom_budget = gr.Number(value=d["custom_budget"], precision=0, minimum=1, maximum=engine.n_patches,
-                                              label="Custom budget", visible=False)
+                    custom_budget = WholeNumber(value=d["custom_budget"], precision=0, minimum=1,
+                                                maximum=engine.n_patches, label="Custom budget", visible=False)
                 compare = gr.CheckboxGroup([(METHOD_NAMES[m], m) for m in METHODS], value=d["compare"],
                                            label="Compare with (same input and budget, default knobs)")
                 with gr.Accordion("Advanced (applies to the selected method)", open=False):
                     with gr.Row():
-                        k1 = gr.Number(label="k1 dominant, CLS counted (blank: auto)", precision=0, minimum=0)
-                        k2 = gr.Number(label="k2 contextual tokens (blank: auto)", precision=0, minimum=0)
+                        k1 = WholeNumber(label="k1 dominant, CLS counted (blank: auto)", precision=0, minimum=0)
+                        k2 = WholeNumber(label="k2 contextual tokens (blank: auto)", precision=0, minimum=0)
                     cluster_width = gr.Slider(0, max(engine.grid), value=d["cluster_width"], step=1,
                                               label="V2V pool width (DUET merges the width x k2 best other patches)")
                     with gr.Row():
@@ -441,7 +541,8 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
                                          placeholder="e.g. color triangle")
                     positions = gr.Radio(POSITION_CHOICES, value=d["positions"],
                                          label="Position ids after a reduction (all methods compared)")
-                    max_new_tokens = gr.Slider(1, 64, value=d["max_new_tokens"], step=1, label="Max new tokens")
+                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=d["max_new_tokens"], step=1,
+                                               label="Max new tokens")
                 run = gr.Button("Run", variant="primary")
                 example_sets = [
                     ("image", gr.Examples([[str(p), q] for p, q in image_examples], inputs=[image, question],
@@ -456,7 +557,9 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
                 latency = gr.Dataframe(headers=figures.LATENCY_HEADERS, label="Latency", interactive=False)
                 timing_note = gr.Markdown()
                 salient_used = gr.Markdown()
-                shown = gr.Radio(label="Show maps for", visible=False)
+                # Every method from the start: if Gradio drops this session's state (its store is
+                # bounded), the overlay and the views still take the method and say "press Run".
+                shown = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], label="Show maps for", visible=False)
                 with gr.Row():
                     clusters = gr.Plot(label="V2V cluster map")
                     with gr.Column():
@@ -481,14 +584,15 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy") -> gr.Blocks:
                       stage_ratios, salient, max_new_tokens, layer, video, num_frames, positions, mode]
         run_outputs = [state, shown, clusters, layer_view, pyramid, answers, latency, timing_note, trace_file,
                        salient_used, frame, frame_grid, strip]
-        run.click(app.run, run_inputs, run_outputs, api_name="run")
+        run.click(app.run, run_inputs, run_outputs, api_name="run", concurrency_id=MODEL_WORK)
         for kind, examples in example_sets:  # an example click fills the inputs, opens its tab and runs
             examples.load_input_event.then(
                 lambda kind=kind: (kind, gr.Tabs(selected=kind)), None, [mode, tabs], api_visibility="private",
-            ).then(app.run, run_inputs, run_outputs, api_visibility="private")
+            ).then(app.run, run_inputs, run_outputs, api_visibility="private", concurrency_id=MODEL_WORK)
         for control in (shown, frame):
             control.change(app.render, [state, shown, layer, frame], [clusters, layer_view], api_visibility="private")
         layer.change(None, layer, None, js=LAYER_JS)
         layer.release(app.refresh_strip, [state, shown, layer], strip, api_visibility="private")
         png_button.click(app.overlay, [state, shown, layer, frame], png_file, api_name="overlay")
-    return demo
+    # api_open=False: Gradio's /gradio_api/run/<api_name> would run these events outside the queue.
+    return demo.queue(api_open=False, max_size=limits.queue_size, default_concurrency_limit=1)

@@ -1,15 +1,28 @@
 """Checked loading of user inputs: every rejection is an :class:`InputError` whose message can be
 shown to a person as it is (the UI, the API and the CLI all go through here).
 
-Images: the file must be a picture PIL can decode completely; its pixel count is checked from
-the header *before* decoding (decompression bombs never allocate); any mode (grey, palette,
-CMYK, 16-bit, with alpha) becomes 8-bit RGB, alpha composited on white.
+Images: the file must be a picture in one of :data:`IMAGE_FORMATS` that PIL can decode
+completely. Its geometry is read from the header and checked *before* anything is decoded
+(:func:`check_geometry`: each side, the aspect ratio, the pixel count), so decompression bombs
+never allocate. Why the aspect ratio and not only the pixel count: the image processor scales
+the *shorter* side to 336 px, so the longer side grows with the aspect ratio -- a 1.5 KB PNG of
+100000×14 px became 336×2.4 M px and took the server to 8.6 GB. The picture is then scaled down
+so that its shorter side is :data:`KEPT_SHORT_SIDE_PX` (JPEGs are even decoded at a reduced
+scale), which is what the model and the figures use anyway, so a kept frame is at most
+336 × 2688 px (2.7 MB) whatever was uploaded. Any mode (grey, palette, CMYK, 16-bit, with alpha)
+becomes 8-bit RGB, alpha composited on white.
+
+Questions are refused (not silently edited) when they hold the tokenizer's special tokens
+(``<image>``, ``</s>``, ...) or the chat template's role markers (``USER:``, ``ASSISTANT:``):
+those would change the prompt's structure, and the visitor should see that what they typed is
+what the model reads.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import warnings
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +30,29 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 40_000_000
+MAX_SIDE_PX = 10_000
+MAX_ASPECT_RATIO = 8  # longer side / shorter side; bounds what the processor's resize allocates
 MIN_IMAGE_SIDE_PX = 14  # one ViT patch
+KEPT_SHORT_SIDE_PX = 336  # the LLaVA-1.5 processor's shortest edge and the figures' view size
+# Decoders PIL may use on a visitor's file; the others (EPS runs Ghostscript, ...) are never tried.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG opens MPO (phone photos) too
 MAX_QUESTION_CHARS = 1000
 MAX_QUESTION_TOKENS = 256
+ROLE_MARKER = re.compile(r"\b(USER|ASSISTANT|SYSTEM)\s*:", re.IGNORECASE)
 
 
 class InputError(ValueError):
     """Bad user input; the message is written for the user."""
+
+
+def check_size(n_bytes: int, kind: str, max_bytes: int, error: type[InputError] = InputError) -> int:
+    """``n_bytes`` if a file of that size may be read: every route (upload, ``data:`` URL, CLI)
+    checks its size here before anything reads the content."""
+    if n_bytes == 0:
+        raise error(f"The {kind} file is empty (0 bytes).")
+    if n_bytes > max_bytes:
+        raise error(f"The {kind} file is too large ({n_bytes / 2**20:.1f} MB; at most {max_bytes / 2**20:.0f} MB).")
+    return n_bytes
 
 
 def check_upload(path: str | os.PathLike, kind: str, max_bytes: int, error: type[InputError] = InputError) -> Path:
@@ -31,34 +60,59 @@ def check_upload(path: str | os.PathLike, kind: str, max_bytes: int, error: type
     checked from the file system, before anything opens the file."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{kind.capitalize()} file not found: {path.name}")
-    size = path.stat().st_size
-    if size == 0:
-        raise error(f"The {kind} file is empty (0 bytes).")
-    if size > max_bytes:
-        raise error(f"The {kind} file is too large ({size / 2**20:.1f} MB; at most {max_bytes / 2**20:.0f} MB).")
+        raise error(f"{kind.capitalize()} file not found: {path.name} (uploads are deleted after a while: "
+                    "upload it again).")
+    check_size(path.stat().st_size, kind, max_bytes, error)
     return path
 
 
+def check_geometry(width: int, height: int, kind: str, max_pixels: int, *, max_side: int = MAX_SIDE_PX,
+                   max_aspect: float = MAX_ASPECT_RATIO, min_side: int = MIN_IMAGE_SIDE_PX,
+                   error: type[InputError] = InputError) -> None:
+    """Refuse a picture or video frame by its size alone, before any pixel is decoded or resized
+    (images and video frames both come through here)."""
+    short, long = sorted((width, height))
+    if short < min_side:
+        raise error(f"The {kind} is too small ({width}×{height}); each side needs at least {min_side} pixels.")
+    if long > max_aspect * short:
+        raise error(f"The {kind} is too long and thin ({width}×{height}); the longer side may be at most "
+                    f"{max_aspect:g} times the shorter.")
+    if long > max_side:
+        raise error(f"The {kind} is too large ({width}×{height}); each side may be at most {max_side} pixels.")
+    if width * height > max_pixels:
+        raise error(f"The {kind} is too large ({width}×{height} = {width * height / 1e6:.1f} MP; "
+                    f"at most {max_pixels / 1e6:.3g} MP).")
+
+
+def kept_size(size: tuple[int, int], short_side: int = KEPT_SHORT_SIDE_PX) -> tuple[int, int]:
+    """``size`` scaled down so that its shorter side is ``short_side`` (never scaled up)."""
+    width, height = size
+    scale = short_side / min(width, height)
+    return size if scale >= 1 else (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def shrink(image: Image.Image, short_side: int = KEPT_SHORT_SIDE_PX) -> Image.Image:
+    """``image`` at :func:`kept_size`, so that what a result keeps does not grow with the upload."""
+    size = kept_size(image.size, short_side)
+    return image if size == image.size else image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+
+
 def load_image(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-               min_side: int = MIN_IMAGE_SIDE_PX) -> Image.Image:
+               min_side: int = MIN_IMAGE_SIDE_PX, short_side: int = KEPT_SHORT_SIDE_PX) -> Image.Image:
+    """The picture at ``path`` as 8-bit RGB, its shorter side at most ``short_side``; any problem
+    is an InputError. No process-wide state (such as warning filters) is touched, so concurrent
+    calls cannot disturb each other."""
     path = check_upload(path, "image", max_bytes)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise InputError(f"The image is too large ({width}×{height} = {width * height / 1e6:.1f} MP; "
-                                     f"at most {max_pixels / 1e6:.0f} MP).")
-                if min(width, height) < min_side:
-                    raise InputError(f"The image is too small ({width}×{height}); each side needs at least "
-                                     f"{min_side} pixels.")
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            check_geometry(*image.size, "image", max_pixels, min_side=min_side)
+            image.draft(None, kept_size(image.size, short_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            return to_rgb(shrink(image, short_side))
     except InputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise InputError(f"The image is too large (more than {max_pixels / 1e6:.0f} MP).") from None
     except UnidentifiedImageError:
         raise InputError("This file is not an image this app can read (use PNG, JPEG, WebP, BMP, GIF or TIFF).") from None
@@ -83,13 +137,42 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def check_question(question: str | None, tokenizer=None, max_chars: int = MAX_QUESTION_CHARS,
                    max_tokens: int = MAX_QUESTION_TOKENS) -> str:
     """Whitespace-normalised question, or an InputError saying what is wrong with it."""
+    if question is not None and not isinstance(question, str):
+        raise InputError(f"The question must be text, not {type(question).__name__}.")
     text = " ".join((question or "").split())
     if not text:
         raise InputError("Type a question about the image.")
     if len(text) > max_chars:
         raise InputError(f"The question is too long ({len(text)} characters; at most {max_chars}).")
+    marker = ROLE_MARKER.search(text)
+    if marker:
+        raise InputError(f"Remove “{marker.group(0)}” from the question: the app writes the conversation's "
+                         "USER/ASSISTANT turns itself.")
     if tokenizer is not None:
+        reserved = sorted(token for token in reserved_tokens(tokenizer) if token in text)
+        if reserved:
+            raise InputError(f"Remove {reserved[0]} from the question: the app places the image (and the "
+                             "prompt's other special tokens) itself.")
         n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if n_tokens > max_tokens:
             raise InputError(f"The question is too long ({n_tokens} tokens; at most {max_tokens}).")
     return text
+
+
+def reserved_tokens(tokenizer) -> set[str]:
+    """Tokens a question may not contain as text (the tokenizer would read them as the token):
+    the special ones (``<s>``, ``</s>``, ``<unk>``, ...) and those added for the prompt's
+    structure (``<image>``, ``<video>``)."""
+    return set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+
+
+def whole_number(value, label: str, low: int, high: int) -> int:
+    """``value`` (a number from a form or an API call) as an int in low..high, or an InputError
+    that names the setting: NaN, infinities, fractions, text and None are all refused here."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise InputError(f"{label} must be a whole number from {low} to {high} (got {value!r}).")
+    return int(number)

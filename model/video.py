@@ -9,10 +9,20 @@ model always gets exactly `num_frames`.
 Limits (defaults sized for a public demo; every breach is a :class:`VideoError` whose message is
 written for the user):
 - file size <= 50 MB, checked from the file system before anything is opened or decoded;
+- the container must be MP4/MOV, WebM/Matroska or AVI, told by its first bytes: FFmpeg would
+  otherwise open anything it knows (playlists that name other files or URLs among them), and
+  random bytes reached the size check as a "0×0" video;
+- frame geometry from the container's metadata, before a frame is decoded, through the same
+  :func:`model.inputs.check_geometry` as images: each side 14..8192 px, aspect ratio <= 8,
+  at most 3840×2160 pixels (4K UHD) per frame;
 - duration <= 120 s, from the container's frame count and frame rate, before sampled frames are
   decoded;
-- 1 <= num_frames <= 16, default 8;
-- each side >= 14 px (one ViT patch, as for images in :mod:`model.inputs`).
+- 1 <= num_frames <= 16, default 8.
+Frames are decoded one at a time and kept scaled down (shorter side 336 px, as
+:func:`model.inputs.shrink`): decord scales them in FFmpeg as it decodes (16 frames of 3840×2160
+took 107 MB over the process's start instead of 1.08 GB for the old full-size batch), OpenCV
+decodes one full-size frame at a time and PIL scales it (193 MB). A result keeps 16 small frames
+(<= 2.7 MB each).
 
 Why a fallback: decord seeks straight to the sampled frames, so it is the fast path, but it has no
 wheels for some platforms (dmlc/decord#213, #335), it trusts the container's frame count, and it
@@ -58,12 +68,18 @@ except ImportError:  # no wheel for this platform: OpenCV alone reads videos
 import numpy as np
 from PIL import Image
 
-from .inputs import MIN_IMAGE_SIDE_PX, InputError, check_upload
+from .inputs import MIN_IMAGE_SIDE_PX, InputError, check_geometry, check_upload, kept_size, shrink
 
 DEFAULT_NUM_FRAMES = 8
 MAX_NUM_FRAMES = 16
 MAX_VIDEO_BYTES = 50 * 2**20
 MAX_DURATION_S = 120.0
+MAX_FRAME_PIXELS = 3840 * 2160
+MAX_FRAME_SIDE_PX = 8192
+# First bytes of the containers read here: (offset, magic).
+CONTAINERS = {"mp4": (4, b"ftyp"), "webm": (0, b"\x1a\x45\xdf\xa3"), "avi": (8, b"AVI ")}
+UNREADABLE = ("This file could not be read as a video: it is not a video, or it is damaged, truncated or has no "
+              "frames, or its codec is not supported. Try an MP4, WebM or AVI file.")
 CODECS = {".webm": "VP80", ".mp4": "mp4v", ".avi": "MJPG"}
 
 log = logging.getLogger(__name__)
@@ -83,12 +99,12 @@ class _DecodeFailed(Exception):
 
 @dataclass(frozen=True)
 class VideoFrames:
-    frames: list[Image.Image]  # RGB, in clip order
+    frames: list[Image.Image]  # RGB, in clip order, scaled down by model.inputs.shrink
     indices: list[int]  # frame index of each entry of `frames`
     fps: float
     total_frames: int  # frames in the clip (as counted by the backend that decoded it)
     duration_s: float
-    width: int
+    width: int  # of the decoded frames, before shrink
     height: int
     backend: str  # "decord" or "opencv"
 
@@ -126,20 +142,46 @@ def read_frames(path, num_frames: int = DEFAULT_NUM_FRAMES, *, max_frames: int =
     if not 1 <= num_frames <= max_frames or int(num_frames) != num_frames:
         raise VideoError(f"Choose a whole number of frames from 1 to {max_frames} (got {num_frames}).")
     path = check_upload(path, "video", max_bytes, VideoError)
+    if not is_container(path):
+        raise VideoError(UNREADABLE)
+    size = _probe_size(path)
+    check_geometry(*size, "video", MAX_FRAME_PIXELS, max_side=MAX_FRAME_SIDE_PX, min_side=min_side_px,
+                   error=VideoError)
     readers = {"auto": (_read_decord, _read_opencv), "decord": (_read_decord,),
                "opencv": (_read_opencv,)}[backend]
-    check = partial(_check_limits, max_duration_s=max_duration_s, min_side_px=min_side_px)
+    check = partial(_check_limits, max_duration_s=max_duration_s)
     for reader in readers:
         try:
-            return reader(path, int(num_frames), check)
+            return reader(path, int(num_frames), check, size)
         except _DecodeFailed as failure:
             log.info("%s could not read %s: %s", reader.__name__, path.name, failure)
-    raise VideoError("This file could not be read as a video: it is not a video, or it is damaged, truncated "
-                     "or has no frames, or its codec is not supported. Try an MP4, WebM or AVI file.")
+    raise VideoError(UNREADABLE)
 
 
-def _check_limits(total: int, fps: float, width: int, height: int, *, max_duration_s: float,
-                  min_side_px: int) -> float:
+def is_container(path: Path) -> bool:
+    """Whether the file starts like one of :data:`CONTAINERS`."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return any(head[offset:offset + len(magic)] == magic for offset, magic in CONTAINERS.values())
+
+
+def _probe_size(path: Path) -> tuple[int, int]:
+    """Frame width and height as stored (not turned by rotation metadata, as decord reads them),
+    from the container's metadata: OpenCV decodes no frame for this, so the geometry is checked
+    before decord or OpenCV decode a full-size frame."""
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    try:
+        capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)) if capture.isOpened() else 0
+        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) if capture.isOpened() else 0
+    finally:
+        capture.release()
+    if width <= 0 or height <= 0:
+        raise VideoError(UNREADABLE)
+    return width, height
+
+
+def _check_limits(total: int, fps: float, *, max_duration_s: float) -> float:
     """Raise VideoError if the clip breaks a limit; return its duration in seconds."""
     if total <= 0:
         raise VideoError("The video has no frames.")
@@ -149,47 +191,40 @@ def _check_limits(total: int, fps: float, width: int, height: int, *, max_durati
     if duration > max_duration_s:
         raise VideoError(f"The video is too long ({duration:.0f} s; at most {max_duration_s:.0f} s). "
                          "Trim it and try again.")
-    if min(width, height) < min_side_px:
-        raise VideoError(f"The video is too small ({width}×{height}); each side needs at least "
-                         f"{min_side_px} pixels.")
     return duration
 
 
-def _frames(rgb) -> list[Image.Image]:
-    return [Image.fromarray(frame) for frame in rgb]
+def _kept(rgb: np.ndarray) -> Image.Image:
+    """One decoded RGB frame as the small picture a result keeps."""
+    return shrink(Image.fromarray(rgb))
 
 
-def _read_decord(path: Path, num_frames: int, check) -> VideoFrames:
+def _read_decord(path: Path, num_frames: int, check, size: tuple[int, int]) -> VideoFrames:
     if decord is None:
         raise _DecodeFailed("decord is not installed")
+    width, height = kept_size(size) if kept_size(size) != size else (-1, -1)  # -1: as stored
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height)
         total, fps = len(reader), reader.get_avg_fps()
-        first = reader[0].asnumpy()  # the only way decord tells the frame size
-        height, width, channels = first.shape
-        duration = check(total, fps, width, height)
+        duration = check(total, fps)
         indices = sample_indices(total, num_frames)
-        if channels == 3:
-            batch = reader.get_batch(indices).asnumpy()
-        else:  # padded rows: get_batch refuses them, single frames come through (module docstring)
-            batch = np.stack([reader[i].asnumpy() for i in indices])
+        # One frame at a time: also how padded rows come through (module docstring).
+        kept = {i: _kept(decord_to_rgb(reader[i].asnumpy()[None])[0]) for i in sorted(set(indices))}
     except _DECORD_ERRORS as error:
         raise _DecodeFailed(f"{type(error).__name__}: {str(error).strip()[:300]}") from error
-    return VideoFrames(_frames(decord_to_rgb(batch)), indices, fps, total, duration, width, height, "decord")
+    return VideoFrames([kept[i] for i in indices], indices, fps, total, duration, *size, "decord")
 
 
-def _read_opencv(path: Path, num_frames: int, check) -> VideoFrames:
+def _read_opencv(path: Path, num_frames: int, check, size: tuple[int, int]) -> VideoFrames:
     capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
         if not capture.isOpened():
             raise _DecodeFailed("OpenCV could not open the file")
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         fps = capture.get(cv2.CAP_PROP_FPS)
-        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     finally:
         capture.release()
-    check(total, fps, width, height)
+    check(total, fps)
     indices = sample_indices(total, num_frames)
     frames, decoded = _opencv_decode(path, indices)
     if len(frames) < len(set(indices)):
@@ -200,13 +235,12 @@ def _read_opencv(path: Path, num_frames: int, check) -> VideoFrames:
         frames, _ = _opencv_decode(path, indices)
         if len(frames) < len(set(indices)):
             raise _DecodeFailed(f"OpenCV decoded {len(frames)} of the {len(set(indices))} frames it counted")
-    rgb = [frames[i] for i in indices]
-    height, width = rgb[0].shape[:2]
-    return VideoFrames(_frames(rgb), indices, fps, total, total / fps, width, height, "opencv")
+    return VideoFrames([frames[i] for i in indices], indices, fps, total, total / fps, *size, "opencv")
 
 
-def _opencv_decode(path: Path, indices: list[int]) -> tuple[dict[int, np.ndarray], int]:
-    """RGB frames at `indices` and the number of frames read, stopping after the last one wanted.
+def _opencv_decode(path: Path, indices: list[int]) -> tuple[dict[int, Image.Image], int]:
+    """Kept frames (:func:`_kept`) at `indices` and the number of frames read, stopping after the
+    last one wanted.
 
     Reads sequentially, because OpenCV's seeking lands on the wrong frame with many codecs; the
     frames in between are only grabbed, not converted.
@@ -219,7 +253,7 @@ def _opencv_decode(path: Path, indices: list[int]) -> tuple[dict[int, np.ndarray
                 ok, bgr = capture.retrieve()
                 if not ok:
                     break
-                frames[position] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                frames[position] = _kept(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
             position += 1
     finally:
         capture.release()

@@ -229,7 +229,7 @@ def test_a_repeated_request_reuses_its_result_without_running_the_model(engine, 
 def test_example_results_are_computed_at_start_up_and_never_evicted(engine):
     from duet_viz.ui import DEFAULTS, App
 
-    app = App(engine, max_results=2)
+    app = App(engine, max_results=2, session_share=1.0)  # the global bound alone (shares: test_hostile)
     app.register_examples([(EXAMPLE, QUESTION)], eager=True).join()
     pinned = next(iter(app.results))
     for n_tokens in range(1, 4):  # more other results than the cache keeps

@@ -164,7 +164,7 @@ def test_overlay_before_any_run_is_a_message(served):
 
 
 def test_result_cache_is_bounded_and_cleans_its_files(engine):
-    app = App(engine, max_results=2)
+    app = App(engine, max_results=2, session_share=1.0)  # the global bound alone (shares: test_hostile)
     keys = []
     for n_tokens in range(1, 5):  # distinct requests: a repeated one would reuse its result
         outputs = app.run(str(EXAMPLE), QUESTION, "duet", "64", 96, ["full"], None, None, 4, "", "", "", n_tokens, 0)

@@ -10,9 +10,9 @@ def test_quick_bench_runs_end_to_end_with_every_row(tiny_checkpoint, tmp_path, c
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert [(r["method"], r["budget"]) for r in result["rows"]] == [
-        ("full", 576), ("duet", 64), ("visionzip", 64), ("fastv", 64), ("pyramiddrop", 64)]
-    for method in ("full", "duet", "visionzip", "fastv", "pyramiddrop"):
+    methods = ("full", "duet", "visionzip", "fastv", "pyramiddrop", "hired", "fitprune")
+    assert [(r["method"], r["budget"]) for r in result["rows"]] == [("full", 576)] + [(m, 64) for m in methods[1:]]
+    for method in methods:
         assert f"| {method} |" in table
     duet = result["rows"][1]
     assert duet["llm_flops"] < result["rows"][0]["llm_flops"]

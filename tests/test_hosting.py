@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import app
+from duet_viz.limits import Guard, Limits, launch_options
 from duet_viz.ui import gpu_task
 
 from .conftest import free_port
@@ -107,7 +108,10 @@ def test_gpu_task_is_the_function_itself_without_spaces():
 def test_security_defaults():
     source = "\n".join(p.read_text() for p in [ROOT / "app.py", *ROOT.glob("model/*.py"), *ROOT.glob("duet_viz/*.py")])
     assert "trust_remote_code=True" not in source and "share=True" not in source and "debug=True" not in source
-    assert 'max_file_size="20mb"' in (ROOT / "app.py").read_text()
+    assert "**launch_options(demo, limits)" in (ROOT / "app.py").read_text()
+    options = launch_options(None, Limits())
+    assert options["max_file_size"] == 20 * 2**20 and options["state_session_capacity"] == 512
+    assert [m.cls for m in options["app_kwargs"]["middleware"]] == [Guard]
 
 
 def test_health_endpoint_of_the_served_app(served):

@@ -1,4 +1,4 @@
-from duet_viz.load import run_load
+from duet_viz.load import hostile_markdown, run_hostile, run_load
 
 
 def test_small_load_run_serves_every_request_correctly(tiny_checkpoint):
@@ -8,3 +8,14 @@ def test_small_load_run_serves_every_request_correctly(tiny_checkpoint):
     assert "valid" in report["by_kind"] and len(report["by_kind"]) >= 2
     assert report["rss_mb"]["peak"] >= report["rss_mb"]["start"] > 0
     assert len(report["rss_mb"]["quarter_peaks"]) == 4
+
+
+def test_hostile_mix_reports_each_attack_and_the_sigterm(tiny_checkpoint):
+    cases = ["thin image", "direct /run/run", "bad fields"]
+    report = run_hostile(str(tiny_checkpoint), cases=cases)
+    assert [row["case"] for row in report["cases"]] == cases
+    assert all(row["unexpected"] == 0 and row["requests"] > 0 for row in report["cases"]), report["cases"]
+    assert report["cases"][1]["outcomes"] == {"refused 404": 40}
+    assert report["sigterm"] == {"exit_code": 0, "work_folders_left": []}
+    table = hostile_markdown(report, "python -m duet_viz.load --hostile")
+    assert all(f"| {case} |" in table for case in cases) and " cores;" in table

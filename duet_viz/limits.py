@@ -1,0 +1,398 @@
+"""What a public deployment bounds, and the HTTP guard in front of Gradio's routes that enforces it.
+
+Gradio 6.31's routes leave these open (measured against ``python app.py``, issue 26):
+
+- ``POST /gradio_api/run/<api_name>`` runs an event outside the queue and its concurrency limit
+  (40 concurrent calls all ran). ``build_demo`` closes it with ``demo.queue(api_open=False)``:
+  Gradio then answers 404 for every queued event there, and the queue (``/queue/join``,
+  ``/call/<api_name>``) is the one way in.
+- A FileData may carry its bytes as a ``data:`` URL inside the JSON body, which the upload
+  route's byte limit never sees and ``gr.Image`` decodes in full before the app's callback; or
+  name an ``http(s)`` link, which the server downloads with no byte limit. :class:`Guard` stores
+  a ``data:`` URL as an uploaded file under the same limits as an upload (bytes, rate, disk), so
+  the queue holds only a path and the callback's checks (pixels, format) run before decoding;
+  links are refused.
+- JSON bodies have no size limit and are read whole into memory: each is capped at what a
+  maximal ``data:`` URL needs, and all being read at once share one byte budget.
+- Uploads are each <= 20 MB, but nothing bounds one request's file count (Gradio allows 1000),
+  their rate or the disk they fill until the cache sweep; and an empty file name is a 500.
+
+Per-client limits key on the client address as uvicorn reports it: it takes X-Forwarded-For
+from the proxies in ``$FORWARDED_ALLOW_IPS`` (loopback by default; ``app.py`` trusts any on a
+Hugging Face Space, reachable only through its proxy). They slow one address down; the global
+bounds (queue, JSON bytes, upload disk, result cache) hold whatever the number of addresses.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gradio_client import utils as client_utils
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse
+
+from model.inputs import MAX_IMAGE_BYTES, InputError, check_size
+
+API_PREFIX = "/gradio_api"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every bound of a public deployment. ``None`` turns a per-client limit off."""
+
+    queue_size: int = 32  # requests waiting for any event, all clients together
+    # Sessions whose state Gradio keeps (a copy of the page's component configs, ~15 KB each; its
+    # default is 10000), least recently used dropped: far more than one model serves at once.
+    session_capacity: int = 512
+    max_upload_bytes: int = MAX_IMAGE_BYTES  # one upload request, or one data: URL
+    upload_disk_bytes: int = 512 * 2**20  # visitor files on disk, all together
+    upload_min_age_s: float = 60  # a younger upload is never deleted to make room (its run may need it)
+    json_bytes_in_flight: int = 64 * 2**20  # JSON request bodies being read at once
+    runs_per_minute: int | None = 10  # model runs per client (cached results and examples are free)
+    requests_per_minute: int | None = 120  # queued requests of any event per client
+    pending_per_client: int | None = 8  # one client's requests waiting or running
+    sessions_per_10_minutes: int | None = 32  # new sessions per client
+    uploads_per_minute: int | None = 20  # upload requests and data: URLs per client
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        """Room for one maximal upload as a base64 data: URL, plus the request's other fields."""
+        return self.max_upload_bytes * 4 // 3 + 64 * 1024
+
+    def shared_address(self) -> Limits:
+        """These limits without the per-client ones: for load tests whose simulated visitors
+        all come from one address."""
+        return replace(self, runs_per_minute=None, requests_per_minute=None, pending_per_client=None,
+                       sessions_per_10_minutes=None, uploads_per_minute=None)
+
+
+class Refusal(Exception):
+    """A request the guard answers itself, with an HTTP status and a message for the visitor."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class RateLimit:
+    """At most ``events`` per ``window_s`` seconds for each key (sliding window); ``events=None``
+    never limits."""
+
+    def __init__(self, events: int | None, window_s: float):
+        self.events, self.window_s = events, window_s
+        self.times: dict[str, deque] = {}
+        self.lock = threading.Lock()
+
+    def wait_s(self, key: str) -> float:
+        """0 when ``key`` may act now (the event is counted), else the seconds until it may."""
+        if self.events is None:
+            return 0.0
+        now = time.monotonic()
+        with self.lock:
+            self._forget_before(now - self.window_s)
+            times = self.times.setdefault(key, deque())
+            if len(times) >= self.events:
+                return times[0] + self.window_s - now
+            times.append(now)
+            return 0.0
+
+    def _forget_before(self, start: float) -> None:
+        for key in list(self.times):
+            times = self.times[key]
+            while times and times[0] < start:
+                times.popleft()
+            if not times:
+                del self.times[key]
+
+
+class NewSessions:
+    """Sessions each client opens, limited, so that one address cannot push every other
+    visitor's session state out of Gradio's bounded store (a visitor whose state is dropped loses
+    their result). A request without a session hash (``/call/...``) opens a new one each time."""
+
+    def __init__(self, per_window: int | None, window_s: float, remembered: int = 4096):
+        self.rate = RateLimit(per_window, window_s)
+        self.known: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.remembered = remembered
+
+    def wait_s(self, client: str, session_hash: str | None) -> float:
+        key = (client, session_hash)
+        if session_hash is not None and key in self.known:
+            self.known.move_to_end(key)
+            return 0.0
+        wait = self.rate.wait_s(client)
+        if not wait and session_hash is not None:
+            self.known[key] = None
+            while len(self.known) > self.remembered:
+                self.known.popitem(last=False)
+        return wait
+
+
+class ByteBudget:
+    """Bytes held at once across requests; going over refuses the request that asked."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    @contextmanager
+    def hold(self):
+        held = [0]
+
+        def add(n: int) -> None:
+            held[0] += n
+            self.used += n
+            if self.used > self.limit:
+                raise Refusal(503, "The server is busy receiving other requests; try again in a moment.")
+
+        try:
+            yield add
+        finally:
+            self.used -= held[0]
+
+
+class UploadSpace:
+    """Visitor files on disk (uploads and stored data: URLs), at most ``max_bytes`` together.
+    When a new one would not fit, the oldest are deleted first, but none younger than
+    ``min_age_s`` (its run may be about to read it); if it still does not fit, it is refused."""
+
+    def __init__(self, demo, max_bytes: int, min_age_s: float):
+        self.demo, self.max_bytes, self.min_age_s = demo, max_bytes, min_age_s
+        self.incoming = 0  # bytes of uploads still being received
+
+    def files(self) -> list[tuple[float, int, str]]:
+        """(ctime, size, path) of every visitor file still on disk, oldest first."""
+        found = []
+        for path in list(self.demo.upload_file_set):
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                self.demo.upload_file_set.discard(path)
+                continue
+            found.append((stat.st_ctime, stat.st_size, path))
+        return sorted(found)
+
+    def make_room(self, n_bytes: int) -> None:
+        files = self.files()
+        used = self.incoming + sum(size for _, size, _ in files)
+        young = time.time() - self.min_age_s
+        for ctime, size, path in files:
+            if used + n_bytes <= self.max_bytes or ctime > young:
+                break
+            Path(path).unlink(missing_ok=True)
+            self.demo.upload_file_set.discard(path)
+            used -= size
+        if used + n_bytes > self.max_bytes:
+            raise Refusal(503, "The server holds too many uploads right now; try again in a minute.")
+
+    def store(self, content: bytes, name: str) -> Path:
+        """``content`` as a file in Gradio's upload folder, where the queue accepts it as an upload."""
+        self.make_room(len(content))
+        folder = Path(self.demo.GRADIO_CACHE) / hashlib.sha256(content).hexdigest()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (client_utils.strip_invalid_filename_characters(Path(name).name) or "pasted")
+        path.write_bytes(content)
+        self.demo.upload_file_set.add(str(path))
+        return path
+
+
+def client_address(scope) -> str:
+    return (scope.get("client") or ("unknown",))[0]
+
+
+def content_length(scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+class Guard:
+    """ASGI middleware in front of Gradio's routes (module docstring: what each check closes)."""
+
+    def __init__(self, app, demo, limits: Limits):
+        self.app, self.demo, self.limits = app, demo, limits
+        self.requests = RateLimit(limits.requests_per_minute, 60)
+        self.uploads = RateLimit(limits.uploads_per_minute, 60)
+        self.sessions = NewSessions(limits.sessions_per_10_minutes, 600)
+        self.json_bytes = ByteBudget(limits.json_bytes_in_flight)
+        self.space = UploadSpace(demo, limits.upload_disk_bytes, limits.upload_min_age_s)
+        self.joining: dict[str, int] = {}  # requests per client past check_pending, not yet in the queue
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            if scope["path"] == f"{API_PREFIX}/upload":
+                return await self.upload(scope, receive, send)
+            return await self.json_request(scope, receive, send)
+        except Refusal as refusal:
+            return await JSONResponse({"detail": refusal.message}, refusal.status)(scope, receive, send)
+
+    # ------------------------------------------------------------------ uploads
+    async def upload(self, scope, receive, send):
+        declared = content_length(scope)
+        if declared is None:
+            raise Refusal(411, "An upload must state its Content-Length.")
+        if declared > self.limits.max_upload_bytes + 64 * 1024:  # one file and its multipart framing
+            raise Refusal(413, f"The upload is too large ({declared / 2**20:.1f} MB; at most "
+                               f"{self.limits.max_upload_bytes / 2**20:.0f} MB per request).")
+        self.check_rate(self.uploads, client_address(scope), "uploads")
+        self.space.make_room(declared)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self.space.incoming += declared
+        try:
+            await self.app(scope, receive, tracked_send)
+        except TypeError as error:
+            # Gradio's parser takes a part without a file name for a form field, and its upload
+            # route then fails on it with this TypeError (a 500).
+            if started or "GradioUploadFile" not in str(error):
+                raise
+            raise Refusal(400, "Every uploaded file needs a file name.") from None
+        finally:
+            self.space.incoming -= declared
+
+    # ------------------------------------------------------------------ JSON requests
+    async def json_request(self, scope, receive, send):
+        client = client_address(scope)
+        queued = scope["path"] == f"{API_PREFIX}/queue/join" or scope["path"].startswith(f"{API_PREFIX}/call/")
+        if queued:
+            self.check_rate(self.requests, client, "requests")
+            self.check_pending(client)
+        self.joining[client] = self.joining.get(client, 0) + queued
+        try:
+            with self.json_bytes.hold() as hold:
+                body = await self.read_body(scope, receive, hold)
+                if queued:
+                    body = self.admit(body, client)
+                await self.app(replace_length(scope, len(body)), replay(body, receive), send)
+        finally:
+            self.joining[client] -= queued
+            if not self.joining[client]:
+                del self.joining[client]
+
+    async def read_body(self, scope, receive, hold) -> bytes:
+        limit = self.limits.max_json_body_bytes
+        too_large = f"The request is too large (at most {limit / 2**20:.0f} MB; upload files of up to " \
+                    f"{self.limits.max_upload_bytes / 2**20:.0f} MB through the upload route)."
+        if (content_length(scope) or 0) > limit:
+            raise Refusal(413, too_large)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise Refusal(400, "The request ended before its body did.")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            hold(len(chunk))
+            if size > limit:
+                raise Refusal(413, too_large)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def admit(self, body: bytes, client: str) -> bytes:
+        """The body of a queued request once its session is admitted and its files are checked:
+        links refused, data: URLs replaced by stored uploads (one path, whatever the route)."""
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return body  # Gradio answers malformed JSON itself
+        if not isinstance(payload, dict):
+            return body
+        wait = self.sessions.wait_s(client, payload.get("session_hash"))
+        if wait:
+            raise Refusal(429, f"Too many new sessions from your address: try again in {math.ceil(wait)} s.")
+        files: list[dict] = []
+        client_utils.traverse(payload.get("data"), files.append, client_utils.is_file_obj_with_meta)
+        stored = [self.admit_file(file, client) for file in files]
+        return json.dumps(payload).encode() if any(stored) else body
+
+    def admit_file(self, file: dict, client: str) -> bool:
+        """Refuse a link; store a data: URL as an upload and point ``file`` at it (True)."""
+        if client_utils.is_http_url_like(file["path"]):
+            raise Refusal(400, "Files are not fetched from links: upload the file itself.")
+        url = file.get("url") or ""
+        if not url.startswith("data:"):
+            return False
+        self.check_rate(self.uploads, client, "uploads")
+        path = self.space.store(decode_data_url(url, self.limits.max_upload_bytes), file.get("orig_name") or "")
+        file.update(path=str(path), url=None, size=path.stat().st_size)
+        return True
+
+    # ------------------------------------------------------------------ per-client checks
+    def check_rate(self, rate: RateLimit, client: str, what: str) -> None:
+        wait = rate.wait_s(client)
+        if wait:
+            raise Refusal(429, f"Too many {what} from your address: try again in {math.ceil(wait)} s.")
+
+    def check_pending(self, client: str) -> None:
+        """Refuse a client that already has ``pending_per_client`` requests in the queue or on
+        their way into it (their bodies still being read), so that one address cannot fill the
+        queue that every visitor shares."""
+        limit = self.limits.pending_per_client
+        if limit is None:
+            return
+        events = list(self.demo._queue.event_ids_to_events.values())
+        pending = self.joining.get(client, 0) + sum(
+            1 for event in events
+            if event.request is not None and event.request.client is not None and event.request.client.host == client)
+        if pending >= limit:
+            raise Refusal(429, f"You have {pending} requests waiting already: wait for them to finish.")
+
+
+def decode_data_url(url: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 ``data:`` URL, its size checked (:func:`model.inputs.check_size`,
+    as for uploads) from the URL's length before anything is decoded."""
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise Refusal(400, "Only base64 data: URLs are accepted.")
+    try:
+        check_size(len(data) * 3 // 4 - data[-2:].count("="), "uploaded", max_bytes)
+        return base64.b64decode(data, validate=True)
+    except InputError as error:
+        raise Refusal(413, str(error)) from None
+    except binascii.Error:
+        raise Refusal(400, "The data: URL is not valid base64.") from None
+
+
+def replace_length(scope, n_bytes: int):
+    """``scope`` with its Content-Length set to the (possibly rewritten) body's length."""
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+    return {**scope, "headers": headers + [(b"content-length", str(n_bytes).encode())]}
+
+
+def replay(body: bytes, receive):
+    """An ASGI ``receive`` that hands ``body`` over once, then defers to the real one."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive_again
+
+
+def launch_options(demo, limits: Limits) -> dict:
+    """``demo.launch`` keyword arguments that apply ``limits`` (``build_demo`` sets the queue)."""
+    return dict(max_file_size=limits.max_upload_bytes, state_session_capacity=limits.session_capacity,
+                app_kwargs={"middleware": [Middleware(Guard, demo=demo, limits=limits)]})
