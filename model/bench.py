@@ -33,9 +33,12 @@ QUESTION = "what color is the star ?"
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "scene-shapes.png"
 
 
-def llava_7b_shaped(llm_layers: int) -> DuetLlava:
-    """Random weights, real LLaVA-1.5-7B widths: what matters for speed is the shape."""
+def llava_7b_shaped(llm_layers: int, device: str = "auto") -> DuetLlava:
+    """Random weights, real LLaVA-1.5-7B widths: what matters for speed is the shape. Built on the
+    device in the engine's dtype for it (bf16 on CUDA), so a GPU run needs no host copy."""
     from transformers import LlavaForConditionalGeneration
+
+    from .engine import pick_device, pick_dtype
 
     spec = TinyLlavaSpec(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
                          text_hidden=4096, text_layers=llm_layers, text_heads=32, text_kv_heads=32,
@@ -44,7 +47,9 @@ def llava_7b_shaped(llm_layers: int) -> DuetLlava:
     tok = processor.tokenizer
     config = spec.config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
+    dev = pick_device(device)
+    with torch.device(dev):
+        model = LlavaForConditionalGeneration(config).to(pick_dtype(dev)).eval()
     model.generation_config.eos_token_id = tok.eos_token_id
     return DuetLlava(model, processor, f"llava-1.5-7b-shaped-{llm_layers}L")
 
@@ -224,7 +229,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    engine = llava_7b_shaped(args.llm_layers) if args.shape else DuetLlava.load(args.model, device=args.device)
+    engine = (llava_7b_shaped(args.llm_layers, args.device) if args.shape
+              else DuetLlava.load(args.model, device=args.device))
     result = run_bench(engine, args.methods.split(","), [int(b) for b in args.budgets.split(",")],
                        args.reps, args.decode_steps)
     print(markdown(result))
