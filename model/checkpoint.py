@@ -203,6 +203,20 @@ _WRITERS = ("embed_tokens.weight", "o_proj.weight", "down_proj.weight",
             "multi_modal_projector.linear_2.weight", "multi_modal_projector.linear_2.bias")
 
 
+def store_half(folder: str | Path) -> None:
+    """Rewrite the weights of the checkpoint in ``folder`` as float16, leaving its config's float32:
+    a Hugging Face Space rejects a pushed file over 10 MB that Git LFS does not track, and the
+    shipped model's float32 weights are 13.4 MB. ``from_pretrained`` casts them back to the
+    config's float32 (the engine asks for float32 on the CPU anyway); the shipped model's answers
+    did not change on the test split (EVAL.md)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    weights = load_file(path)
+    save_file({name: w.to(torch.float16).contiguous() if w.is_floating_point() else w for name, w in weights.items()},
+              path, metadata={"format": "pt"})
+
+
 def load_widened(source: LlavaForConditionalGeneration, target: LlavaForConditionalGeneration) -> None:
     """Load `source` into `target`, a LLaVA with the same tower whose decoder may be wider (hidden
     size, attention heads of the same width and grouping, MLP units), so that `target` computes

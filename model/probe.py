@@ -124,7 +124,8 @@ def load(model_path: str):
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    return LlavaForConditionalGeneration.from_pretrained(model_path).eval(), AutoProcessor.from_pretrained(model_path)
+    return (LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).eval(),
+            AutoProcessor.from_pretrained(model_path))
 
 
 def probe(model_path: str, scenes: int = 120, seed: int = 0, tower_layers: bool = False) -> dict:

@@ -132,7 +132,7 @@ from transformers.utils import logging as hf_logging
 from . import clips as clips_module
 from . import data
 from .budget import Plan, ReductionConfig, Stage, plan
-from .checkpoint import TinyLlavaSpec, build_model, build_processor, load_widened
+from .checkpoint import TinyLlavaSpec, build_model, build_processor, load_widened, store_half
 from .engine import DuetLlava, salient_positions
 from .train_reduce import (EARLY_DROP, OBJECT_DROP, Marks, Supervision, absent_marks, counting_targets, marked_rows,
                            reduced_loss, row_targets, supervised_losses)
@@ -872,13 +872,15 @@ def max_objects_at(step: int, cfg: TrainConfig) -> int:
 
 # ----------------------------------------------------------------------------- saving
 def export(model, processor, folder: Path, info: dict) -> None:
-    """Save model + processor as a standard HF folder, replacing `folder` in one rename so a
-    reader never sees a half-written checkpoint."""
+    """Save model + processor as a standard HF folder (weights stored as float16,
+    ``checkpoint.store_half``), replacing `folder` in one rename so a reader never sees a
+    half-written checkpoint."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
+    store_half(staging)
     processor.save_pretrained(staging)
     (staging / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     retired = folder.with_name(f".{folder.name}.old")
@@ -1026,7 +1028,7 @@ def train_main(argv: list[str]) -> int:
         from transformers import LlavaForConditionalGeneration
 
         # Runs do not outlive a machine; the shipped folder does, so a new session can go on from it.
-        source = LlavaForConditionalGeneration.from_pretrained(cfg.init_from)
+        source = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
         if cfg.init_parts == "vision":
             model.load_state_dict({k: v for k, v in source.state_dict().items() if k.startswith(VISION_PARTS)},
                                   strict=False)
@@ -1034,7 +1036,7 @@ def train_main(argv: list[str]) -> int:
             load_widened(source, model)
             spec = replace(spec, text_norm_eps=model.config.text_config.rms_norm_eps)  # a resumed run rebuilds from spec
         if cfg.init_vision_from:
-            tower = LlavaForConditionalGeneration.from_pretrained(cfg.init_vision_from).state_dict()
+            tower = LlavaForConditionalGeneration.from_pretrained(cfg.init_vision_from, dtype=torch.float32).state_dict()
             model.load_state_dict({k: v for k, v in tower.items() if k.startswith(VISION_PARTS)}, strict=False)
         if cfg.redraw_answers:
             redraw_rows(model, processor.tokenizer, cfg.redraw_answers.split(","),

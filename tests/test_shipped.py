@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from model import data
@@ -42,3 +43,25 @@ def test_engine_answers_reproduce_the_recorded_validation_accuracy(folder):
     full = ReductionConfig("full")
     correct = sum(engine.answer(s.image, s.question, full, max_new_tokens=2)["answer"] == s.answer for s in samples)
     assert correct == round(info["val_acc"] * len(samples))
+
+
+SPACE_FILE_LIMIT = 10 * 2**20  # a Hugging Face Space refuses a pushed file above this unless Git LFS tracks it
+
+
+def test_every_tracked_file_fits_a_space_push():
+    import subprocess
+
+    root = DEFAULT_MODEL.parent.parent
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    sizes = {name.decode(): (root / name.decode()).stat().st_size for name in tracked if name}
+    assert sizes and max(sizes.values()) <= SPACE_FILE_LIMIT, max(sizes.items(), key=lambda item: item[1])
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
+def test_weights_are_stored_in_half_precision_and_load_in_float32(folder):
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert {str(weights.get_tensor(name).dtype) for name in weights.keys()} == {"torch.float16"}
+    assert next(DuetLlava.load(folder, device="cpu").model.parameters()).dtype == torch.float32
+    assert next(LlavaForConditionalGeneration.from_pretrained(folder).parameters()).dtype == torch.float32

@@ -584,7 +584,8 @@ def test_the_last_weights_are_exported_whatever_their_score(trained):
     assert final["step"] == 4 and final["config"]["steps"] == 4
     state = torch.load(trained / "state.pt", weights_only=False)
     model = LlavaForConditionalGeneration.from_pretrained(trained / "final")
-    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+    # exported in half precision (checkpoint.store_half): the last weights, rounded
+    assert all(torch.equal(v, state["model"][k].half().float()) for k, v in model.state_dict().items())
 
 
 def test_redrawn_answer_rows_come_apart_around_their_mean_and_leave_the_rest(trained):
