@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .budget import ReductionConfig, plan
+from .budget import ReductionConfig
 from .checkpoint import TinyLlavaSpec, build_processor
-from .engine import DuetLlava, Timer
+from .device import Timer
+from .engine import DuetLlava
 
 QUESTION = "what color is the star ?"
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "scene-shapes.png"
@@ -38,7 +39,7 @@ def llava_7b_shaped(llm_layers: int, device: str = "auto") -> DuetLlava:
     device in the engine's dtype for it (bf16 on CUDA), so a GPU run needs no host copy."""
     from transformers import LlavaForConditionalGeneration
 
-    from .engine import pick_device, pick_dtype
+    from .device import pick_device, pick_dtype
 
     spec = TinyLlavaSpec(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
                          text_hidden=4096, text_layers=llm_layers, text_heads=32, text_kv_heads=32,
@@ -125,46 +126,6 @@ def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int)
     }
 
 
-def train_step_times(engine: DuetLlava, budgets: list[int], batch_size: int, reps: int) -> list[dict]:
-    """Forward + backward + AdamW step with full tokens vs DUET at each budget (SPEC §2 Training).
-    The steps really update the in-memory weights (lr 1e-5); nothing is saved."""
-    from . import data
-    from .train import encode
-    from .train_reduce import reduced_loss
-
-    batch = encode(engine.processor, [data.sample(0, "train", i) for i in range(batch_size)], 0.3)
-    ids, pixels, labels, salient = batch["input_ids"], batch["pixel_values"], batch["labels"], batch["salient"]
-    model = engine.model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    rows = []
-    for budget in [engine.n_patches, *budgets]:
-        p = plan(ReductionConfig("full" if budget == engine.n_patches else "duet", budget),
-                 engine.n_layers, engine.n_patches)
-        times = []
-        for rep in range(reps + 1):
-            started = time.perf_counter()
-            loss, *_ = reduced_loss(engine, p, ids, pixels, labels, salient)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if rep:
-                times.append((time.perf_counter() - started) * 1e3)
-        rows.append({"method": p.method, "budget": budget, "step_ms": _median_spread(times)})
-    model.eval()
-    return rows
-
-
-def train_markdown(rows: list[dict], batch_size: int) -> str:
-    full = rows[0]["step_ms"][0]
-    lines = [f"Training step (forward + backward + AdamW), batch {batch_size}:", "",
-             "| method | budget | step ms | vs full |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['budget'] if r['method'] != 'full' else '—'} | "
-                     f"{r['step_ms'][0]:.0f} ({r['step_ms'][1]:.0f}-{r['step_ms'][2]:.0f}) | "
-                     f"{100 * (r['step_ms'][0] / full - 1):+.0f} % |")
-    return "\n".join(lines)
-
-
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -216,9 +177,6 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--train", action="store_true",
-                        help="also time training steps, full vs DUET (the model must know the scene vocabulary)")
-    parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="1 rep, 2 decode steps, budget 64 only")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
@@ -234,11 +192,6 @@ def bench_main(argv: list[str] | None = None) -> int:
     result = run_bench(engine, args.methods.split(","), [int(b) for b in args.budgets.split(",")],
                        args.reps, args.decode_steps)
     print(markdown(result))
-    if args.train:
-        with torch.enable_grad():
-            result["train"] = train_step_times(engine, [int(b) for b in args.budgets.split(",")],
-                                               args.train_batch, args.reps)
-        print("\n" + train_markdown(result["train"], args.train_batch))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -94,7 +94,7 @@ class Stage:
     score: ``salient`` text tokens + the last one (DUET inference), ``text`` = every row after the
     image (DUET's code when the checkpoint's config lacks ``use_salient_tokens``), ``last`` = the
     last instruction token (PyramidDrop, FastV, Video-LLaVA DUET) or ``all`` rows; ``fitprune``
-    ranks by FitPrune's self x cross attention (``engine.fitprune_scores``).
+    ranks by FitPrune's self x cross attention (``t2v.fitprune_scores``).
     """
 
     layer: int

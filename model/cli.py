@@ -90,19 +90,24 @@ def _delegated(name: str):
 
         return bench_main
     if name == "eval":
-        from .eval import eval_main
+        from .lab.eval import eval_main
 
         return eval_main
     if name == "probe":
-        from .probe import probe_main
+        from .lab.probe import probe_main
 
         return probe_main
     if name == "fit-fitprune":
         from .fitprune import fit_main
+        from .lab.scenes import calibration_items
 
-        return fit_main
+        return lambda argv: fit_main(argv, calibration_items)
+    if name == "train-speed":
+        from .lab.train_speed import speed_main
+
+        return speed_main
     if name == "train":
-        from .train import train_main
+        from .lab.trainer import train_main
 
         return train_main
     return None
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and (delegate := _delegated(argv[0])):
         return delegate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m model", description="DUET-LLaVA token reduction")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,fit-fitprune,probe,train}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,fit-fitprune,probe,train,train-speed}")
     answer = commands.add_parser("answer", help="answer a question about an image or a video")
     answer.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
     answer.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -13,8 +13,7 @@ else in the product reads model internals.
 from __future__ import annotations
 
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,59 +26,15 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
 )
 
-from . import flops as F
-from .budget import Plan, ReductionConfig, average, plan
+from . import decoder, trace
+from .budget import Plan, ReductionConfig, plan
+from .device import Timer, pick_device, pick_dtype
+from .prompt import Prompt, salient_positions, view_box
 from .schedules import SCHEDULE_FILE, read_schedules
-from .salient import salient_spans
-from .t2v import attention_probs, fitprune_parts, keep_top, tokens_overlapping
 from .v2v import cls_attention, duet_merge, hired_select, visionzip_merge
 from .video_llava import Route, VideoLlavaInputs
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "duet-llava-tiny"
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but no CUDA device is available")
-    return torch.device(device)
-
-
-def pick_dtype(device: torch.device) -> torch.dtype:
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-class Timer:
-    """Wall-clock sections, synchronising CUDA so GPU work is counted where it happens."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.ms = device, {}
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def start(self):
-        self._sync()
-        return time.perf_counter()
-
-    def stop(self, name: str, started: float):
-        self._sync()
-        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - started) * 1e3
-
-
-@dataclass
-class Prompt:
-    input_ids: torch.Tensor  # (1, T) as the processor expands it: P (+ CLS) visual tokens per frame
-    pixel_values: torch.Tensor  # (F, 3, H, W)
-    salient: list[int]  # positions in input_ids of the salient text tokens (incl. the last)
-    salient_rule: str  # which rule chose them: "spacy", "builtin", "given" (or "last-only", see salient_positions)
-    question: str
-    view_boxes: list[list[float]]  # per frame: the region of the original image the model sees
-    route: Route
 
 
 @dataclass
@@ -98,45 +53,6 @@ class Prefill:
     tokens_per_layer: list[int]  # all tokens seen by each layer
     kept: dict[int, list[int]]  # stage layer -> surviving visual token ids
     next_positions: list[int]  # per layer: the position id the first generated token takes there
-
-
-def per_frame_counts(frames: list[dict], stages: list[dict], n_layers: int) -> list[list[int]]:
-    """Visual tokens of each frame alive at each LLM layer (frames x layers), from the records."""
-    bounds = [(f["token_offset"], f["token_offset"] + f["n_tokens"]) for f in frames]
-    alive = [b - a for a, b in bounds]
-    kept_at = {s["layer"]: s["kept"] for s in stages}
-    rows = [[] for _ in frames]
-    for layer in range(n_layers):
-        if layer in kept_at:
-            alive = [sum(a <= t < b for t in kept_at[layer]) for a, b in bounds]
-        for row, count in zip(rows, alive):
-            row.append(count)
-    return rows
-
-
-def salient_positions(tokenizer, image_token_id: int, text: str, question: str, input_ids: torch.Tensor,
-                      words=None) -> tuple[list[int], str]:
-    """(token positions in the processor's expanded prompt ``input_ids`` of the question's salient
-    words (``salient.salient_spans``) plus the last prompt token, the rule that chose them).
-    Offsets come from tokenizing ``text`` with a single image token per image; if that does not
-    reproduce the processor's ids, only the last token is used (rule "last-only")."""
-    last = len(input_ids) - 1
-    short = tokenizer(text, return_offsets_mapping=True)
-    ids, offsets = short["input_ids"], short["offset_mapping"]
-    expansion = (input_ids == image_token_id).sum().item() // max(1, ids.count(image_token_id))
-    shift, expanded_pos = 0, []
-    for token in ids:
-        expanded_pos.append(len(expanded_pos) + shift)
-        if token == image_token_id:
-            shift += expansion - 1
-    expanded = [t for t in ids for _ in range(expansion if t == image_token_id else 1)]
-    start = text.rfind(question)
-    if expanded != input_ids.tolist() or start < 0:
-        return [last], "last-only"
-    words_found, rule = salient_spans(question, words)
-    spans = [(start + a, start + b) for a, b, _ in words_found]
-    chosen = {expanded_pos[i] for i in tokens_overlapping(offsets, spans)}
-    return sorted(chosen | {last}), rule
 
 
 class DuetLlava:
@@ -176,7 +92,7 @@ class DuetLlava:
             raise ValueError("vision_feature_layer 0 (embeddings) has no attention to score patches with")
         self.n_layers = self.lm.config.num_hidden_layers
         # RoPE helper of the decoder family in use (Llama, Mistral, ...), never a copy of our own.
-        self._apply_rope = sys.modules[type(self.lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.apply_rope = sys.modules[type(self.lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.sdpa = self.lm.config._attn_implementation == "sdpa"
@@ -236,28 +152,9 @@ class DuetLlava:
             salient=salient,
             salient_rule=rule,
             question=question,
-            view_boxes=[self._view_box(f.size) for f in rgb],
+            view_boxes=[view_box(self.processor.image_processor, f.size) for f in rgb],
             route=route,
         )
-
-    def _view_box(self, size: tuple[int, int]) -> list[float]:
-        """The part of the original image (x0, y0, x1, y1 in its pixels) that fills the model's
-        square input, following the processor's pad / shortest-edge resize / centre crop."""
-        ip = self.processor.image_processor
-        w, h = size
-        x0, y0, x1, y1 = 0.0, 0.0, float(w), float(h)
-        if getattr(ip, "do_pad", False):
-            side = max(w, h)
-            x0, y0, x1, y1 = (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
-        bw, bh = x1 - x0, y1 - y0
-        if getattr(ip, "do_center_crop", False) and ip.crop_size is not None:
-            crop_h, crop_w = ip.crop_size["height"], ip.crop_size["width"]
-            edge = (ip.size or {}).get("shortest_edge")
-            scale = edge / min(bw, bh) if edge else 1.0
-            cw, ch = crop_w / scale, crop_h / scale
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            x0, y0, x1, y1 = cx - cw / 2, cy - ch / 2, cx + cw / 2, cy + ch / 2
-        return [round(v, 2) for v in (x0, y0, x1, y1)]
 
     # ----------------------------------------------------------------------------- vision
     def encode(self, prompt: Prompt, p: Plan, timer: Timer, hidden: tuple[torch.Tensor, ...] | None = None) -> Visual:
@@ -271,17 +168,28 @@ class DuetLlava:
             record["view_box"] = box
         return visual
 
-    def vision_states(self, pixel_values: torch.Tensor, tower=None) -> tuple[torch.Tensor, ...]:
+    def vision_states(self, pixel_values: torch.Tensor, tower=None,
+                      patches: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Hidden states of the vision layers up to the feature layer (index 0 = embeddings).
 
         For CLIP towers the loop stops at the feature layer: LLaVA-1.5 reads layer -2, so the
         stock forward would compute a last layer nobody uses. Other towers run stock.
+        ``patches`` (F, w*w), for patch-aligned windows cut from whole images: the grid index each
+        window patch came from, whose position embedding it gets (CLS keeps its own), so a window
+        is encoded as its patches are within the whole image (the trainer's tower stage).
         """
         pixels = pixel_values.to(self.device, self.dtype)
         tower = tower or self.vision
         if not hasattr(tower, "pre_layrnorm"):
             return tower(pixels, output_hidden_states=True).hidden_states
-        h = tower.pre_layrnorm(tower.embeddings(pixels))
+        if patches is None:
+            h = tower.embeddings(pixels)
+        else:
+            emb = tower.embeddings
+            table = emb.position_embedding.weight
+            x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2) + table[1 + patches]
+            h = torch.cat([(emb.class_embedding + table[0]).expand(len(x), 1, -1), x], 1)
+        h = tower.pre_layrnorm(h)
         states = [h]
         for layer in tower.encoder.layers[: self.feature_index]:
             h = layer(h, None)
@@ -291,7 +199,7 @@ class DuetLlava:
     def cls_scores(self, before: torch.Tensor, tower=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys (F, H, 1 + P, hd), CLS attention on each patch (F, P)) at the vision layer V2V
         scores with, from that layer's input ``before`` (F, 1 + P, d): what V2V ranks and
-        clusters by, and what the trainer's ``--v2v-weight`` supervises."""
+        clusters by."""
         layer = (tower or self.vision).encoder.layers[self.feature_index - 1]
         attn = layer.self_attn
         x = layer.layer_norm1(before)
@@ -385,30 +293,6 @@ class DuetLlava:
             blocked, torch.finfo(self.dtype).min
         )[None, None]
 
-    def _probs(self, layer, h, rope, pos, query_rows) -> torch.Tensor:
-        """(H, Q, T) causal softmax attention of ``query_rows`` over every row at ``layer`` (its own q/k)."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)[0]
-        hd = attn.head_dim
-        cos, sin = rope
-        q = attn.q_proj(x[query_rows]).view(1, len(query_rows), -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(1, x.shape[0], -1, hd).transpose(1, 2)
-        q = self._apply_rope(q, q, cos[:, query_rows], sin[:, query_rows])[0]
-        k = self._apply_rope(k, k, cos, sin)[1]
-        return attention_probs(q[0], k[0], pos[query_rows], pos, attn.scaling)
-
-    def _scores(self, layer, h, rope, pos, query_rows, visual_rows) -> torch.Tensor:
-        """Attention mass that ``query_rows`` pay each visual row at ``layer``, mean over heads and rows."""
-        return self._probs(layer, h, rope, pos, query_rows)[..., visual_rows].mean(dim=(0, 1))
-
-    def fitprune_scores(self, layer, h, rope, pos, visual_rows, text_rows) -> tuple[torch.Tensor, dict]:
-        """FitPrune's ranking at ``layer`` (``t2v.fitprune_parts`` on the head-max map of every row):
-        (self x cross per visual row, {"self": ..., "cross": ...})."""
-        every_row = torch.arange(h.shape[1], device=self.device)
-        self_weight, cross_weight = fitprune_parts(self._probs(layer, h, rope, pos, every_row).amax(dim=0),
-                                                   visual_rows, text_rows)
-        return cross_weight * self_weight, {"self": self_weight, "cross": cross_weight}
-
     def prefill(
         self,
         embeds: torch.Tensor,
@@ -422,96 +306,35 @@ class DuetLlava:
         n_frames: int = 1,
         positions: torch.Tensor | None = None,
     ) -> Prefill:
-        """Run the decoder layers, dropping visual tokens at the plan's stage layers.
+        """One sequence through ``decoder.run`` with a KV cache, dropping visual tokens at the
+        plan's stage layers (position ids renumbered after a drop, ``modeling_llama_pdrop.py``
+        l.1527-1528, unless ``p.positions`` is "original").
 
-        ``salient`` are the rows of the salient text tokens (the last row included). After a drop
-        the position ids are renumbered 0..T'-1 (``modeling_llama_pdrop.py`` l.1527-1528) unless
-        ``p.positions`` is "original". ``force`` (stage layer -> kept visual ids) replays earlier
-        decisions instead of scoring: used to recompute a sequence without cache with exactly the
-        same kept tokens. A ``timer`` collects the scoring + selection time under "t2v" (it
-        synchronises, so only pass one when measuring).
+        ``salient`` are the rows of the salient text tokens (the last row included); "text" ranks
+        with every row after the image. ``force`` (stage layer -> kept visual ids) replays earlier
+        decisions: the uncached recomputation of a cached run. A ``timer`` collects the scoring +
+        selection time under "t2v" (it synchronises, so only pass one when measuring).
         """
         if embeds.shape[0] != 1:
             raise ValueError("the engine runs one sequence at a time (batch size 1)")
-        lm = self.lm
-        h = embeds
-        n_rows = h.shape[1]
-        pos = torch.arange(n_rows, device=self.device) if positions is None else positions.to(self.device)
-        visual_ids = torch.arange(len(visual_rows), device=self.device)
-        n_visual = len(visual_rows)
-        is_visual = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
-        is_visual[visual_rows] = True
-        is_salient = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
-        is_salient[torch.tensor(salient, device=self.device, dtype=torch.long)] = True
-        after_image = torch.arange(n_rows, device=self.device) > (int(visual_rows.max()) if n_visual else -1)
-        stage_at = {s.layer: s for s in p.stages}
-        score_at = {s.score_layer: s for s in p.stages if not (force and s.layer in force)}
-        cache = DynamicCache(config=lm.config) if use_cache else None
-        rope = lm.rotary_emb(h, pos[None])
-        pending, stages, counts, totals, kept, next_positions = {}, [], [], [], {}, []
-
-        def rank(s, layer):
-            """(scores of the current visual rows, FitPrune's parts or None, query rows) at ``layer``."""
-            rows = torch.nonzero(is_visual).flatten()
-            if s.query == "fitprune":
-                query = torch.nonzero(after_image).flatten()
-                return *self.fitprune_scores(layer, h, rope, pos, rows, query), len(query)
-            query = torch.nonzero({
-                "salient": is_salient,
-                "text": after_image,
-                "last": torch.arange(h.shape[1], device=self.device) == h.shape[1] - 1,
-                "all": torch.ones(h.shape[1], dtype=torch.bool, device=self.device),
-            }[s.query]).flatten()
-            return self._scores(layer, h, rope, pos, query, rows), None, len(query)
-
-        for index, layer in enumerate(lm.layers):
-            started = timer.start() if timer and (index in score_at or index in stage_at) else None
-            if index in stage_at:  # drop first: a stage scored at this layer ranks its own input
-                s = stage_at[index]
-                rows = torch.nonzero(is_visual).flatten()
-                if force and index in force:
-                    choice = torch.nonzero(torch.isin(visual_ids, torch.tensor(force[index], device=self.device))).flatten()
-                    scores, parts, n_query = None, None, None
-                else:
-                    scores, parts, n_query = rank(s, layer) if s.score_layer == index else pending.pop(index)
-                    choice = keep_top(scores, s.keep_of(n_visual, n_frames))
-                survivors = ~is_visual
-                survivors[rows[choice]] = True
-                kept[index] = visual_ids[choice].tolist()
-                if record:
-                    stages.append({
-                        "layer": index,
-                        "score_layer": s.score_layer,
-                        "query": s.query,
-                        "query_rows": n_query,
-                        "n_in": len(rows),
-                        "ids_in": visual_ids.tolist(),
-                        "kept": kept[index],
-                        "scores": None if scores is None else scores.tolist(),
-                        **({} if parts is None else {k: v.tolist() for k, v in parts.items()}),
-                    })
-                h, is_visual = h[:, survivors], is_visual[survivors]
-                is_salient, after_image = is_salient[survivors], after_image[survivors]
-                pos = torch.arange(h.shape[1], device=self.device) if p.positions == "contiguous" else pos[survivors]
-                visual_ids = visual_ids[choice]
-                rope = lm.rotary_emb(h, pos[None])
-            if index in score_at and score_at[index].layer > index:  # ranked here, dropped at a later layer
-                pending[score_at[index].layer] = rank(score_at[index], layer)
-            if started is not None:
-                timer.stop("t2v", started)
-            counts.append(int(is_visual.sum()))
-            totals.append(h.shape[1])
-            next_positions.append(int(pos[-1]) + 1)
-            h = layer(
-                h,
-                attention_mask=self._mask(h.shape[1]),
-                position_ids=pos[None],
-                past_key_values=cache,
-                use_cache=use_cache,
-                position_embeddings=rope,
-            )
-        logits = self.lm_head(lm.norm(h[:, -1]))[0]
-        return Prefill(logits, cache, stages, counts, totals, kept, next_positions)
+        n_rows = embeds.shape[1]
+        index = torch.arange(n_rows, device=self.device)
+        visual = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        visual[visual_rows] = True
+        salient_mask = torch.zeros_like(visual)
+        salient_mask[torch.tensor(salient, device=self.device, dtype=torch.long)] = True
+        last_visual = int(visual_rows.max()) if len(visual_rows) else -1
+        queries = {"salient": salient_mask, "text": index > last_visual, "last": index == n_rows - 1,
+                   "all": torch.ones_like(visual)}
+        pos = index if positions is None else positions.to(self.device)
+        rows = decoder.Rows.build(visual[None], pos[None], {k: v[None] for k, v in queries.items()})
+        out = decoder.run(self.lm, embeds, rows, p, self.apply_rope, n_frames=n_frames,
+                          cache=DynamicCache(config=self.lm.config) if use_cache else None,
+                          force=None if force is None else {k: [v] for k, v in force.items()},
+                          record=record, mask=self._mask, timer=timer)
+        logits = self.lm_head(self.lm.norm(out.hidden[:, -1]))[0]
+        return Prefill(logits, out.cache, out.stages, out.counts, out.totals,
+                       {k: v[0] for k, v in out.kept.items()}, out.next_positions)
 
     def step(self, token: int, positions: list[int], cache: DynamicCache) -> torch.Tensor:
         """Logits after one generated ``token``, decoded at ``positions[i]`` in layer i (each layer
@@ -557,14 +380,23 @@ class DuetLlava:
         embeds, visual_rows, salient = self.llm_inputs(prompt, visual)
         positions = self.positions(prompt, visual, p.positions)
         started = timer.start()
-        n_frames = len(frames)
-        first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record, n_frames=n_frames,
-                             positions=positions)
-        token = int(first.logits.argmax())
+        first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record,
+                             n_frames=len(frames), positions=positions)
         timer.stop("prefill", started)
-
-        generated, steps = [], 0
         started = timer.start()
+        decoded = self.decode(first, embeds, visual_rows, salient, p, positions, max_new_tokens, use_cache,
+                                len(frames))
+        timer.stop("decode", started)
+        timer.stop("total", started_total)
+        return trace.build(self, prompt, visual, p, first, salient, decoded, embeds.shape[1] - len(visual_rows),
+                           timer.ms)
+
+    def decode(self, first: Prefill, embeds, visual_rows, salient, p: Plan, positions, max_new_tokens: int,
+               use_cache: bool, n_frames: int) -> tuple[list[int], int]:
+        """(greedy tokens after ``first`` until EOS or ``max_new_tokens``, decoding steps run): on
+        the pruned KV cache (``step``), or without cache by recomputing the grown sequence with
+        the same kept tokens."""
+        generated, token, steps = [], int(first.logits.argmax()), 0
         while token not in self.eos_ids and len(generated) < max_new_tokens:
             generated.append(token)
             if len(generated) == max_new_tokens:
@@ -579,49 +411,4 @@ class DuetLlava:
                                       record=False, n_frames=n_frames, positions=grown_pos).logits
             token = int(logits.argmax())
             steps += 1
-        timer.stop("decode", started)
-        timer.stop("total", started_total)
-
-        ms = timer.ms
-        n_visual_full = (self.n_patches + prompt.route.cls_kept) * len(frames)
-        text_len = embeds.shape[1] - len(visual_rows)
-        lm_cfg, vc = self.lm.config, self.model.config.vision_config
-        return {
-            "model": self.name,
-            "method": p.method,
-            "budget": p.budget,
-            "question": prompt.question,
-            "answer": self.tokenizer.decode(generated, skip_special_tokens=True).strip(),
-            "generated_tokens": len(generated),
-            "generated_ids": generated,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "grid": list(self.grid),
-            "frames": visual.frames,
-            "salient": [
-                {"position": i, "token": self.tokenizer.convert_ids_to_tokens(int(prompt.input_ids[0, j]))}
-                for i, j in zip(salient, sorted(prompt.salient))
-            ],
-            "salient_rule": prompt.salient_rule,
-            "plan": {**{k: v for k, v in asdict(p).items() if k != "stages"},
-                     "stages": [asdict(s) for s in p.stages]},
-            "positions": p.positions,  # position ids after a reduction: "contiguous" (renumbered) or "original"
-            "t2v": first.stages,
-            "visual_tokens_per_layer": first.counts,
-            "visual_tokens_per_frame_layer": per_frame_counts(visual.frames, first.stages, self.n_layers),
-            "avg_visual_tokens": round(average(first.counts), 2),
-            "timings_ms": {
-                "vision": round(ms.get("vision", 0.0), 3),
-                "v2v": round(ms.get("v2v", 0.0), 3),
-                "prefill": round(ms["prefill"], 3),
-                "decode_per_token": round(ms["decode"] / steps, 3) if steps else 0.0,
-                "total": round(ms["total"], 3),
-            },
-            "flops": {
-                "vision": F.vision_flops(len(frames), self.n_patches + 1, self.feature_index,
-                                         vc.hidden_size, vc.intermediate_size),
-                "llm": F.llm_flops(first.tokens_per_layer, lm_cfg.hidden_size, lm_cfg.intermediate_size),
-                "llm_full": F.llm_flops([text_len + n_visual_full] * self.n_layers,
-                                        lm_cfg.hidden_size, lm_cfg.intermediate_size),
-            },
-        }
+        return generated, steps

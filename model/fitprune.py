@@ -46,8 +46,10 @@ from pathlib import Path
 import torch
 
 from .budget import ReductionConfig, plan
-from .engine import DuetLlava, Timer
+from .device import Timer
+from .engine import DuetLlava
 from .schedules import SCHEDULE_FILE, write_schedules
+from .t2v import fitprune_scores
 
 ALPHA_TOLERANCE = 0.01
 
@@ -127,7 +129,7 @@ def attention_weights(engine: DuetLlava, layer, s: Sample) -> tuple[torch.Tensor
     """(cross per visual token, normalised per text row; self per visual token) at ``layer``."""
     rope = engine.lm.rotary_emb(s.h, s.pos[None])
     visual, text = torch.nonzero(s.is_visual).flatten(), torch.nonzero(s.is_text).flatten()
-    _, parts = engine.fitprune_scores(layer, s.h, rope, s.pos, visual, text)
+    _, parts = fitprune_scores(layer, s.h[0], rope, s.pos, visual, text, engine.apply_rope)
     return parts["cross"] / len(text), parts["self"]
 
 
@@ -216,19 +218,17 @@ def fit_schedule(engine: DuetLlava, items, budget: int, log=print) -> dict:
             "n_samples": len(items)}
 
 
-def calibration_items(data: Path | None, n: int):
-    """(frames, question) pairs: ``data/questions.jsonl`` or the synthetic validation split."""
-    if data is not None:
-        from PIL import Image
+def calibration_items(data: Path, n: int):
+    """(frames, question) pairs from ``data/questions.jsonl`` ({image, question} lines)."""
+    from PIL import Image
 
-        lines = (data / "questions.jsonl").read_text().splitlines()[:n]
-        return [([Image.open(data / row["image"]).convert("RGB")], row["question"]) for row in map(json.loads, lines)]
-    from .data import sample
-
-    return [([s.image], s.question) for s in (sample(0, "val", i) for i in range(n))]
+    lines = (data / "questions.jsonl").read_text().splitlines()[:n]
+    return [([Image.open(data / row["image"]).convert("RGB")], row["question"]) for row in map(json.loads, lines)]
 
 
-def fit_main(argv: list[str] | None = None) -> int:
+def fit_main(argv: list[str] | None = None, default_items=None) -> int:
+    """``default_items(n)``: calibration pairs when no ``--data`` is given (the CLI passes the
+    synthetic validation split)."""
     parser = argparse.ArgumentParser(prog="python -m model fit-fitprune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint folder (default: the shipped model)")
     parser.add_argument("--budgets", default="192,128,64")
@@ -238,7 +238,9 @@ def fit_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     engine = DuetLlava.load(args.model, device=args.device)
     folder = Path(args.model) if args.model else Path(__file__).resolve().parent.parent / "assets" / "duet-llava-tiny"
-    items = calibration_items(args.data, args.n)
+    if args.data is None and default_items is None:
+        raise SystemExit("--data is required")
+    items = calibration_items(args.data, args.n) if args.data is not None else default_items(args.n)
     fits = {}
     for budget in (int(b) for b in args.budgets.split(",")):
         started = time.time()

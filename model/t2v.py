@@ -55,3 +55,33 @@ def fitprune_parts(head_max: torch.Tensor, visual_rows: torch.Tensor, text_rows:
     self_weight = on_visual[visual_rows].sum(dim=0) / len(visual_rows)
     cross_weight = on_visual[text_rows].sum(dim=0)
     return self_weight, cross_weight
+
+
+def layer_probs(layer, h: torch.Tensor, rope, pos: torch.Tensor, query_rows: torch.Tensor, apply_rope) -> torch.Tensor:
+    """(H, Q, T) causal softmax attention of ``query_rows`` over every row of one sequence at a
+    stock decoder ``layer``, from its own q/k: ``h`` (T, d) is the layer's input, ``rope`` the
+    (cos, sin) of the sequence (1, T, hd), ``apply_rope`` the decoder family's RoPE helper."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    hd = attn.head_dim
+    cos, sin = rope
+    q = attn.q_proj(x[query_rows]).view(1, len(query_rows), -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, x.shape[0], -1, hd).transpose(1, 2)
+    q = apply_rope(q, q, cos[:, query_rows], sin[:, query_rows])[0]
+    k = apply_rope(k, k, cos, sin)[1]
+    return attention_probs(q[0], k[0], pos[query_rows], pos, attn.scaling)
+
+
+def layer_scores(layer, h, rope, pos, query_rows, visual_rows, apply_rope) -> torch.Tensor:
+    """What T2V, FastV and PyramidDrop rank by: the attention ``query_rows`` pay each of
+    ``visual_rows`` at ``layer``, mean over heads and query rows."""
+    return layer_probs(layer, h, rope, pos, query_rows, apply_rope)[..., visual_rows].mean(dim=(0, 1))
+
+
+def fitprune_scores(layer, h, rope, pos, visual_rows, text_rows, apply_rope) -> tuple[torch.Tensor, dict]:
+    """FitPrune's ranking at ``layer`` (``fitprune_parts`` on the head-max map of every row):
+    (self x cross per visual row, {"self": ..., "cross": ...})."""
+    every_row = torch.arange(h.shape[0], device=h.device)
+    head_max = layer_probs(layer, h, rope, pos, every_row, apply_rope).amax(dim=0)
+    self_weight, cross_weight = fitprune_parts(head_max, visual_rows, text_rows)
+    return cross_weight * self_weight, {"self": self_weight, "cross": cross_weight}

@@ -6,7 +6,7 @@ from model.cli import main
 
 def test_quick_bench_runs_end_to_end_with_every_row(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(tiny_checkpoint), "--quick", "--train", "--train-batch", "2",
+    assert main(["bench", "--model", str(tiny_checkpoint), "--quick",
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -18,8 +18,6 @@ def test_quick_bench_runs_end_to_end_with_every_row(tiny_checkpoint, tmp_path, c
     assert duet["llm_flops"] < result["rows"][0]["llm_flops"]
     assert duet["kv_bytes"] < result["rows"][0]["kv_bytes"]
     assert abs(duet["avg_visual_tokens"] - 64) <= 2
-    assert [(r["method"], r["budget"]) for r in result["train"]] == [("full", 576), ("duet", 64)]
-    assert "Training step" in table
 
 
 def test_ui_render_bench_reports_every_view(engine):

@@ -1,11 +1,11 @@
 import numpy as np
 
-from model import data
-from model.clips import moving_clip
+from model.lab import scenes
+from model.lab.clips import moving_clip
 
 
 def test_the_queried_object_moves_and_nothing_else_does():
-    sample = next(s for s in (data.sample(0, "test", i) for i in range(100)) if s.kind == "colour")
+    sample = next(s for s in (scenes.sample(0, "test", i) for i in range(100)) if s.kind == "colour")
     frames = [np.asarray(f).astype(int) for f in moving_clip(sample, n_frames=4, step_px=(10, 0))]
     obj = sample.objects[sample.query[0]]
     assert np.array_equal(frames[0], np.asarray(sample.image))

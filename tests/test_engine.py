@@ -7,7 +7,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from model.budget import METHODS, ReductionConfig, plan
-from model.engine import DuetLlava, Timer
+from model.device import Timer
+from model.engine import DuetLlava
 
 from .conftest import QUESTION
 

@@ -4,17 +4,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from model import data
+from model.lab import scenes
 from model.budget import ReductionConfig
 from model.cli import main
-from model.data import query_patches
-from model.eval import evaluate, items, markdown, markdown_objects, represented_patches
+from model.lab.scenes import query_patches
+from model.lab.eval import evaluate, items, markdown, markdown_objects, represented_patches
 
 
 def test_query_patches_follow_the_mask():
-    sample = next(s for s in (data.sample(0, "test", i) for i in range(50)) if s.query)
+    sample = next(s for s in (scenes.sample(0, "test", i) for i in range(50)) if s.query)
     patches = query_patches(sample)
-    coverage = sum(data.patch_coverage(sample.objects[i].mask).reshape(-1) for i in sample.query)
+    coverage = sum(scenes.patch_coverage(sample.objects[i].mask).reshape(-1) for i in sample.query)
     assert patches and all(coverage[p] > 0 for p in patches)
 
 
@@ -44,7 +44,7 @@ def test_accuracy_by_object_count_partitions_the_samples(engine):
     n = 8
     result = evaluate(engine, "test", n, [ReductionConfig("full", 576)], max_new_tokens=2)
     row = result["rows"][0]
-    counts = Counter(len(data.sample(0, "test", i).objects) for i in range(n))
+    counts = Counter(len(scenes.sample(0, "test", i).objects) for i in range(n))
     assert set(row["by_objects"]) == set(counts)
     # weighted by how many scenes have each count, the groups give back the overall accuracy
     assert sum(row["by_objects"][k] * c for k, c in counts.items()) / n == pytest.approx(row["accuracy"])
@@ -68,7 +68,7 @@ def test_variants_of_one_method_and_budget_stay_separate_rows(engine):
 
 
 def test_clip_eval_uses_motion_invariant_questions_and_per_frame_budgets(engine):
-    from model.eval import VIDEO_KINDS, items
+    from model.lab.eval import VIDEO_KINDS, items
 
     clips = list(items("test", 4, 0, frames=3))
     assert len(clips) == 4 and all(s.kind in VIDEO_KINDS and len(frames) == 3 for s, frames in clips)
@@ -83,8 +83,8 @@ def test_clip_eval_uses_motion_invariant_questions_and_per_frame_budgets(engine)
 def test_start_evaluates_the_slice_that_begins_there(engine):
     full = [ReductionConfig("full", 576)]
     later = evaluate(engine, "val", 3, full, max_new_tokens=2, start=5)
-    kinds = Counter(data.sample(0, "val", i).kind for i in range(5, 8))
+    kinds = Counter(scenes.sample(0, "val", i).kind for i in range(5, 8))
     row = later["rows"][0]
     assert later["start"] == 5 and row["n"] == 3
     assert set(row["by_kind"]) == set(kinds)
-    assert [s.question for s, _ in items("val", 2, 0, 1, start=5)] == [data.sample(0, "val", i).question for i in (5, 6)]
+    assert [s.question for s, _ in items("val", 2, 0, 1, start=5)] == [scenes.sample(0, "val", i).question for i in (5, 6)]

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from model import data
+from model.lab import scenes
 from model.cli import main
-from model.probe import PROBED, fit_probe, object_patch_features, offered_words, pair_swap, swap_pair
+from model.lab.probe import PROBED, fit_probe, object_patch_features, offered_words, pair_swap, swap_pair
 
 
 def test_a_probe_reads_a_linearly_coded_label_and_scores_held_out_rows_only():
@@ -21,13 +21,13 @@ def test_a_probe_reads_a_linearly_coded_label_and_scores_held_out_rows_only():
 
 
 def test_features_are_the_object_patches_with_their_scene_labels(engine, tiny_checkpoint):
-    features, labels, owner = object_patch_features(engine.model, engine.processor, scenes=2, tower_layers=True)
+    features, labels, owner = object_patch_features(engine.model, engine.processor, n_scenes=2, tower_layers=True)
     n_layers = engine.model.config.vision_config.num_hidden_layers
     assert list(features) == ["projector", *(f"tower {k}" for k in range(n_layers + 1))]
     x = features["projector"]
     expected = []
     for index in range(2):
-        grids = data.patch_labels(data.sample(0, "train", index).objects, min_coverage=0.5)
+        grids = scenes.patch_labels(scenes.sample(0, "train", index).objects, min_coverage=0.5)
         on_object = torch.from_numpy(grids["colour"].reshape(-1)) > 0
         expected.append({name: torch.from_numpy(grids[name].reshape(-1))[on_object] for name in PROBED})
     assert x.shape == (len(owner), engine.model.config.text_config.hidden_size)

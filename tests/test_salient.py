@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import pytest
 
 from model import salient
+from model.lab import salient_agreement
+from model.lab.salient_agreement import agreement, word_positions
 from model.salient import (
-    CLOSED_CLASS_WORDS, QUESTION_WORDS, STOPWORDS, agreement, builtin_rule_spans, salient_spans,
-    spacy_rule_spans, word_positions,
+    CLOSED_CLASS_WORDS, QUESTION_WORDS, STOPWORDS, builtin_rule_spans, salient_spans, spacy_rule_spans,
 )
 
 
@@ -182,14 +183,14 @@ def test_agreement_scores_the_builtin_rule_against_the_spacy_rule():
 
 
 def test_measurement_says_why_it_cannot_run_without_a_pipeline(fake_spacy, capsys):
-    assert salient.main(["--n", "2"]) == 2
+    assert salient_agreement.main(["--n", "2"]) == 2
     assert "en_core_web_sm" in capsys.readouterr().err
 
 
 def test_measurement_prints_agreement_on_synthetic_and_natural_questions(fake_spacy, capsys):
-    questions = salient.synthetic_questions("val", 3, 0) + list(salient.NATURAL_QUESTIONS)
+    questions = salient_agreement.synthetic_questions("val", 3, 0) + list(salient_agreement.NATURAL_QUESTIONS)
     fake_spacy.pipeline = FakePipeline({q: ["NOUN"] * len(q.split()) for q in questions})
-    assert salient.main(["--split", "validation", "--n", "3"]) == 0
+    assert salient_agreement.main(["--split", "validation", "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert '"split": "val"' in out and '"questions": 3' in out
-    assert f'"questions": {len(salient.NATURAL_QUESTIONS)}' in out
+    assert f'"questions": {len(salient_agreement.NATURAL_QUESTIONS)}' in out

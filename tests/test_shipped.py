@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from model import data
+from model.lab import scenes
 from model.budget import ReductionConfig
 from model.engine import DEFAULT_MODEL, DuetLlava
 
@@ -25,7 +25,7 @@ def test_loads_with_stock_transformers_alone(folder):
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the star ?"}]}],
         add_generation_prompt=True)
-    ids = processor(images=data.sample(0, "test", 0).image, text=prompt, return_tensors="pt")["input_ids"]
+    ids = processor(images=scenes.sample(0, "test", 0).image, text=prompt, return_tensors="pt")["input_ids"]
     assert (ids == model.config.image_token_id).sum() == 576
     assert processor.tokenizer.convert_ids_to_tokens(processor.tokenizer("what color is the star ?")["input_ids"]) == \
         ["what", "color", "is", "the", "star", "?"]
@@ -37,9 +37,9 @@ def test_engine_answers_reproduce_the_recorded_validation_accuracy(folder):
     read the same weights, so greedy answers must give the accuracy training.json records (on the
     validation scenes of the run's data seed)."""
     info = json.loads((folder / "training.json").read_text())
-    assert info["vocabulary"] == data.vocabulary()
+    assert info["vocabulary"] == scenes.vocabulary()
     engine = DuetLlava.load(folder, device="cpu")
-    samples = [data.sample(info["data_seed"], "val", i) for i in range(info["val_samples"])]
+    samples = [scenes.sample(info["data_seed"], "val", i) for i in range(info["val_samples"])]
     full = ReductionConfig("full")
     correct = sum(engine.answer(s.image, s.question, full, max_new_tokens=2)["answer"] == s.answer for s in samples)
     assert correct == round(info["val_acc"] * len(samples))

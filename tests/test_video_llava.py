@@ -9,7 +9,8 @@ from PIL import Image
 
 from model.budget import ReductionConfig, plan
 from model.checkpoint import TinyLlavaSpec, build_random_video_llava
-from model.engine import DuetLlava, Timer
+from model.device import Timer
+from model.engine import DuetLlava
 
 QUESTION = "what color is the moving circle ?"
 

@@ -12,12 +12,12 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from . import data
+from . import scenes
 
 VIDEO_KINDS = ("colour", "shape", "count", "exist")  # answers that stay true while an object moves
 
 
-def moving_clip(sample: data.Sample, n_frames: int = 6, step_px: tuple[int, int] = (28, 0),
+def moving_clip(sample: scenes.Sample, n_frames: int = 6, step_px: tuple[int, int] = (28, 0),
                 index: int | None = None) -> list[Image.Image]:
     """``n_frames`` frames in which object ``index`` slides (default: the first queried one, or the
     first object when the question queries none, as a "no" existence question)."""

@@ -369,3 +369,8 @@ def object_patches(sample: Sample, indices: list[int], min_coverage: float = 0.5
         chosen = np.flatnonzero(coverage >= min_coverage)
         patches |= set(chosen.tolist() if len(chosen) else [int(coverage.argmax())])
     return patches
+
+
+def calibration_items(n: int) -> list[tuple[list[Image.Image], str]]:
+    """(frames, question) of the first n validation questions: FitPrune's default calibration set."""
+    return [([s.image], s.question) for s in (sample(0, "val", i) for i in range(n))]

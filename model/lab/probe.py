@@ -2,7 +2,7 @@
 
 ``python -m model probe --model F``: for every object patch of ``--scenes`` training scenes, take
 the projector output (`get_image_features`, what replaces <image>) and fit one multinomial
-logistic regression per patch target of `data.patch_labels` (colour, shape, and the image half of
+logistic regression per patch target of `scenes.patch_labels` (colour, shape, and the image half of
 the patch's object: across = left/right, updown = top/bottom). Scenes, not patches, are split
 70 / 30 into fit and held-out sets, so an object's patches never sit on both sides. A target the
 tokens do not carry scores near the held-out majority share, which is printed beside it.
@@ -23,23 +23,23 @@ import json
 import torch
 import torch.nn.functional as F
 
-from . import data
+from . import scenes
 
 PROBED = ("colour", "shape", "across", "updown")
 
 
 @torch.no_grad()
-def object_patch_features(model, processor, scenes: int, seed: int = 0, tower_layers: bool = False):
+def object_patch_features(model, processor, n_scenes: int, seed: int = 0, tower_layers: bool = False):
     """({where: features (N, d)}, {target: (N,) class ids}, scene index (N,)) over the object patches
-    (`data.patch_labels` with coverage >= 0.5) of training scenes 0..scenes-1. ``where`` is
+    (`scenes.patch_labels` with coverage >= 0.5) of training scenes 0..n_scenes-1. ``where`` is
     "projector" (the tokens the decoder reads) and, with ``tower_layers``, "tower 0" (the embeddings
     after the pre-norm) to "tower N" (each vision encoder layer's output)."""
     features, labels, owner = {}, {name: [] for name in PROBED}, []
-    for index in range(scenes):
-        sample = data.sample(seed, "train", index)
+    for index in range(n_scenes):
+        sample = scenes.sample(seed, "train", index)
         pixels = processor.image_processor(sample.image, return_tensors="pt")["pixel_values"].to(model.dtype)
         targets = {name: torch.from_numpy(grid.reshape(-1)) for name, grid in
-                   data.patch_labels(sample.objects, min_coverage=0.5).items()}
+                   scenes.patch_labels(sample.objects, min_coverage=0.5).items()}
         on_object = targets["colour"] > 0
         out = model.model.get_image_features(pixel_values=pixels, output_hidden_states=tower_layers)
         found = {"projector": out.pooler_output[0]}
@@ -92,14 +92,14 @@ def pair_swap(model, processor, questions: int, seed: int = 0) -> dict:
     """Offered-pair probability mass for the first ``questions`` validation position questions as
     generated ("asked") and with the pair swapped ("swapped"), the mean total variation between
     the two distributions over the four position words, and the greedy accuracy as asked."""
-    from .train import conversation
+    from .batches import conversation
 
     tok = processor.tokenizer
-    words = list(data.CHOICE_WORDS)
+    words = list(scenes.CHOICE_WORDS)
     ids = tok.convert_tokens_to_ids(words)
     mass, moved, correct, index = {"asked": [], "swapped": []}, [], [], 0
     while len(moved) < questions:
-        sample = data.sample(seed, "val", index)
+        sample = scenes.sample(seed, "val", index)
         index += 1
         if sample.kind != "position":
             continue
@@ -128,12 +128,12 @@ def load(model_path: str):
             AutoProcessor.from_pretrained(model_path))
 
 
-def probe(model_path: str, scenes: int = 120, seed: int = 0, tower_layers: bool = False) -> dict:
+def probe(model_path: str, n_scenes: int = 120, seed: int = 0, tower_layers: bool = False) -> dict:
     """{where: {target: fit_probe result}} for a checkpoint folder."""
     model, processor = load(model_path)
-    features, labels, owner = object_patch_features(model, processor, scenes, seed, tower_layers)
+    features, labels, owner = object_patch_features(model, processor, n_scenes, seed, tower_layers)
     torch.manual_seed(seed)
-    fit = torch.isin(owner, torch.randperm(scenes)[: int(0.7 * scenes)])
+    fit = torch.isin(owner, torch.randperm(n_scenes)[: int(0.7 * n_scenes)])
     return {where: {name: fit_probe(x, y, fit) for name, y in labels.items()} for where, x in features.items()}
 
 

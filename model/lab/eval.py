@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import data
-from .budget import QUERIES, ReductionConfig
+from . import scenes
+from ..budget import QUERIES, ReductionConfig
 from .clips import VIDEO_KINDS, moving_clip
-from .data import query_patches
+from .scenes import query_patches
 
 
 def represented_patches(trace: dict) -> set[int]:
@@ -47,7 +47,7 @@ def items(split: str, n: int, seed: int, frames: int, start: int = 0):
     every sample as one image, or (frames > 1) the samples of VIDEO_KINDS as moving clips."""
     index, found = start, 0
     while found < n:
-        sample = data.sample(seed, split, index)
+        sample = scenes.sample(seed, split, index)
         index += 1
         if frames == 1:
             yield sample, [sample.image]
@@ -145,7 +145,7 @@ def markdown_objects(result: dict) -> str:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint folder (default: the shipped model)")
-    parser.add_argument("--split", default="test", choices=list(data.SPLITS))
+    parser.add_argument("--split", default="test", choices=list(scenes.SPLITS))
     parser.add_argument("--methods", default="full,duet,visionzip,fastv,pyramiddrop,hired,fitprune")
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--n", type=int, default=1000)
@@ -163,7 +163,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers.utils import logging
 
-    from .engine import DuetLlava
+    from ..engine import DuetLlava
 
     logging.disable_progress_bar()
     engine = DuetLlava.load(args.model, device=args.device)

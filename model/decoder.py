@@ -1,0 +1,178 @@
+"""The one loop over the stock decoder layers that drops visual tokens: inference and training.
+
+A batch of B rows enters as hidden states (B, T, d) plus ``Rows``: which rows are visual, their
+position ids, the rows each kind of query ranks with, and where each row came from. At a plan's
+stage layer every sequence keeps its own top-ranked visual tokens (``select``), the same number in
+every sequence, so the batch stays rectangular; the gather carries gradients for everything that
+survives. Ranking reads a layer's own q/k for the few rows that need them (``t2v.layer_scores``),
+so the layers keep running on SDPA. Right-padded rows need no padding mask under causal
+attention: real tokens never attend to the pads after them.
+
+``run`` is what the engine's prefill (B = 1, with a KV cache) and the trainer (B rows, grads, no
+cache) both call; ``on_layer(index, h, rows)`` is called before each layer and once after the last
+(index = number of layers), for training losses and per-layer timing outside the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from .budget import Plan, Stage
+from .t2v import fitprune_scores, keep_top, layer_scores
+
+QUERY_KINDS = ("salient", "text", "last", "all")
+
+
+@dataclass
+class Rows:
+    """Per row of a (B, T) batch, gathered with the hidden states at every drop."""
+
+    visual: torch.Tensor  # (B, T) bool: a visual token
+    pos: torch.Tensor  # (B, T) long: position ids
+    queries: dict[str, torch.Tensor]  # kind (QUERY_KINDS) -> (B, T) bool: the rows that rank under it
+    origin: torch.Tensor  # (B, T) long: index of the row in the batch as it entered the loop
+    visual_ids: torch.Tensor  # (B, V) long: id (0..V0-1 in input order) of each visual token still alive
+
+    @classmethod
+    def build(cls, visual: torch.Tensor, pos: torch.Tensor, queries: dict[str, torch.Tensor]) -> "Rows":
+        batch, n = visual.shape
+        counts = visual.sum(1)
+        if (counts != counts[0]).any():
+            raise ValueError("every sequence of a batch must hold the same number of visual tokens")
+        ids = torch.arange(int(counts[0]), device=visual.device).expand(batch, -1)
+        origin = torch.arange(n, device=visual.device).expand(batch, -1)
+        return cls(visual, pos, queries, origin, ids)
+
+    def take(self, index: torch.Tensor, chosen: torch.Tensor, layout: str) -> "Rows":
+        """The rows at ``index`` (B, T'), the visual ones being ``chosen`` (B, V') of the alive ones."""
+        pos = (torch.arange(index.shape[1], device=index.device).expand(len(index), -1) if layout == "contiguous"
+               else self.pos.gather(1, index))
+        return Rows(self.visual.gather(1, index), pos, {k: v.gather(1, index) for k, v in self.queries.items()},
+                    self.origin.gather(1, index), self.visual_ids.gather(1, chosen))
+
+
+@dataclass
+class Output:
+    hidden: torch.Tensor  # (B, T', d) after the last layer, before the final norm
+    rows: Rows  # what survived to the last layer
+    cache: DynamicCache | None
+    stages: list[dict] = field(default_factory=list)  # sequence 0's trace records (SPEC §4)
+    kept: dict[int, list[list[int]]] = field(default_factory=dict)  # stage layer -> per sequence, surviving ids
+    counts: list[int] = field(default_factory=list)  # visual tokens each layer sees
+    totals: list[int] = field(default_factory=list)  # all tokens each layer sees
+    next_positions: list[int] = field(default_factory=list)  # sequence 0: per layer, the next position id
+
+
+def select(scores: torch.Tensor, stage: Stage, n_visual: int, n_frames: int) -> torch.Tensor:
+    """T2V's choice: indices (ascending) of the ``stage.keep_of`` best-scored visual tokens."""
+    return keep_top(scores, stage.keep_of(n_visual, n_frames))
+
+
+@dataclass
+class Ranking:
+    scores: list[torch.Tensor]  # per sequence, one score per alive visual token
+    parts: dict[str, torch.Tensor] | None  # sequence 0: FitPrune's self and cross weights
+    query_rows: int  # sequence 0: how many rows ranked
+
+
+def rank(layer, h: torch.Tensor, rope, rows: Rows, stage: Stage, apply_rope) -> Ranking:
+    """Each sequence's scores of its alive visual tokens at ``layer`` (input ``h``), by the stage's
+    query rows; FitPrune ranks by self x cross over every row (``t2v.fitprune_scores``)."""
+    scores, parts, n_query = [], None, 0
+    with torch.no_grad():
+        for b in range(h.shape[0]):
+            visual = torch.nonzero(rows.visual[b]).flatten()
+            kind = "text" if stage.query == "fitprune" else stage.query
+            query = torch.nonzero(rows.queries[kind][b]).flatten()
+            row_rope = (rope[0][b:b + 1], rope[1][b:b + 1])
+            if stage.query == "fitprune":
+                score, found = fitprune_scores(layer, h[b], row_rope, rows.pos[b], visual, query, apply_rope)
+                parts = parts or found
+            else:
+                score = layer_scores(layer, h[b], row_rope, rows.pos[b], query, visual, apply_rope)
+            scores.append(score)
+            n_query = n_query or len(query)
+    return Ranking(scores, parts, n_query)
+
+
+def drop(h: torch.Tensor, rows: Rows, choices: list[torch.Tensor], layout: str) -> tuple[torch.Tensor, Rows]:
+    """Keep every non-visual row and, per sequence, the visual tokens at ``choices[b]``."""
+    index, chosen = [], []
+    for b, choice in enumerate(choices):
+        visual = torch.nonzero(rows.visual[b]).flatten()
+        survivors = ~rows.visual[b]
+        survivors[visual[choice]] = True
+        index.append(torch.nonzero(survivors).flatten())
+        chosen.append(choice)
+    index, chosen = torch.stack(index), torch.stack(chosen)
+    return h.gather(1, index[..., None].expand(-1, -1, h.shape[-1])), rows.take(index, chosen, layout)
+
+
+def forced(rows: Rows, ids: list[list[int]]) -> list[torch.Tensor]:
+    """Per sequence, the indices among its alive visual tokens of the ids an earlier run kept."""
+    return [torch.nonzero(torch.isin(rows.visual_ids[b], torch.tensor(keep, device=rows.visual_ids.device))).flatten()
+            for b, keep in enumerate(ids)]
+
+
+def stage_record(index: int, stage: Stage, rows: Rows, ranking: Ranking | None, kept: list[int]) -> dict:
+    return {
+        "layer": index,
+        "score_layer": stage.score_layer,
+        "query": stage.query,
+        "query_rows": None if ranking is None else ranking.query_rows,
+        "n_in": int(rows.visual[0].sum()),
+        "ids_in": rows.visual_ids[0].tolist(),
+        "kept": kept,
+        "scores": None if ranking is None else ranking.scores[0].tolist(),
+        **({} if ranking is None or ranking.parts is None else {k: v.tolist() for k, v in ranking.parts.items()}),
+    }
+
+
+def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int = 1,
+        cache: DynamicCache | None = None, force: dict[int, list[list[int]]] | None = None, record: bool = False,
+        mask: Callable[[int], torch.Tensor | None] = lambda n: None, timer=None,
+        on_layer: Callable[[int, torch.Tensor, Rows], None] | None = None) -> Output:
+    """Run ``lm``'s decoder layers on ``h``, dropping visual tokens at ``p``'s stage layers.
+
+    A stage layer drops first, then a stage scored there for a later layer ranks its input.
+    ``force`` (stage layer -> per sequence, kept visual ids) replays earlier decisions instead of
+    scoring: the uncached recomputation of a cached run. ``mask(n)`` is the attention mask for n
+    rows (None under SDPA). A ``timer`` collects ranking and dropping under "t2v"."""
+    n_visual = rows.visual_ids.shape[1]
+    stage_at = {s.layer: s for s in p.stages}
+    score_at = {s.score_layer: s for s in p.stages if not (force and s.layer in force)}
+    rope = lm.rotary_emb(h, rows.pos)
+    out = Output(h, rows, cache)
+    pending: dict[int, Ranking] = {}
+    for index, layer in enumerate(lm.layers):
+        if on_layer:
+            on_layer(index, h, rows)
+        started = timer.start() if timer and (index in score_at or index in stage_at) else None
+        if index in stage_at:
+            stage = stage_at[index]
+            if force and index in force:
+                ranking, choices = None, forced(rows, force[index])
+            else:
+                ranking = rank(layer, h, rope, rows, stage, apply_rope) if stage.score_layer == index else pending.pop(index)
+                choices = [select(s, stage, n_visual, n_frames) for s in ranking.scores]
+            out.kept[index] = [rows.visual_ids[b, c].tolist() for b, c in enumerate(choices)]
+            if record:
+                out.stages.append(stage_record(index, stage, rows, ranking, out.kept[index][0]))
+            h, rows = drop(h, rows, choices, p.positions)
+            rope = lm.rotary_emb(h, rows.pos)
+        if index in score_at and score_at[index].layer > index:
+            pending[score_at[index].layer] = rank(layer, h, rope, rows, score_at[index], apply_rope)
+        if started is not None:
+            timer.stop("t2v", started)
+        out.counts.append(int(rows.visual[0].sum()))
+        out.totals.append(h.shape[1])
+        out.next_positions.append(int(rows.pos[0, -1]) + 1)
+        h = layer(h, attention_mask=mask(h.shape[1]), position_ids=rows.pos, past_key_values=cache,
+                  use_cache=cache is not None, position_embeddings=rope)
+    if on_layer:
+        on_layer(len(lm.layers), h, rows)
+    return replace(out, hidden=h, rows=rows)
