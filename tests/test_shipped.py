@@ -35,13 +35,16 @@ def test_loads_with_stock_transformers_alone(folder):
 def test_engine_answers_reproduce_the_recorded_validation_accuracy(folder):
     """The trainer scores teacher-forced batches; the engine decodes one prompt at a time. Both
     read the same weights, so greedy answers must give the accuracy training.json records (on the
-    validation scenes of the run's data seed)."""
+    validation scenes of the run's data seed, under the reduction the recipe's last stage trains with)."""
     info = json.loads((folder / "training.json").read_text())
     assert info["vocabulary"] == scenes.vocabulary()
+    assert (info["recipe"], info["parent"]) == {DEFAULT_MODEL: ("duet-llava-tiny", None),
+                                                TWIN: ("duet-llava-tiny-duet64", "assets/duet-llava-tiny")}[folder]
     engine = DuetLlava.load(folder, device="cpu")
     samples = [scenes.sample(info["data_seed"], "val", i) for i in range(info["val_samples"])]
-    full = ReductionConfig("full")
-    correct = sum(engine.answer(s.image, s.question, full, max_new_tokens=2)["answer"] == s.answer for s in samples)
+    scored = info["val_reduction"]
+    cfg = ReductionConfig(scored["method"], scored["budget"], query=scored["query"])
+    correct = sum(engine.answer(s.image, s.question, cfg, max_new_tokens=2)["answer"] == s.answer for s in samples)
     assert correct == round(info["val_acc"] * len(samples))
 
 

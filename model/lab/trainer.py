@@ -223,23 +223,24 @@ def start_model(recipe: Recipe, source: Path | None, run: Path) -> DuetLlava:
     return DuetLlava.load(source, device="cpu")
 
 
-def train_stage(engine: DuetLlava, cfg: StageConfig, folder: Path, log) -> dict:
-    """Run one stage to ``cfg.steps`` (resuming from ``folder/state.pt``); returns its last evaluation."""
+def train_stage(engine: DuetLlava, cfg: StageConfig, folder: Path, log) -> tuple[dict, float]:
+    """Run one stage to ``cfg.steps`` (resuming from ``folder/state.pt``); returns its last
+    evaluation and its wall time in seconds, summed over every session that ran it."""
     torch.manual_seed(cfg.seed)
     model = engine.model.train()
     heads = AuxHeads(engine.projector.linear_2.out_features)
     params = [*model.parameters(), *heads.parameters()] if not cfg.windows else [
         *engine.vision.parameters(), *engine.projector.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, result, state_path = 0, {}, folder / "state.pt"
+    step, result, seconds, state_path = 0, {}, 0.0, folder / "state.pt"
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
-        step, result = state["step"], state["result"]
+        step, result, seconds = state["step"], state["result"], state["seconds"]
         log(f"{cfg.name}: resumed at step {step}")
-    started = time.perf_counter()
+    started = session = time.perf_counter()
     while step < cfg.steps:
         samples = scene_batch(cfg, step)
         batch = encode(engine.processor, samples)
@@ -272,10 +273,11 @@ def train_stage(engine: DuetLlava, cfg: StageConfig, folder: Path, log) -> dict:
         if step % cfg.save_every == 0 or last:
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "step": step,
-                        "optimizer": optimizer.state_dict(), "result": result}, tmp)
+                        "optimizer": optimizer.state_dict(), "result": result,
+                        "seconds": seconds + time.perf_counter() - session}, tmp)
             os.replace(tmp, state_path)
             started = time.perf_counter()
-    return result
+    return result, seconds + time.perf_counter() - session
 
 
 def train_main(argv: list[str]) -> int:
@@ -297,26 +299,25 @@ def train_main(argv: list[str]) -> int:
         log_file.flush()
 
     source = ROOT / recipe.parent if recipe.parent else None
-    spent = json.loads((run / "wall.json").read_text()) if (run / "wall.json").exists() else {}
-    result = {}
+    spent = {}
     for cfg in recipe.stages:
         final = run / cfg.name / "final"
         if not final.exists():
             (run / cfg.name).mkdir(exist_ok=True)
             engine = start_model(recipe, source, run)
-            began = time.perf_counter()
-            result = train_stage(engine, cfg, run / cfg.name, log)
-            spent[cfg.name] = spent.get(cfg.name, 0.0) + time.perf_counter() - began
-            (run / "wall.json").write_text(json.dumps(spent))
-            export(engine, final, {"recipe": recipe.name, "stage": cfg.name, "config": asdict(cfg), **result})
-        else:
-            result = json.loads((final / "training.json").read_text())
+            result, seconds = train_stage(engine, cfg, run / cfg.name, log)
+            export(engine, final, {"recipe": recipe.name, "stage": cfg.name, "config": asdict(cfg),
+                                   "wall_s": round(seconds), **result})
+        spent[cfg.name] = json.loads((final / "training.json").read_text())["wall_s"]
         source = final
+    last = recipe.stages[-1]
+    engine = DuetLlava.load(source, device="cpu")  # as stored: the accuracy recorded is the shipped weights'
+    result = evaluate(engine, last)
     info = {"recipe": recipe.name, "parent": recipe.parent or None, "model": recipe.model,
-            "stages": [asdict(s) for s in recipe.stages], "wall_s": {k: round(v) for k, v in spent.items()},
-            "threads": args.threads, "vocabulary": scenes.vocabulary(), "data_seed": recipe.stages[-1].seed,
-            "val_samples": recipe.stages[-1].eval_samples,
-            **{k: v for k, v in result.items() if k.startswith("val_")}}
-    export(DuetLlava.load(source, device="cpu"), ROOT / recipe.export, info)
+            "stages": [asdict(s) for s in recipe.stages], "wall_s": spent,
+            "threads": args.threads, "vocabulary": scenes.vocabulary(), "data_seed": last.seed,
+            "val_samples": last.eval_samples, "val_reduction": {"method": last.reduction, "budget": last.budget,
+                                                                "query": "text"}, **result}
+    export(engine, ROOT / recipe.export, info)
     log(f"recipe {recipe.name} done: {ROOT / recipe.export} ({json.dumps(info['wall_s'])} s)")
     return 0
