@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from duet_viz.limits import Limits, launch_options
-from duet_viz.ui import CSS, build_demo
+from duet_viz.page import CSS, build_demo
 from model.engine import DuetLlava
 
 # Hub checkpoints a public deployment may load (LLaVA-1.5 family, Video-LLaVA; HF conversions); any

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import figures
-from .ui import ASSETS, EXAMPLES, LAYER_JS, build_demo
+from .page import ASSETS, EXAMPLES, LAYER_JS, build_demo
 
 STEP_JS = """
 async ([layers, sweeps]) => {

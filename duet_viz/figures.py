@@ -318,8 +318,12 @@ def frames_by_layers(trace: dict) -> go.Figure:
     return fig
 
 
+NO_ANSWER = "(no answer)"  # the model ended its turn at once (or generated only whitespace)
+
+
 def answer_rows(traces: list[dict]) -> list[list]:
-    return [[t["method"], "—" if t["method"] == "full" else t["budget"], t["avg_visual_tokens"], t["answer"]]
+    return [[t["method"], "—" if t["method"] == "full" else t["budget"], t["avg_visual_tokens"],
+             t["answer"] or NO_ANSWER]
             for t in traces]
 
 

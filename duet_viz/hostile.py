@@ -27,7 +27,7 @@ from PIL import Image
 
 from model.video import write_clip
 
-from .ui import ASSETS
+from .page import ASSETS
 
 ATTACKER = "198.51.100.66"
 QUESTION = "what animal is this ?"

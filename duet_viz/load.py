@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import hostile
-from .ui import ASSETS
+from .page import ASSETS
 
 ROOT = Path(__file__).resolve().parent.parent
 

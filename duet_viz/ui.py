@@ -12,8 +12,6 @@ limits are in :mod:`duet_viz.limits`).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
@@ -22,34 +20,24 @@ import tempfile
 import threading
 import uuid
 from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
 import torch
 from PIL import Image
 
-from model.budget import DUET_PUBLISHED, METHODS, PRESET_BUDGETS, ReductionConfig
+from model.budget import ReductionConfig
 from model.engine import DuetLlava
-from model.inputs import MAX_IMAGE_BYTES, InputError, check_question, check_upload, load_image, whole_number
+from model.inputs import MAX_IMAGE_BYTES, check_question, check_upload, load_image, whole_number
 from model.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, MAX_VIDEO_BYTES, read_frames
 
 from . import figures
-from .limits import Limits, RateLimit
+from .memory import (MAX_RESULT_BYTES, SESSION_SHARE, SHARED, bound_heap_growth, fingerprint, release_memory,
+                     result_bytes)
+from .widgets import _floats, _ints, _optional_int, shown_to_user
+from .limits import RateLimit
 
 log = logging.getLogger(__name__)
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
-EXAMPLES = [  # synthetic scenes from the test split (model.data) + scikit-image photos
-    ("scene-shapes.png", "what color is the star ?"),
-    ("scene-position.png", "is the blue circle on the left or right ?"),
-    ("scene-count.png", "how many orange objects are there ?"),
-    ("astronaut.jpg", "what is the woman holding ?"),
-    ("chelsea.jpg", "what animal is this ?"),
-    ("coffee.jpg", "what color is the cup ?"),
-]
-VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene generator
-    ("clip-moving.webm", "what color is the star ?"),
-]
 MAX_NEW_TOKENS = 64
 MODEL_WORK = "model"  # the concurrency group of every event that decodes an input or runs the model
 # Gradio's cache sweep (uploads and files sent out): every 2 minutes, files older than 15 minutes.
@@ -61,29 +49,10 @@ DEFAULTS = dict(method="duet", budget="64", custom_budget=96, compare=["full"], 
 # Position ids after a reduction. "method": each method as its code runs it (DUET, PyramidDrop and
 # VisionZip renumber the shorter sequence, FastV keeps the survivors' ids); the others force one
 # layout on every compared method.
-POSITION_CHOICES = [("each method's own", "method"), ("renumbered (contiguous)", "contiguous"),
-                    ("original (full prompt's positions)", "original")]
-# Budget radio: (label, value). The DUET authors publish the dominant/contextual split only for
-# some presets; the label says where ours is our own extrapolation. Values stay the plain numbers.
-BUDGET_CHOICES = [(str(b) if b in DUET_PUBLISHED else f"{b} (DUET split not published)", str(b))
-                  for b in PRESET_BUDGETS] + [("custom", "custom")]
 METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
                 "pyramiddrop": "PyramidDrop", "hired": "HiRED", "fitprune": "FitPrune"}
 
 # Runs in the browser on every slider move: show heatmap trace `layer` (trace 0 is the image).
-LAYER_JS = """
-(layer) => {
-  const plot = document.querySelector('#layer-view .js-plotly-plot');
-  if (!plot || !window.Plotly || !plot.data) return;
-  const visible = plot.data.map((t, i) => i === 0 || i - 1 === layer);
-  const meta = plot.layout.meta || {};
-  return window.Plotly.update(plot, {visible: visible},
-    {'title.text': `${meta.method || ''} · layer ${layer}: ${(meta.counts || [])[layer]} visual tokens survive`});
-}
-"""
-CSS = "#layer-view {min-height: 440px} .duet-header {margin-bottom: 0}"
-
-
 def gpu_task(fn):
     """``spaces.GPU`` on Hugging Face ZeroGPU hardware (the package is present there and the
     decorator is a no-op unless ZeroGPU is active); the function itself everywhere else."""
@@ -94,112 +63,8 @@ def gpu_task(fn):
     return spaces.GPU(duration=120)(fn)
 
 
-class UploadedImage(gr.Image):
-    """gr.Image that hands the upload over unopened (as a file path): gr.Image would open it
-    with PIL first (a ``data:`` URL it even decodes in full, whatever its size) and fail on a bad
-    file with a generic error, while model.inputs.load_image checks bytes, geometry and format
-    before decoding and says what is wrong. A ``data:`` URL never gets here as such: the guard
-    (:mod:`duet_viz.limits`) stores it as an upload first, and the queue only accepts paths in the
-    upload folder."""
-
-    is_template = True  # rendered by the stock image component
-
-    def preprocess(self, payload):
-        return None if payload is None else payload.path
-
-
-class WholeNumber(gr.Number):
-    """gr.Number (precision 0) that refuses NaN and infinities in words: gr.Number's own
-    preprocess fails on them with Python's "cannot convert float NaN to integer"."""
-
-    is_template = True  # rendered by the stock number component
-
-    def preprocess(self, payload):
-        if isinstance(payload, float) and not math.isfinite(payload):
-            raise gr.Error(f"“{self.label}” must be a whole number (got {payload}).")
-        return super().preprocess(payload)
-
-
-@contextmanager
-def shown_to_user():
-    """An InputError raised inside becomes a gr.Error: Gradio shows its message as it is."""
-    try:
-        yield
-    except InputError as error:
-        raise gr.Error(str(error)) from None
-
-
-def _ints(text: str) -> tuple[int, ...] | None:
-    text = (text or "").strip()
-    return tuple(int(v) for v in text.replace(" ", "").split(",")) if text else None
-
-
-def _floats(text: str) -> tuple[float, ...] | None:
-    text = (text or "").strip()
-    return tuple(float(v) for v in text.replace(" ", "").split(",")) if text else None
-
-
-def _optional_int(value, label: str, high: int) -> int | None:
-    return None if value in (None, "") else whole_number(value, label, 0, high)
-
-
-def fingerprint(source) -> str:
-    """Content hash of an upload (file path) or a pasted image (PIL), so a repeated input is found
-    whatever temp path it arrived under."""
-    digest = hashlib.sha256()
-    if isinstance(source, Image.Image):
-        digest.update(f"{source.mode}{source.size}".encode())
-        digest.update(source.tobytes())
-    else:
-        with open(source, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return None
-
-
-_GLIBC = _glibc()
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def bound_heap_growth() -> None:
-    """Serve large blocks (activations) from mmap, so freeing them returns them to the OS. glibc
-    otherwise raises its mmap threshold after the first large frees and carves later activations
-    out of per-thread heaps that fragment; the server's RSS then creeps up request after request
-    (measured with ``python -m duet_viz.load``, BENCHMARKS.md)."""
-    if _GLIBC is not None:
-        _GLIBC.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS after a model run (glibc's malloc_trim)."""
-    if _GLIBC is not None:
-        _GLIBC.malloc_trim(0)
-
-
 def _no_progress(*args, **kwargs) -> None:
     return None
-
-
-SHARED = "examples"  # owner of the pinned example results, which every session may reuse
-MAX_RESULT_BYTES = 256 * 2**20
-SESSION_SHARE = 0.25  # of the result cache's entries and bytes that one session's results may hold
-# Python's dicts, lists and floats of a trace take several times its JSON text: at most 5.2 times
-# (tracemalloc, the shipped model's traces of every method on an image and a 16-frame clip).
-TRACE_BYTES_PER_JSON_BYTE = 6
-
-
-def result_bytes(frames: list[Image.Image], trace_json: str) -> int:
-    """What a result holds in memory: its kept frames, its traces and their JSON text."""
-    pixels = sum(f.width * f.height * len(f.getbands()) for f in frames)
-    return pixels + (1 + TRACE_BYTES_PER_JSON_BYTE) * len(trace_json)
 
 
 def session_of(request: gr.Request | None) -> str | None:
@@ -209,6 +74,32 @@ def session_of(request: gr.Request | None) -> str | None:
 
 def client_of(request: gr.Request | None) -> str | None:
     return None if request is None or request.client is None else request.client.host
+
+
+def unknown_words(tokenizer, question: str) -> list[str]:
+    """The question's words that the tokenizer maps to its unknown token, in order, once each."""
+    if tokenizer.unk_token_id is None:
+        return []
+    encoded = tokenizer(question, return_offsets_mapping=True, add_special_tokens=False)
+    words = [question[a:b] for token, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"])
+             if token == tokenizer.unk_token_id]
+    return list(dict.fromkeys(words))
+
+
+def model_note(engine: DuetLlava, question: str) -> str:
+    """Under the answers, for a model this project trained on its synthetic scenes (its
+    training.json lists the scene vocabulary): what it can answer, which of the question's words it
+    has never seen, and how to run a real LLaVA. Empty for any other checkpoint."""
+    if not (engine.training or {}).get("vocabulary"):
+        return ""
+    unknown = unknown_words(engine.tokenizer, question)
+    unseen = (f"  \nWords of this question it has never seen (each reaches it as one unknown token): "
+              + ", ".join(f"**{w}**" for w in unknown) + ".") if unknown else ""
+    return (f"**About this model.** `{engine.name}` is a small LLaVA trained here from scratch on synthetic "
+            "scenes of coloured shapes (circles, squares, triangles, stars). It answers questions about their "
+            "colour, shape, count, existence and left / right / top / bottom position, and nothing else: on a "
+            f"photo its answers mean nothing.{unseen}  \nFor real images run a real checkpoint on a GPU: "
+            "`python app.py --model llava-hf/llava-1.5-7b-hf`.")
 
 
 class App:
@@ -376,12 +267,15 @@ class App:
         thread.start()
         return thread
 
-    def run(self, image, question, method, budget_choice, custom_budget, compare, k1, k2, cluster_width,
-            stage_layers, stage_ratios, salient, max_new_tokens, layer, video=None,
-            num_frames=DEFAULT_NUM_FRAMES, positions=DEFAULTS["positions"], mode="image",
-            visitor: gr.Request = None, progress=gr.Progress()):
+    def run(self, image, question, method=DEFAULTS["method"], budget_choice=DEFAULTS["budget"],
+            custom_budget=DEFAULTS["custom_budget"], compare=tuple(DEFAULTS["compare"]), k1=None, k2=None,
+            cluster_width=DEFAULTS["cluster_width"], stage_layers="", stage_ratios="", salient="",
+            max_new_tokens=DEFAULTS["max_new_tokens"], layer=None, video=None, num_frames=DEFAULT_NUM_FRAMES,
+            positions=DEFAULTS["positions"], mode="image", visitor: gr.Request = None, progress=gr.Progress()):
         """The *Run* button (and an example click): check everything a visitor sent, then answer
-        from this session's kept results or run the model."""
+        from this session's kept results or run the model. Through the API only the image (or a
+        video) and the question are required; ``layer`` None shows the middle LLM layer."""
+        layer = self.engine.n_layers // 2 if layer is None else layer
         use_video = video is not None and (mode == "video" or image is None)
         if image is None and not use_video:
             raise gr.Error("Upload an image or a video (or click an example) first.")
@@ -399,11 +293,13 @@ class App:
         shown = gr.Radio(choices=[(METHOD_NAMES[m], m) for m in traces], value=method, visible=len(traces) > 1)
         used = " ".join(f"`{s['token']}`" for s in traces[method]["salient"])
         salient_text = f"Salient text tokens that ranked the visual tokens: {used}" if traces[method]["t2v"] else ""
+        note = model_note(self.engine, question)
         many = len(frames) > 1
         frame = gr.Slider(0, len(frames) - 1, value=0, step=1, visible=True) if many else gr.Slider(value=0, visible=False)
         grid = figures.frames_by_layers(traces[method]) if many else None
         return (key, shown, *self.render(key, method, layer, 0), *self.summary(key, cached), salient_text, frame,
-                gr.Plot(grid, visible=many), gr.Gallery(self.strip(key, method, layer) if many else None, visible=many))
+                gr.Plot(grid, visible=many), gr.Gallery(self.strip(key, method, layer) if many else None, visible=many),
+                note)
 
     def _run_models(self, frames, question, configs, max_new_tokens, progress) -> dict[str, dict]:
         """All model work of one request (the one function that needs the GPU)."""
@@ -483,116 +379,3 @@ class App:
         path = Path(self.workdir.name) / f"overlay-{method}-frame{frame}-layer{layer}-{key}.png"
         figures.overlay_png(trace, frames[frame], frame=frame, layer=layer).save(path)
         return str(path)
-
-
-def build_demo(engine: DuetLlava, cache_examples: str = "lazy", limits: Limits | None = None) -> gr.Blocks:
-    """The page, its queue set up. ``cache_examples``: "eager" computes the examples' results in
-    the background at start-up, "lazy" on their first click; either way later clicks answer from
-    the cache. ``limits``: a public deployment's (``python app.py``; launch the demo with
-    ``duet_viz.limits.launch_options``); None leaves per-client limits off."""
-    if cache_examples not in ("eager", "lazy"):
-        raise ValueError(f"cache_examples must be 'eager' or 'lazy', not {cache_examples!r}")
-    limits = limits or Limits().shared_address()
-    app = App(engine, runs_per_minute=limits.runs_per_minute)
-    image_examples = [(ASSETS / name, q) for name, q in EXAMPLES if (ASSETS / name).exists()]
-    video_examples = [(ASSETS / name, q) for name, q in VIDEO_EXAMPLES if (ASSETS / name).exists()]
-    app.register_examples(image_examples + video_examples, eager=cache_examples == "eager")
-    d = DEFAULTS
-    n_layers = engine.n_layers
-    header = (f"## DUET-Viz\nWhich image patches DUET-VLM merges (V2V) and which visual tokens survive each LLM "
-              f"layer (T2V), next to VisionZip, FastV, PyramidDrop, HiRED, FitPrune and the full model.  \n"
-              f"**Model** `{engine.name}` · **device** `{engine.device}` · **dtype** "
-              f"`{str(engine.dtype).replace('torch.', '')}` · {n_layers} LLM layers · "
-              f"{engine.grid[0]}×{engine.grid[1]} = {engine.n_patches} patches per image")
-    with gr.Blocks(title="DUET-Viz", delete_cache=(CACHE_SWEEP_S, CACHE_MAX_AGE_S)) as demo:
-        gr.Markdown(header, elem_classes="duet-header")
-        state = gr.State()
-        mode = gr.State("image")
-        with gr.Row():
-            with gr.Column(scale=4, min_width=320):
-                with gr.Tabs() as tabs:
-                    with gr.Tab("Image", id="image") as image_tab:
-                        image = UploadedImage(type="filepath", label="Image", sources=["upload", "clipboard"],
-                                              height=300)
-                    with gr.Tab("Video", id="video") as video_tab:
-                        video = gr.Video(label="Video (mp4, webm, avi; ≤ 120 s)", sources=["upload"],
-                                         include_audio=True, height=300)
-                        num_frames = gr.Slider(1, MAX_NUM_FRAMES, value=d["num_frames"], step=1,
-                                               label="Frames sampled uniformly (budget applies per frame)")
-                question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
-                method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value=d["method"], label="Method")
-                with gr.Row():
-                    budget = gr.Radio(BUDGET_CHOICES, value=d["budget"],
-                                      label="Visual-token budget (avg per LLM layer)")
-                    custom_budget = WholeNumber(value=d["custom_budget"], precision=0, minimum=1,
-                                                maximum=engine.n_patches, label="Custom budget", visible=False)
-                compare = gr.CheckboxGroup([(METHOD_NAMES[m], m) for m in METHODS], value=d["compare"],
-                                           label="Compare with (same input and budget, default knobs)")
-                with gr.Accordion("Advanced (applies to the selected method)", open=False):
-                    with gr.Row():
-                        k1 = WholeNumber(label="k1 dominant, CLS counted (blank: auto)", precision=0, minimum=0)
-                        k2 = WholeNumber(label="k2 contextual tokens (blank: auto)", precision=0, minimum=0)
-                    cluster_width = gr.Slider(0, max(engine.grid), value=d["cluster_width"], step=1,
-                                              label="V2V pool width (DUET merges the width x k2 best other patches)")
-                    with gr.Row():
-                        stage_layers = gr.Textbox(label="Stage layers", placeholder=f"auto, e.g. {n_layers // 2},{3 * n_layers // 4}")
-                        stage_ratios = gr.Textbox(label="Keep ratios", placeholder="auto, e.g. 0.5,0.0")
-                    salient = gr.Textbox(label="Salient words override (blank: automatic)",
-                                         placeholder="e.g. color triangle")
-                    positions = gr.Radio(POSITION_CHOICES, value=d["positions"],
-                                         label="Position ids after a reduction (all methods compared)")
-                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=d["max_new_tokens"], step=1,
-                                               label="Max new tokens")
-                run = gr.Button("Run", variant="primary")
-                example_sets = [
-                    ("image", gr.Examples([[str(p), q] for p, q in image_examples], inputs=[image, question],
-                                          label="Image examples (click to load and run)"))]
-                if video_examples:
-                    example_sets.append(("video", gr.Examples([[str(p), q] for p, q in video_examples],
-                                                              inputs=[video, question],
-                                                              label="Video examples (click to load and run)")))
-            with gr.Column(scale=7):
-                answers = gr.Dataframe(headers=figures.ANSWER_HEADERS, label="Answers", interactive=False,
-                                       wrap=True, column_widths=["14%", "10%", "14%", "62%"])
-                latency = gr.Dataframe(headers=figures.LATENCY_HEADERS, label="Latency", interactive=False)
-                timing_note = gr.Markdown()
-                salient_used = gr.Markdown()
-                # Every method from the start: if Gradio drops this session's state (its store is
-                # bounded), the overlay and the views still take the method and say "press Run".
-                shown = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], label="Show maps for", visible=False)
-                with gr.Row():
-                    clusters = gr.Plot(label="V2V cluster map")
-                    with gr.Column():
-                        layer_view = gr.Plot(label="Layer view", elem_id="layer-view")
-                        layer = gr.Slider(0, n_layers - 1, value=n_layers // 2, step=1, label="LLM layer",
-                                          elem_id="layer-slider")
-                frame = gr.Slider(0, 1, value=0, step=1, label="Frame", visible=False, elem_id="frame-slider")
-                frame_grid = gr.Plot(label="Visual tokens kept per frame and layer", visible=False)
-                strip = gr.Gallery(label="Frame strip at this layer (updates when the slider is released)",
-                                   columns=8, height=160, visible=False)
-                pyramid = gr.Plot(label="Tokens per layer")
-                with gr.Row():
-                    trace_file = gr.File(label="Trace (JSON)")
-                    with gr.Column():
-                        png_button = gr.Button("Overlay at this layer as PNG")
-                        png_file = gr.File(label="Overlay (PNG)")
-
-        budget.change(lambda b: gr.Number(visible=b == "custom"), budget, custom_budget, api_visibility="private")
-        image_tab.select(lambda: "image", None, mode, api_visibility="private")
-        video_tab.select(lambda: "video", None, mode, api_visibility="private")
-        run_inputs = [image, question, method, budget, custom_budget, compare, k1, k2, cluster_width, stage_layers,
-                      stage_ratios, salient, max_new_tokens, layer, video, num_frames, positions, mode]
-        run_outputs = [state, shown, clusters, layer_view, pyramid, answers, latency, timing_note, trace_file,
-                       salient_used, frame, frame_grid, strip]
-        run.click(app.run, run_inputs, run_outputs, api_name="run", concurrency_id=MODEL_WORK)
-        for kind, examples in example_sets:  # an example click fills the inputs, opens its tab and runs
-            examples.load_input_event.then(
-                lambda kind=kind: (kind, gr.Tabs(selected=kind)), None, [mode, tabs], api_visibility="private",
-            ).then(app.run, run_inputs, run_outputs, api_visibility="private", concurrency_id=MODEL_WORK)
-        for control in (shown, frame):
-            control.change(app.render, [state, shown, layer, frame], [clusters, layer_view], api_visibility="private")
-        layer.change(None, layer, None, js=LAYER_JS)
-        layer.release(app.refresh_strip, [state, shown, layer], strip, api_visibility="private")
-        png_button.click(app.overlay, [state, shown, layer, frame], png_file, api_name="overlay")
-    # api_open=False: Gradio's /gradio_api/run/<api_name> would run these events outside the queue.
-    return demo.queue(api_open=False, max_size=limits.queue_size, default_concurrency_limit=1)

@@ -1,11 +1,15 @@
 """``python -m model bench``: measured prefill/decode speed of every method against the analytic limit.
 
-Everything runs in one process on one prompt: the vision tower once (its output is identical for
-every method), then per method x budget the V2V merge, the LLM prefill (T2V scoring included and
-timed inside it; the timer synchronises CUDA around scoring only), greedy decode steps on the pruned KV cache, and a prefill with trace
-recording off. One warm-up run per configuration is discarded; the table reports the median of
-``--reps`` runs and the spread (min-max). Speed-ups are full-prefill median / method median, next
-to the analytic LLM FLOPs ratio (SPEC §6) of the same run.
+One process, one prompt: the vision tower runs once (its output is the same for every method);
+each configuration (method x budget) then runs its V2V merge, the LLM prefill as the app runs it
+(trace recorded; T2V scoring timed inside, the timer synchronising CUDA around scoring only) and
+greedy decode steps on its pruned KV cache. A warm-up round runs every configuration once, then
+``--reps`` rounds run each once more, in an order rotated from round to round, so whatever else
+the machine does drifts over all of them alike. A speed-up is full / method prefill time of the
+same round; the table gives the median and the spread over rounds, next to the analytic LLM FLOPs
+ratio (SPEC §6), and how busy the other processes kept the machine (``LoadMeter``).
+``--compare A B`` measures two configurations and prints A's time over B's per round;
+``--layers`` adds the time of every decoder layer in one prefill (``decoder.run``'s ``on_layer``).
 
 ``--shape 7b`` builds a LLaVA-1.5-7B-shaped random model in memory (CLIP-L/14-336 tower, Llama
 hidden 4096 / 32 heads / MLP 11008) with the decoder depth cut to ``--llm-layers`` so it fits CPU
@@ -63,67 +67,132 @@ def _kv_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
-@torch.inference_mode()
-def bench_config(engine: DuetLlava, prompt, hidden, cfg: ReductionConfig, reps: int, decode_steps: int) -> dict:
-    p = engine.plan(cfg)
-    runs = []
-    for rep in range(reps + 1):  # rep 0 warms up
-        timer = Timer(engine.device)
-        visual = engine.reduce(hidden, p, timer)
-        embeds, rows, salient = engine.llm_inputs(prompt, visual)
-        scored = Timer(engine.device)
+def _busy_jiffies() -> int | None:
+    """CPU time (all cores, clock ticks) spent outside idle since boot, from /proc/stat."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(values) - values[3] - values[4]  # minus idle and iowait
+
+
+class LoadMeter:
+    """How busy the rest of the machine was while we measured: CPU time of every process but this
+    one, per second of wall time, in cores (0: the other cores were idle)."""
+
+    def __init__(self):
+        self.busy, self.own, self.wall = _busy_jiffies(), os.times(), time.perf_counter()
+
+    def cores(self) -> float | None:
+        busy, own, wall = _busy_jiffies(), os.times(), time.perf_counter()
+        if busy is None or self.busy is None:
+            return None
+        ours = (own.user + own.system) - (self.own.user + self.own.system)
+        return max(0.0, ((busy - self.busy) / os.sysconf("SC_CLK_TCK") - ours) / (wall - self.wall))
+
+
+class Config:
+    """One method x budget, its inputs prepared once (the tower's output is the same for all)."""
+
+    def __init__(self, engine: DuetLlava, prompt, hidden, cfg: ReductionConfig):
+        self.engine, self.prompt, self.hidden, self.cfg = engine, prompt, hidden, cfg
+        self.plan = engine.plan(cfg)
+        self.name = "full" if cfg.method == "full" else f"{cfg.method}-{cfg.budget}"
+        self.runs: list[dict] = []
+
+    def run(self, decode_steps: int, on_layer=None) -> dict:
+        """V2V (timed), the prefill with trace recording as the app runs it (T2V scoring timed
+        inside), then greedy decode steps on the pruned cache."""
+        engine, timer, scored = self.engine, Timer(self.engine.device), Timer(self.engine.device)
+        visual = engine.reduce(self.hidden, self.plan, timer)
+        embeds, rows, salient = engine.llm_inputs(self.prompt, visual)
         started = timer.start()
-        result = engine.prefill(embeds, rows, salient, p, timer=scored)
+        result = engine.prefill(embeds, rows, salient, self.plan, timer=scored, on_layer=on_layer)
         timer.stop("prefill", started)
-        started = timer.start()
-        engine.prefill(embeds, rows, salient, p, record=False)
-        timer.stop("prefill_no_record", started)
-        token = int(result.logits.argmax())
-        started = timer.start()
+        token, started = int(result.logits.argmax()), timer.start()
         for step in range(decode_steps):
             token = int(engine.step(token, [n + step for n in result.next_positions], result.cache).argmax())
         timer.stop("decode", started)
-        if rep:
-            runs.append({**timer.ms, "t2v": scored.ms.get("t2v", 0.0), "kv": _kv_bytes(result.cache),
-                         "counts": result.counts, "totals": result.tokens_per_layer})
-    lm = engine.lm.config
+        return {**timer.ms, "t2v": scored.ms.get("t2v", 0.0), "kv": _kv_bytes(result.cache),
+                "counts": result.counts, "totals": result.tokens_per_layer}
+
+    def layer_ms(self) -> list[float]:
+        """Wall time of each decoder layer in one prefill (a stage layer's ranking and drop
+        included), from timestamps ``decoder.run`` hands its ``on_layer`` callback."""
+        stamps = []
+
+        def stamp(index, h, rows):
+            if h.is_cuda:
+                torch.cuda.synchronize(h.device)
+            stamps.append(time.perf_counter())
+
+        self.run(0, on_layer=stamp)
+        return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+
+
+def summarise(config: Config, full: Config, decode_steps: int) -> dict:
     from .flops import llm_flops
 
+    runs, lm = config.runs, config.engine.lm.config
     first = runs[0]
     return {
-        "method": cfg.method,
-        "budget": cfg.budget,
+        "method": config.cfg.method,
+        "budget": config.cfg.budget,
         "avg_visual_tokens": sum(first["counts"]) / len(first["counts"]),
         "prefill_ms": _median_spread([r["prefill"] for r in runs]),
-        "prefill_no_record_ms": _median_spread([r["prefill_no_record"] for r in runs]),
+        "speedup": _median_spread([f["prefill"] / r["prefill"] for f, r in zip(full.runs, runs)]),
         "v2v_ms": _median_spread([r.get("v2v", 0.0) for r in runs]),
         "t2v_ms": _median_spread([r["t2v"] for r in runs]),
-        "decode_ms_per_token": _median_spread([r["decode"] / decode_steps for r in runs]),
+        "decode_ms_per_token": _median_spread([r["decode"] / decode_steps for r in runs]) if decode_steps else None,
         "kv_bytes": first["kv"],
         "llm_flops": llm_flops(first["totals"], lm.hidden_size, lm.intermediate_size),
     }
 
 
-def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int) -> dict:
+@torch.inference_mode()
+def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int, layers: bool = False) -> dict:
+    """Every configuration once as warm-up, then ``reps`` rounds in which each runs once, in an
+    order rotated round by round: slow drift of the machine (another process on the other core,
+    thermal state) falls on every configuration alike, and a speed-up is computed per round, from
+    two runs seconds apart."""
     with Image.open(EXAMPLE) as image:
         prompt = engine.prepare([image.convert("RGB")], QUESTION)
-    with torch.inference_mode():
-        engine.vision_states(prompt.pixel_values)  # warm-up
-        vision_ms = []
-        for _ in range(reps):
-            started = time.perf_counter()
-            hidden = engine.vision_states(prompt.pixel_values)
-            vision_ms.append((time.perf_counter() - started) * 1e3)
-    rows = [bench_config(engine, prompt, hidden, ReductionConfig("full", engine.n_patches), reps, decode_steps)]
-    for method in (m for m in methods if m != "full"):  # the baseline above runs once, whatever --methods says
-        for budget in budgets:
-            rows.append(bench_config(engine, prompt, hidden, ReductionConfig(method, budget), reps, decode_steps))
-            print(f"  {method:<12} {budget:>4}: prefill {rows[-1]['prefill_ms'][0]:.1f} ms", flush=True)
+    engine.vision_states(prompt.pixel_values)  # warm-up
+    vision_ms = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        hidden = engine.vision_states(prompt.pixel_values)
+        vision_ms.append((time.perf_counter() - started) * 1e3)
+    full = Config(engine, prompt, hidden, ReductionConfig("full", engine.n_patches))
+    configs = [full] + [Config(engine, prompt, hidden, ReductionConfig(m, b))
+                        for m in methods if m != "full" for b in budgets]
+    for config in configs:
+        config.run(decode_steps)
+    load = []
+    for rep in range(reps):
+        meter = LoadMeter()
+        for config in configs[rep % len(configs):] + configs[: rep % len(configs)]:
+            config.runs.append(config.run(decode_steps))
+        load.append(meter.cores())
+        print(f"  round {rep + 1}/{reps}: full {full.runs[-1]['prefill']:.0f} ms, other load "
+              f"{load[-1] if load[-1] is None else round(load[-1], 2)} cores", flush=True)
     return {
         "model": engine.name, "device": str(engine.device), "dtype": str(engine.dtype),
-        "llm_layers": engine.n_layers, "vision_ms": _median_spread(vision_ms), "rows": rows,
-        "machine": machine(), "reps": reps, "decode_steps": decode_steps,
+        "llm_layers": engine.n_layers, "vision_ms": _median_spread(vision_ms),
+        "rows": [summarise(c, full, decode_steps) for c in configs],
+        "per_rep_ms": {c.name: [round(r["prefill"], 2) for r in c.runs] for c in configs},
+        "layer_ms": {c.name: c.layer_ms() for c in configs} if layers else None,
+        "other_load_cores": load, "machine": machine(), "reps": reps, "decode_steps": decode_steps,
     }
+
+
+def compare(result: dict, a: str, b: str) -> dict:
+    """Prefill time of configuration ``a`` over ``b``'s, per round: (median, min, max)."""
+    times = result["per_rep_ms"]
+    for name in (a, b):
+        if name not in times:
+            raise ValueError(f"{name!r} was not measured; measured: {', '.join(times)}")
+    return dict(zip(("median", "min", "max"), _median_spread([x / y for x, y in zip(times[a], times[b])])))
 
 
 def machine() -> dict:
@@ -140,30 +209,44 @@ def machine() -> dict:
 
 
 def markdown(result: dict) -> str:
-    rows = result["rows"]
+    rows, m = result["rows"], result["machine"]
     full = rows[0]
-    m = result["machine"]
+    load = [x for x in result["other_load_cores"] if x is not None]
     lines = [
         f"**{result['model']}** · {result['llm_layers']} LLM layers · {result['device']} {result['dtype']} · "
-        f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads) · median of {result['reps']} "
-        f"(min-max) · vision tower {result['vision_ms'][0]:.1f} ms",
+        f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads) · {result['reps']} interleaved rounds "
+        f"after a warm-up round · other processes' load {max(load, default=0):.2f} cores at most · "
+        f"vision tower {result['vision_ms'][0]:.1f} ms",
         "",
-        "| method | budget | avg tokens | prefill ms | speed-up | analytic | measured/analytic | V2V ms | T2V ms | "
-        "scoring % of prefill | record-off ms | decode ms/tok | KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | budget | avg tokens | prefill ms, median (min) | speed-up, median (min-max) | analytic | "
+        "measured/analytic | V2V ms | T2V ms | scoring % of prefill | decode ms/tok | KV MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speedup = full["prefill_ms"][0] / r["prefill_ms"][0]
-        analytic = full["llm_flops"] / r["llm_flops"]
+        speedup, analytic = r["speedup"], full["llm_flops"] / r["llm_flops"]
         overhead = 100 * (r["v2v_ms"][0] + r["t2v_ms"][0]) / r["prefill_ms"][0]
+        decode = "—" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token'][0]:.2f}"
         lines.append(
             f"| {r['method']} | {r['budget'] if r['method'] != 'full' else '—'} | {r['avg_visual_tokens']:.1f} | "
-            f"{r['prefill_ms'][0]:.1f} ({r['prefill_ms'][1]:.1f}-{r['prefill_ms'][2]:.1f}) | {speedup:.2f}x | "
-            f"{analytic:.2f}x | {speedup / analytic:.2f} | {r['v2v_ms'][0]:.2f} | {r['t2v_ms'][0]:.2f} | "
-            f"{overhead:.1f} | {r['prefill_no_record_ms'][0]:.1f} | {r['decode_ms_per_token'][0]:.2f} | "
-            f"{r['kv_bytes'] / 2**20:.2f} |"
+            f"{r['prefill_ms'][0]:.1f} ({r['prefill_ms'][1]:.1f}) | {speedup[0]:.2f}x ({speedup[1]:.2f}-"
+            f"{speedup[2]:.2f}) | {analytic:.2f}x | {speedup[0] / analytic:.2f} | {r['v2v_ms'][0]:.2f} | "
+            f"{r['t2v_ms'][0]:.2f} | {overhead:.1f} | {decode} | {r['kv_bytes'] / 2**20:.2f} |"
         )
+    if result.get("layer_ms"):
+        names = list(result["layer_ms"])
+        lines += ["", "Per decoder layer, one prefill each (ms; a stage layer's ranking and drop included):", "",
+                  "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i in range(result["llm_layers"]):
+            lines.append(f"| {i} | " + " | ".join(f"{result['layer_ms'][n][i]:.1f}" for n in names) + " |")
     return "\n".join(lines)
+
+
+def config_name(text: str) -> tuple[str, int]:
+    """"duet-64" -> ("duet", 64)."""
+    method, _, budget = text.rpartition("-")
+    if not method or not budget.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METHOD-BUDGET, e.g. duet-64")
+    return method, int(budget)
 
 
 def bench_main(argv: list[str] | None = None) -> int:
@@ -174,10 +257,13 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default="duet,visionzip,fastv,pyramiddrop,hired,fitprune")
     parser.add_argument("--budgets", default="192,128,64")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--compare", nargs=2, type=config_name, metavar=("A", "B"),
+                        help="measure only A and B (e.g. duet-64 visionzip-64) and print A's prefill time over B's")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds (after one warm-up round)")
     parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--layers", action="store_true", help="also time each decoder layer of one prefill")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="1 rep, 2 decode steps, budget 64 only")
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 decode steps, budget 64 only")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -189,9 +275,20 @@ def bench_main(argv: list[str] | None = None) -> int:
     logging.disable_progress_bar()
     engine = (llava_7b_shaped(args.llm_layers, args.device) if args.shape
               else DuetLlava.load(args.model, device=args.device))
-    result = run_bench(engine, args.methods.split(","), [int(b) for b in args.budgets.split(",")],
-                       args.reps, args.decode_steps)
+    if args.compare:
+        (ma, ba), (mb, bb) = args.compare
+        if ba != bb and ma != mb:
+            raise SystemExit("--compare: A and B must share a method or a budget")
+        methods, budgets = list(dict.fromkeys([ma, mb])), list(dict.fromkeys([ba, bb]))
+    else:
+        methods, budgets = args.methods.split(","), [int(b) for b in args.budgets.split(",")]
+    result = run_bench(engine, methods, budgets, args.reps, args.decode_steps, args.layers)
     print(markdown(result))
+    if args.compare:
+        a, b = (f"{m}-{n}" for m, n in args.compare)
+        ratio = result["compare"] = {"a": a, "b": b, **compare(result, a, b)}
+        print(f"\n{a} / {b} prefill time, per round: {ratio['median']:.3f} "
+              f"(min {ratio['min']:.3f}, max {ratio['max']:.3f}, {args.reps} rounds)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

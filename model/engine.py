@@ -12,6 +12,7 @@ else in the product reads model internals.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,8 +60,12 @@ class DuetLlava:
     """A loaded LLaVA (or Video-LLaVA) checkpoint plus the DUET / baseline reduction machinery."""
 
     def __init__(self, model: LlavaForConditionalGeneration | VideoLlavaForConditionalGeneration, processor,
-                 name: str, fitprune_schedules: dict[int, tuple[int, ...]] | None = None):
+                 name: str, fitprune_schedules: dict[int, tuple[int, ...]] | None = None,
+                 training: dict | None = None):
         self.model, self.processor, self.name = model, processor, name
+        # the checkpoint's training.json when it has one (models this project trains: what they
+        # were trained on, by which recipe, how they scored)
+        self.training = training
         # budget -> FitPrune deletions per layer, fitted for this model (``fitprune.py``)
         self.fitprune_schedules = fitprune_schedules or {}
         self.tokenizer = processor.tokenizer
@@ -117,7 +122,9 @@ class DuetLlava:
             processor = AutoProcessor.from_pretrained(source, backend="pil")
         local = Path(source).exists()
         schedules = read_schedules(Path(source) / SCHEDULE_FILE) if local else {}
-        return cls(model, processor, Path(source).name if local else source, schedules)
+        record = Path(source) / "training.json"
+        training = json.loads(record.read_text()) if local and record.exists() else None
+        return cls(model, processor, Path(source).name if local else source, schedules, training)
 
     def plan(self, reduction: ReductionConfig) -> Plan:
         """``budget.plan`` for this model, with the FitPrune schedule fitted for it when there is one."""
@@ -305,6 +312,7 @@ class DuetLlava:
         timer: Timer | None = None,
         n_frames: int = 1,
         positions: torch.Tensor | None = None,
+        on_layer=None,
     ) -> Prefill:
         """One sequence through ``decoder.run`` with a KV cache, dropping visual tokens at the
         plan's stage layers (position ids renumbered after a drop, ``modeling_llama_pdrop.py``
@@ -313,7 +321,8 @@ class DuetLlava:
         ``salient`` are the rows of the salient text tokens (the last row included); "text" ranks
         with every row after the image. ``force`` (stage layer -> kept visual ids) replays earlier
         decisions: the uncached recomputation of a cached run. A ``timer`` collects the scoring +
-        selection time under "t2v" (it synchronises, so only pass one when measuring).
+        selection time under "t2v" (it synchronises, so only pass one when measuring); ``on_layer``
+        goes to ``decoder.run`` (the benchmark's per-layer timers).
         """
         if embeds.shape[0] != 1:
             raise ValueError("the engine runs one sequence at a time (batch size 1)")
@@ -331,7 +340,7 @@ class DuetLlava:
         out = decoder.run(self.lm, embeds, rows, p, self.apply_rope, n_frames=n_frames,
                           cache=DynamicCache(config=self.lm.config) if use_cache else None,
                           force=None if force is None else {k: [v] for k, v in force.items()},
-                          record=record, mask=self._mask, timer=timer)
+                          record=record, mask=self._mask, timer=timer, on_layer=on_layer)
         logits = self.lm_head(self.lm.norm(out.hidden[:, -1]))[0]
         return Prefill(logits, out.cache, out.stages, out.counts, out.totals,
                        {k: v[0] for k, v in out.kept.items()}, out.next_positions)

@@ -46,7 +46,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def served(engine):
     """The app on loopback, launched in-process on the tiny engine."""
-    from duet_viz.ui import build_demo
+    from duet_viz.page import build_demo
 
     demo = build_demo(engine)
     demo.queue(default_concurrency_limit=1)

@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from duet_viz import figures
-from duet_viz.ui import ASSETS
+from duet_viz.figures import NO_ANSWER
+from duet_viz.page import ASSETS
 from model.budget import ReductionConfig
+from model.engine import DuetLlava
 
 EXAMPLE = ASSETS / "chelsea.jpg"
 QUESTION = "what animal is this ?"
@@ -38,7 +40,7 @@ def call_run(client, method="duet", budget="64", compare=("full",), layer=20):
 
 
 def test_api_run_matches_the_engine_trace(client, engine):
-    shown, clusters, layer_view, pyramid, answers, latency, note, trace_path, salient, frame, grid, strip = \
+    shown, clusters, layer_view, pyramid, answers, latency, note, trace_path, salient, frame, grid, strip, about = \
         call_run(client)
     assert frame["visible"] is False and grid["visible"] is False and strip["visible"] is False
     with Image.open(EXAMPLE) as image:
@@ -48,8 +50,9 @@ def test_api_run_matches_the_engine_trace(client, engine):
     for method, trace in expected.items():
         for key in ("answer", "frames", "t2v", "visual_tokens_per_layer", "generated_ids"):
             assert served_traces[method][key] == trace[key], (method, key)
-    assert answers["data"] == [["duet", 64, expected["duet"]["avg_visual_tokens"], expected["duet"]["answer"]],
-                               ["full", "—", 576.0, expected["full"]["answer"]]]
+    assert answers["data"] == [["duet", 64, expected["duet"]["avg_visual_tokens"], expected["duet"]["answer"] or NO_ANSWER],
+                               ["full", "—", 576.0, expected["full"]["answer"] or NO_ANSWER]]
+    assert about == ""  # a checkpoint without the scenes' training.json gets no note
     assert [row[0] for row in latency["data"]] == ["duet", "full"]
     assert shown["value"] == "duet"
 
@@ -270,3 +273,29 @@ def test_api_positions_choice_reaches_every_compared_method(client, engine):
                                      max_new_tokens=3)
             assert traces[method]["generated_ids"] == expected["generated_ids"]
             assert traces[method]["positions"] == "original"
+
+
+def test_the_api_answers_with_the_image_and_question_alone(client, engine):
+    from gradio_client import handle_file
+
+    out = client.predict(handle_file(str(EXAMPLE)), QUESTION, api_name="/run")
+    traces = {t["method"]: t for t in json.loads(Path(out[7]).read_text())}
+    assert set(traces) == {"duet", "full"} and traces["duet"]["budget"] == 64
+    with Image.open(EXAMPLE) as image:
+        expected = engine.answer(image.convert("RGB"), QUESTION, ReductionConfig("duet", 64), max_new_tokens=16)
+    assert traces["duet"]["generated_ids"] == expected["generated_ids"]
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/run"]["parameters"]
+    assert [p["parameter_name"] for p in api if not p["parameter_has_default"]] == ["image"]
+
+
+def test_the_shipped_models_note_names_its_domain_and_the_words_it_does_not_know(engine):
+    from duet_viz.ui import model_note, unknown_words
+
+    shipped = DuetLlava.load(device="cpu")
+    assert shipped.training["vocabulary"]
+    assert unknown_words(shipped.tokenizer, "what animal is this cat ?") == ["animal", "this", "cat"]
+    assert unknown_words(shipped.tokenizer, "what color is the star ?") == []
+    note = model_note(shipped, "what animal is this ?")
+    assert "synthetic" in note and "**animal**, **this**" in note and "llava-hf/llava-1.5-7b-hf" in note
+    assert "never seen" not in model_note(shipped, "what color is the star ?")
+    assert model_note(engine, "what animal is this ?") == ""

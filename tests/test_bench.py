@@ -1,13 +1,14 @@
 import json
 
-from model.bench import run_bench
+import pytest
+
+from model.bench import LoadMeter, compare, run_bench
 from model.cli import main
 
 
 def test_quick_bench_runs_end_to_end_with_every_row(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(tiny_checkpoint), "--quick",
-                 "--json", str(out)]) == 0
+    assert main(["bench", "--model", str(tiny_checkpoint), "--quick", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     methods = ("full", "duet", "visionzip", "fastv", "pyramiddrop", "hired", "fitprune")
@@ -20,14 +21,47 @@ def test_quick_bench_runs_end_to_end_with_every_row(tiny_checkpoint, tmp_path, c
     assert abs(duet["avg_visual_tokens"] - 64) <= 2
 
 
+def test_rounds_interleave_and_speedups_are_per_round_ratios(engine):
+    result = run_bench(engine, ["duet"], [192, 64], reps=3, decode_steps=1, layers=True)
+    assert [(r["method"], r["budget"]) for r in result["rows"]] == [("full", 576), ("duet", 192), ("duet", 64)]
+    times = result["per_rep_ms"]
+    assert set(times) == {"full", "duet-192", "duet-64"} and all(len(v) == 3 for v in times.values())
+    ratios = sorted(f / d for f, d in zip(times["full"], times["duet-64"]))
+    median, low, high = result["rows"][2]["speedup"]
+    assert (low, high) == pytest.approx((ratios[0], ratios[-1]), rel=1e-3) and median == pytest.approx(ratios[1], rel=1e-3)
+    assert len(result["other_load_cores"]) == 3
+    assert all(len(v) == engine.n_layers and min(v) > 0 for v in result["layer_ms"].values())
+    ratio = compare(result, "duet-64", "duet-192")
+    assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    with pytest.raises(ValueError, match="visionzip-64"):
+        compare(result, "visionzip-64", "full")
+
+
+def test_compare_runs_only_the_two_configurations(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    assert main(["bench", "--model", str(tiny_checkpoint), "--compare", "duet-64", "visionzip-64", "--reps", "2",
+                 "--decode-steps", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["per_rep_ms"]) == {"full", "duet-64", "visionzip-64"}
+    assert "duet-64 / visionzip-64 prefill time, per round" in capsys.readouterr().out
+    assert result["compare"]["a"] == "duet-64"
+
+
+def test_the_load_meter_sees_a_busy_other_process():
+    import subprocess
+    import sys
+    import time
+
+    meter = LoadMeter()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    busy.wait()
+    time.sleep(0.1)
+    assert meter.cores() > 0.5  # one other process spun a core for most of the measured time
+
+
 def test_ui_render_bench_reports_every_view(engine):
     from duet_viz.bench_ui import server_side
 
     result = server_side(engine, reps=2)
     assert len(result) == 4
     assert all(r["n"] == 2 and 0 < r["p50_ms"] <= r["p95_ms"] for r in result.values())
-
-
-def test_full_in_methods_does_not_repeat_the_baseline(engine):
-    result = run_bench(engine, ["full", "duet"], [192, 64], reps=1, decode_steps=1)
-    assert [(r["method"], r["budget"]) for r in result["rows"]] == [("full", 576), ("duet", 192), ("duet", 64)]

@@ -26,7 +26,9 @@ from PIL import Image, PngImagePlugin
 from duet_viz import ui
 from duet_viz.hostile import Probe, carrier, pasted, png_bytes, run_args
 from duet_viz.limits import Limits, RateLimit, Refusal, UploadSpace, decode_data_url, launch_options
-from duet_viz.ui import App, build_demo, result_bytes
+from duet_viz.memory import TRACE_BYTES_PER_JSON_BYTE, result_bytes
+from duet_viz.page import build_demo
+from duet_viz.ui import App
 from model import video
 from model.inputs import InputError, check_question, load_image, whole_number
 from model.video import VideoError, read_frames, write_clip
@@ -191,7 +193,7 @@ def test_results_are_private_to_their_session_except_examples(engine, monkeypatc
 
 
 def test_result_bytes_count_frames_and_traces():
-    assert result_bytes([Image.new("RGB", (100, 50))], "x" * 10) == 100 * 50 * 3 + (1 + ui.TRACE_BYTES_PER_JSON_BYTE) * 10
+    assert result_bytes([Image.new("RGB", (100, 50))], "x" * 10) == 100 * 50 * 3 + (1 + TRACE_BYTES_PER_JSON_BYTE) * 10
 
 
 def test_result_cache_is_bounded_in_bytes_and_by_a_session_share(engine):
