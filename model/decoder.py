@@ -25,6 +25,11 @@ from .budget import Plan, Stage
 from .t2v import fitprune_scores, keep_top, layer_scores
 
 QUERY_KINDS = ("salient", "text", "last", "all")
+# CPU BLAS (the MKL sgemm in torch's CPU wheel) multiplies 4-15 rows by a 4096 x 11008 weight in up
+# to 65 ms and 16 rows in 37 ms (BENCHMARKS.md §6): below this many rows a layer runs on the rows
+# padded with copies of the last one, which no real row sees (causal attention), and their cache
+# entries are removed at once. DUET's last layers hold only the prompt's text.
+MIN_CPU_ROWS = 16
 
 
 @dataclass
@@ -132,6 +137,30 @@ def stage_record(index: int, stage: Stage, rows: Rows, ranking: Ranking | None, 
     }
 
 
+def needs_ranking(stage: Stage, n_alive: int, n_visual: int, n_frames: int) -> bool:
+    """A stage that keeps none or all of the alive visual tokens decides nothing by ranking
+    (DUET's last stage keeps 0 %): it is not scored, and its trace record has no scores."""
+    return 0 < stage.keep_of(n_visual, n_frames) < n_alive
+
+
+def run_layer(lm, index: int, h: torch.Tensor, rows: Rows, rope, mask, cache: DynamicCache | None) -> torch.Tensor:
+    """Decoder layer ``index`` on ``h``; on CPU, fewer than ``MIN_CPU_ROWS`` rows run padded."""
+    layer, n = lm.layers[index], h.shape[1]
+    pad = MIN_CPU_ROWS - n if h.device.type == "cpu" else 0
+    pos = rows.pos
+    if pad > 0:
+        h = torch.cat([h, h[:, -1:].expand(-1, pad, -1)], 1)
+        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], 1)
+        rope = lm.rotary_emb(h, pos)
+    out = layer(h, attention_mask=mask(h.shape[1]), position_ids=pos, past_key_values=cache,
+                use_cache=cache is not None, position_embeddings=rope)
+    if pad > 0:
+        if cache is not None:
+            cache.layers[index].crop(-pad)
+        out = out[:, :n]
+    return out
+
+
 def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int = 1,
         cache: DynamicCache | None = None, force: dict[int, list[list[int]]] | None = None, record: bool = False,
         mask: Callable[[int], torch.Tensor | None] = lambda n: None, timer=None,
@@ -154,8 +183,12 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
         started = timer.start() if timer and (index in score_at or index in stage_at) else None
         if index in stage_at:
             stage = stage_at[index]
+            n_alive = rows.visual_ids.shape[1]
             if force and index in force:
                 ranking, choices = None, forced(rows, force[index])
+            elif not needs_ranking(stage, n_alive, n_visual, n_frames):
+                keep = torch.arange(min(stage.keep_of(n_visual, n_frames), n_alive), device=h.device)
+                ranking, choices = None, [keep] * h.shape[0]
             else:
                 ranking = rank(layer, h, rope, rows, stage, apply_rope) if stage.score_layer == index else pending.pop(index)
                 choices = [select(s, stage, n_visual, n_frames) for s in ranking.scores]
@@ -164,15 +197,16 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
                 out.stages.append(stage_record(index, stage, rows, ranking, out.kept[index][0]))
             h, rows = drop(h, rows, choices, p.positions)
             rope = lm.rotary_emb(h, rows.pos)
-        if index in score_at and score_at[index].layer > index:
-            pending[score_at[index].layer] = rank(layer, h, rope, rows, score_at[index], apply_rope)
+        later = score_at.get(index)
+        if later is not None and later.layer > index and needs_ranking(later, rows.visual_ids.shape[1], n_visual,
+                                                                           n_frames):
+            pending[later.layer] = rank(layer, h, rope, rows, later, apply_rope)
         if started is not None:
             timer.stop("t2v", started)
         out.counts.append(int(rows.visual[0].sum()))
         out.totals.append(h.shape[1])
         out.next_positions.append(int(rows.pos[0, -1]) + 1)
-        h = layer(h, attention_mask=mask(h.shape[1]), position_ids=rows.pos, past_key_values=cache,
-                  use_cache=cache is not None, position_embeddings=rope)
+        h = run_layer(lm, index, h, rows, rope, mask, cache)
     if on_layer:
         on_layer(len(lm.layers), h, rows)
     return replace(out, hidden=h, rows=rows)
