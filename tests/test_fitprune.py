@@ -107,8 +107,8 @@ def test_stages_record_self_and_cross_and_delete_the_lowest_product(engine, imag
     assert any(b == a + 1 for a, b in zip(layers, layers[1:]))  # stages at consecutive layers
     for stage in trace["t2v"]:
         assert stage["score_layer"] == stage["layer"] - 1 and stage["query"] == "fitprune"
-        if stage["scores"] is None:  # a stage that deletes nothing is not ranked
-            assert stage["kept"] == stage["ids_in"]
+        if stage["scores"] is None:  # a stage that keeps all or none of its tokens is not ranked
+            assert stage["kept"] in ([], stage["ids_in"])
             continue
         assert len(stage["scores"]) == len(stage["ids_in"]) == stage["n_in"]  # ranked after the previous drop
         product = [c * s for c, s in zip(stage["cross"], stage["self"])]
