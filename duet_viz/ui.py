@@ -93,7 +93,7 @@ def model_note(engine: DuetLlava, question: str) -> str:
     if not (engine.training or {}).get("vocabulary"):
         return ""
     unknown = unknown_words(engine.tokenizer, question)
-    unseen = (f"  \nWords of this question it has never seen (each reaches it as one unknown token): "
+    unseen = ("  \nWords of this question it has never seen (each reaches it as one unknown token): "
               + ", ".join(f"**{w}**" for w in unknown) + ".") if unknown else ""
     return (f"**About this model.** `{engine.name}` is a small LLaVA trained here from scratch on synthetic "
             "scenes of coloured shapes (circles, squares, triangles, stars). It answers questions about their "

@@ -59,7 +59,7 @@ def llava_7b_shaped(llm_layers: int, device: str = "auto") -> DuetLlava:
     return DuetLlava(model, processor, f"llava-1.5-7b-shaped-{llm_layers}L")
 
 
-def _median_spread(values: list[float]) -> tuple[float, float, float]:
+def median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
@@ -139,11 +139,11 @@ def summarise(config: Config, full: Config, decode_steps: int) -> dict:
         "method": config.cfg.method,
         "budget": config.cfg.budget,
         "avg_visual_tokens": sum(first["counts"]) / len(first["counts"]),
-        "prefill_ms": _median_spread([r["prefill"] for r in runs]),
-        "speedup": _median_spread([f["prefill"] / r["prefill"] for f, r in zip(full.runs, runs)]),
-        "v2v_ms": _median_spread([r.get("v2v", 0.0) for r in runs]),
-        "t2v_ms": _median_spread([r["t2v"] for r in runs]),
-        "decode_ms_per_token": _median_spread([r["decode"] / decode_steps for r in runs]) if decode_steps else None,
+        "prefill_ms": median_spread([r["prefill"] for r in runs]),
+        "speedup": median_spread([f["prefill"] / r["prefill"] for f, r in zip(full.runs, runs)]),
+        "v2v_ms": median_spread([r.get("v2v", 0.0) for r in runs]),
+        "t2v_ms": median_spread([r["t2v"] for r in runs]),
+        "decode_ms_per_token": median_spread([r["decode"] / decode_steps for r in runs]) if decode_steps else None,
         "kv_bytes": first["kv"],
         "llm_flops": llm_flops(first["totals"], lm.hidden_size, lm.intermediate_size),
     }
@@ -178,7 +178,7 @@ def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int,
               f"{load[-1] if load[-1] is None else round(load[-1], 2)} cores", flush=True)
     return {
         "model": engine.name, "device": str(engine.device), "dtype": str(engine.dtype),
-        "llm_layers": engine.n_layers, "vision_ms": _median_spread(vision_ms),
+        "llm_layers": engine.n_layers, "vision_ms": median_spread(vision_ms),
         "rows": [summarise(c, full, decode_steps) for c in configs],
         "per_rep_ms": {c.name: [round(r["prefill"], 2) for r in c.runs] for c in configs},
         "layer_ms": {c.name: c.layer_ms() for c in configs} if layers else None,
@@ -192,7 +192,7 @@ def compare(result: dict, a: str, b: str) -> dict:
     for name in (a, b):
         if name not in times:
             raise ValueError(f"{name!r} was not measured; measured: {', '.join(times)}")
-    return dict(zip(("median", "min", "max"), _median_spread([x / y for x, y in zip(times[a], times[b])])))
+    return dict(zip(("median", "min", "max"), median_spread([x / y for x, y in zip(times[a], times[b])])))
 
 
 def machine() -> dict:

@@ -24,7 +24,6 @@ from transformers import DynamicCache
 from .budget import Plan, Stage
 from .t2v import fitprune_scores, keep_top, layer_scores
 
-QUERY_KINDS = ("salient", "text", "last", "all")
 # CPU BLAS (the MKL sgemm in torch's CPU wheel) multiplies 4-15 rows by a 4096 x 11008 weight in up
 # to 65 ms and 16 rows in 37 ms (BENCHMARKS.md §6): below this many rows a layer runs on the rows
 # padded with copies of the last one, which no real row sees (causal attention), and their cache
@@ -38,7 +37,7 @@ class Rows:
 
     visual: torch.Tensor  # (B, T) bool: a visual token
     pos: torch.Tensor  # (B, T) long: position ids
-    queries: dict[str, torch.Tensor]  # kind (QUERY_KINDS) -> (B, T) bool: the rows that rank under it
+    queries: dict[str, torch.Tensor]  # kind ("salient", "text", "last", "all") -> (B, T) bool: the rows that rank under it
     origin: torch.Tensor  # (B, T) long: index of the row in the batch as it entered the loop
     visual_ids: torch.Tensor  # (B, V) long: id (0..V0-1 in input order) of each visual token still alive
 
@@ -88,10 +87,10 @@ def rank(layer, h: torch.Tensor, rope, rows: Rows, stage: Stage, apply_rope) -> 
     """Each sequence's scores of its alive visual tokens at ``layer`` (input ``h``), by the stage's
     query rows; FitPrune ranks by self x cross over every row (``t2v.fitprune_scores``)."""
     scores, parts, n_query = [], None, 0
+    kind = "text" if stage.query == "fitprune" else stage.query
     with torch.no_grad():
         for b in range(h.shape[0]):
             visual = torch.nonzero(rows.visual[b]).flatten()
-            kind = "text" if stage.query == "fitprune" else stage.query
             query = torch.nonzero(rows.queries[kind][b]).flatten()
             row_rope = (rope[0][b:b + 1], rope[1][b:b + 1])
             if stage.query == "fitprune":
@@ -106,15 +105,14 @@ def rank(layer, h: torch.Tensor, rope, rows: Rows, stage: Stage, apply_rope) -> 
 
 def drop(h: torch.Tensor, rows: Rows, choices: list[torch.Tensor], layout: str) -> tuple[torch.Tensor, Rows]:
     """Keep every non-visual row and, per sequence, the visual tokens at ``choices[b]``."""
-    index, chosen = [], []
+    index = []
     for b, choice in enumerate(choices):
         visual = torch.nonzero(rows.visual[b]).flatten()
         survivors = ~rows.visual[b]
         survivors[visual[choice]] = True
         index.append(torch.nonzero(survivors).flatten())
-        chosen.append(choice)
-    index, chosen = torch.stack(index), torch.stack(chosen)
-    return h.gather(1, index[..., None].expand(-1, -1, h.shape[-1])), rows.take(index, chosen, layout)
+    index = torch.stack(index)
+    return h.gather(1, index[..., None].expand(-1, -1, h.shape[-1])), rows.take(index, torch.stack(choices), layout)
 
 
 def forced(rows: Rows, ids: list[list[int]]) -> list[torch.Tensor]:

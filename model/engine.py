@@ -291,7 +291,7 @@ class DuetLlava:
         salient = sorted({int(new_index[p]) for p in prompt.salient if keep[p]})
         return embeds, visual_rows, salient
 
-    def _mask(self, n: int) -> torch.Tensor | None:
+    def attention_mask(self, n: int) -> torch.Tensor | None:
         """Causal mask for a prefill of n rows; SDPA derives it itself (is_causal)."""
         if self.sdpa:
             return None
@@ -340,7 +340,7 @@ class DuetLlava:
         out = decoder.run(self.lm, embeds, rows, p, self.apply_rope, n_frames=n_frames,
                           cache=DynamicCache(config=self.lm.config) if use_cache else None,
                           force=None if force is None else {k: [v] for k, v in force.items()},
-                          record=record, mask=self._mask, timer=timer, on_layer=on_layer)
+                          record=record, mask=self.attention_mask, timer=timer, on_layer=on_layer)
         logits = self.lm_head(self.lm.norm(out.hidden[:, -1]))[0]
         return Prefill(logits, out.cache, out.stages, out.counts, out.totals,
                        {k: v[0] for k, v in out.kept.items()}, out.next_positions)

@@ -136,7 +136,7 @@ def attention_weights(engine: DuetLlava, layer, s: Sample) -> tuple[torch.Tensor
 def run_layer(engine: DuetLlava, layer, s: Sample, drop: torch.Tensor | None = None) -> Sample:
     """``layer`` on the sample's rows; then the visual tokens ``drop`` (indices among them) leave."""
     rope = engine.lm.rotary_emb(s.h, s.pos[None])
-    h = layer(s.h, attention_mask=engine._mask(s.h.shape[1]), position_ids=s.pos[None], position_embeddings=rope)
+    h = layer(s.h, attention_mask=engine.attention_mask(s.h.shape[1]), position_ids=s.pos[None], position_embeddings=rope)
     keep = torch.ones(h.shape[1], dtype=torch.bool, device=h.device)
     if drop is not None and len(drop):
         keep[torch.nonzero(s.is_visual).flatten()[drop]] = False

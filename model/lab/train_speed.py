@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import _median_spread, machine
+from ..bench import median_spread, machine
 from ..engine import DuetLlava
 from . import scenes
 from .batches import encode
@@ -38,7 +38,7 @@ def train_step_times(engine: DuetLlava, budgets: list[int], batch_size: int, rep
             optimizer.step()
             if rep:
                 times.append((time.perf_counter() - started) * 1e3)
-        rows.append({"method": cfg.reduction, "budget": budget, "step_ms": _median_spread(times)})
+        rows.append({"method": cfg.reduction, "budget": budget, "step_ms": median_spread(times)})
     model.eval()
     return rows
 

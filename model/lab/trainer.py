@@ -142,7 +142,7 @@ def answer_forward(engine: DuetLlava, batch: dict, cfg: StageConfig):
     queries = {"salient": salient, "text": prompt & (index > index.masked_fill(~is_visual, -1).amax(1, keepdim=True)),
                "last": index == prompt.sum(1, keepdim=True) - 1, "all": real}
     rows = decoder.Rows.build(is_visual, index, queries)
-    out = decoder.run(engine.lm, h, rows, p, engine.apply_rope, mask=engine._mask)
+    out = decoder.run(engine.lm, h, rows, p, engine.apply_rope, mask=engine.attention_mask)
     logits = engine.lm_head(engine.lm.norm(out.hidden))[:, :-1].float()
     targets = labels.gather(1, out.rows.origin)[:, 1:]
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
