@@ -162,14 +162,23 @@ def run_layer(lm, index: int, h: torch.Tensor, rows: Rows, rope, mask, cache: Dy
 def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int = 1,
         cache: DynamicCache | None = None, force: dict[int, list[list[int]]] | None = None, record: bool = False,
         mask: Callable[[int], torch.Tensor | None] = lambda n: None, timer=None,
-        on_layer: Callable[[int, torch.Tensor, Rows], None] | None = None) -> Output:
+        on_layer: Callable[[int, torch.Tensor, Rows], None] | None = None,
+        choose: Callable[[int, Ranking], list[torch.Tensor]] | None = None) -> Output:
     """Run ``lm``'s decoder layers on ``h``, dropping visual tokens at ``p``'s stage layers.
 
     A stage layer drops first, then a stage scored there for a later layer ranks its input.
     ``force`` (stage layer -> per sequence, kept visual ids) replays earlier decisions instead of
     scoring: the uncached recomputation of a cached run. ``mask(n)`` is the attention mask for n
-    rows (None under SDPA). A ``timer`` collects ranking and dropping under "t2v"."""
+    rows (None under SDPA). A ``timer`` collects ranking and dropping under "t2v".
+    ``choose(layer, ranking)`` decides, per sequence, which alive visual tokens (indices) survive
+    a stage instead of its top-k; every stage is then ranked, whatever its count, and a stage
+    after the last layer is ranked and chosen too, with nothing left to drop from (FitPrune's
+    schedule fitting, ``fitprune.simulate``)."""
     n_visual = rows.visual_ids.shape[1]
+
+    def ranked(stage: Stage, n_alive: int) -> bool:
+        return choose is not None or needs_ranking(stage, n_alive, n_visual, n_frames)
+
     stage_at = {s.layer: s for s in p.stages}
     score_at = {s.score_layer: s for s in p.stages if not (force and s.layer in force)}
     rope = lm.rotary_emb(h, rows.pos)
@@ -184,20 +193,20 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
             n_alive = rows.visual_ids.shape[1]
             if force and index in force:
                 ranking, choices = None, forced(rows, force[index])
-            elif not needs_ranking(stage, n_alive, n_visual, n_frames):
+            elif not ranked(stage, n_alive):
                 keep = torch.arange(min(stage.keep_of(n_visual, n_frames), n_alive), device=h.device)
                 ranking, choices = None, [keep] * h.shape[0]
             else:
                 ranking = rank(layer, h, rope, rows, stage, apply_rope) if stage.score_layer == index else pending.pop(index)
-                choices = [select(s, stage, n_visual, n_frames) for s in ranking.scores]
+                choices = (choose(index, ranking) if choose else
+                           [select(s, stage, n_visual, n_frames) for s in ranking.scores])
             out.kept[index] = [rows.visual_ids[b, c].tolist() for b, c in enumerate(choices)]
             if record:
                 out.stages.append(stage_record(index, stage, rows, ranking, out.kept[index][0]))
             h, rows = drop(h, rows, choices, p.positions)
             rope = lm.rotary_emb(h, rows.pos)
         later = score_at.get(index)
-        if later is not None and later.layer > index and needs_ranking(later, rows.visual_ids.shape[1], n_visual,
-                                                                           n_frames):
+        if later is not None and later.layer > index and ranked(later, rows.visual_ids.shape[1]):
             pending[later.layer] = rank(layer, h, rope, rows, later, apply_rope)
         if started is not None:
             timer.stop("t2v", started)
@@ -205,6 +214,8 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
         out.totals.append(h.shape[1])
         out.next_positions.append(int(rows.pos[0, -1]) + 1)
         h = run_layer(lm, index, h, rows, rope, mask, cache)
+    if choose and len(lm.layers) in pending:
+        choose(len(lm.layers), pending.pop(len(lm.layers)))
     if on_layer:
         on_layer(len(lm.layers), h, rows)
     return replace(out, hidden=h, rows=rows)

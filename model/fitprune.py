@@ -4,12 +4,13 @@
 1. ``reference_weights``: on every calibration sample, a full-token prefill records per layer the
    head-max attention mass that the rows after the image pay the visual tokens (per such row,
    ``W_cross``) and that the visual rows pay them (per visual token, ``W_self``) (l.283-318).
-2. ``fit``: for one alpha, the layers are simulated in order over all samples. Before a layer, the
+2. ``fit``: for one alpha, each sample runs through the layers (``simulate``, the engine's
+   ``decoder.run``), deleting after a layer's attention the visual tokens in both the longest
+   low-cross and the longest low-self prefix that keep at least (1 - alpha) of the layer's
+   reference mass (``deletion_set``, l.206-241), keeping the survivors' position ids. The stop
+   rule (l.132-143) is then replayed on the samples' counts (``stop_rule``): before a layer, the
    visual FLOPs spent so far plus the forecast for keeping every current count to the last layer
-   are averaged over samples; once that is at most the target, fitting stops (l.132-143). Else
-   each sample deletes the visual tokens in both the longest low-cross and the longest low-self
-   prefix that keep at least (1 - alpha) of the layer's reference mass (``deletion_set``,
-   l.206-241), after the layer's attention, keeping the survivors' position ids.
+   are averaged over samples; once that is at most the target, fitting stops.
 3. ``fit_schedule``: bisection on alpha in [0, 1] until the interval is at most 0.01 (l.334-343);
    a schedule is the per-layer deletions summed over samples, floor-divided by their number.
 
@@ -45,23 +46,21 @@ from pathlib import Path
 
 import torch
 
-from .budget import ReductionConfig, plan
+from . import decoder
+from .budget import Plan, ReductionConfig, Stage, plan
 from .device import Timer
 from .engine import DuetLlava
 from .schedules import SCHEDULE_FILE, write_schedules
-from .t2v import fitprune_scores
 
 ALPHA_TOLERANCE = 0.01
 
 
 @dataclass
 class Sample:
-    """One calibration prompt as it enters the LLM, and where it stands in a simulation."""
+    """One calibration prompt as it enters the LLM."""
 
-    h: torch.Tensor  # (1, T, d) the input of the next layer
-    pos: torch.Tensor  # (T,) position ids (FitPrune keeps the original ones)
-    is_visual: torch.Tensor  # (T,) bool
-    is_text: torch.Tensor  # (T,) bool: the rows after the image
+    h: torch.Tensor  # (1, T, d)
+    rows: decoder.Rows  # visual rows, original position ids, "text" = the rows after the image
 
 
 @dataclass(frozen=True)
@@ -125,22 +124,28 @@ def deletion_set(cross: torch.Tensor, self_weight: torch.Tensor, cross_total: fl
     return values[counts > 1]
 
 
-def attention_weights(engine: DuetLlava, layer, s: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross per visual token, normalised per text row; self per visual token) at ``layer``."""
-    rope = engine.lm.rotary_emb(s.h, s.pos[None])
-    visual, text = torch.nonzero(s.is_visual).flatten(), torch.nonzero(s.is_text).flatten()
-    _, parts = fitprune_scores(layer, s.h[0], rope, s.pos, visual, text, engine.apply_rope)
-    return parts["cross"] / len(text), parts["self"]
+def simulate(engine: DuetLlava, s: Sample, decide) -> list[int]:
+    """The sample through ``decoder.run``, every layer deleting ``decide(layer, cross, self_weight)``
+    (indices among the alive visual tokens; cross per visual token normalised per text row, self
+    per visual token, both head-max) after its attention, keeping the survivors' position ids.
 
+    Returns the visual tokens entering each layer, then those left after the last layer's
+    deletions. Layer l's deletions are a stage before layer l + 1 scored at layer l, as the engine
+    runs FitPrune; the last layer's stage has nothing to drop from, only its count matters."""
+    L = engine.n_layers
+    stages = tuple(Stage(layer + 1, 0, "fitprune", layer) for layer in range(L))
+    p = Plan("fitprune", engine.n_patches, L, engine.n_patches, stages=stages, positions="original")
+    counts = []
 
-def run_layer(engine: DuetLlava, layer, s: Sample, drop: torch.Tensor | None = None) -> Sample:
-    """``layer`` on the sample's rows; then the visual tokens ``drop`` (indices among them) leave."""
-    rope = engine.lm.rotary_emb(s.h, s.pos[None])
-    h = layer(s.h, attention_mask=engine.attention_mask(s.h.shape[1]), position_ids=s.pos[None], position_embeddings=rope)
-    keep = torch.ones(h.shape[1], dtype=torch.bool, device=h.device)
-    if drop is not None and len(drop):
-        keep[torch.nonzero(s.is_visual).flatten()[drop]] = False
-    return Sample(h[:, keep], s.pos[keep], s.is_visual[keep], s.is_text[keep])
+    def choose(stage_layer: int, ranking: decoder.Ranking) -> list[torch.Tensor]:
+        cross, self_weight = ranking.parts["cross"] / ranking.query_rows, ranking.parts["self"]
+        keep = torch.ones(len(cross), dtype=torch.bool, device=cross.device)
+        keep[decide(stage_layer - 1, cross, self_weight)] = False
+        counts.append(int(keep.sum()))
+        return [torch.nonzero(keep).flatten()]
+
+    out = decoder.run(engine.lm, s.h, s.rows, p, engine.apply_rope, mask=engine.attention_mask, choose=choose)
+    return out.counts + counts[-1:]
 
 
 def prepare(engine: DuetLlava, items) -> list[Sample]:
@@ -150,11 +155,10 @@ def prepare(engine: DuetLlava, items) -> list[Sample]:
         prompt = engine.prepare(frames, question)
         visual = engine.encode(prompt, full, Timer(engine.device))
         embeds, visual_rows, _ = engine.llm_inputs(prompt, visual)
-        n = embeds.shape[1]
-        is_visual = torch.zeros(n, dtype=torch.bool, device=engine.device)
-        is_visual[visual_rows] = True
-        is_text = torch.arange(n, device=engine.device) > int(visual_rows.max())
-        samples.append(Sample(embeds, torch.arange(n, device=engine.device), is_visual, is_text))
+        index = torch.arange(embeds.shape[1], device=engine.device)
+        is_visual = torch.isin(index, visual_rows)
+        rows = decoder.Rows.build(is_visual[None], index[None], {"text": (index > int(visual_rows.max()))[None]})
+        samples.append(Sample(embeds, rows))
     return samples
 
 
@@ -163,33 +167,41 @@ def reference_weights(engine: DuetLlava, samples: list[Sample]) -> list[list[tup
     weights = []
     for s in samples:
         per_layer = []
-        for layer in engine.lm.layers:
-            cross, self_weight = attention_weights(engine, layer, s)
+
+        def record(layer: int, cross: torch.Tensor, self_weight: torch.Tensor) -> torch.Tensor:
             per_layer.append((float(cross.sum()), float(self_weight.sum())))
-            s = run_layer(engine, layer, s)
+            return torch.zeros(0, dtype=torch.long)
+
+        simulate(engine, s, record)
         weights.append(per_layer)
     return weights
+
+
+def stop_rule(counts: list[list[int]], widths: Widths, target: float) -> tuple[bool, list[int]]:
+    """(whether the FLOP target was reached, deletions per layer) of the official loop, replayed on
+    each sample's visual counts (``simulate``): before a layer, the visual FLOPs spent so far plus
+    the forecast for keeping every count to the last layer, averaged over samples, at most the
+    target stops the fit. The samples' deletions do not depend on each other, so running each one
+    through every layer and replaying the rule decides as the official layer-by-layer loop does."""
+    n_layers, n = len(counts[0]) - 1, len(counts)
+    deleted, spent = [0] * n_layers, 0.0
+    for index in range(n_layers):
+        spent += sum(widths.before(c[index]) for c in counts)
+        forecast = sum(widths.after(c[index]) + (n_layers - 1 - index) * widths.layer(c[index]) for c in counts)
+        if (spent + forecast) / n <= target:
+            return True, [d // n for d in deleted]
+        for c in counts:
+            deleted[index] += c[index] - c[index + 1]
+            spent += widths.after(c[index + 1])
+    return False, [d // n for d in deleted]
 
 
 def fit(engine: DuetLlava, samples: list[Sample], weights, alpha: float, target: float,
         widths: Widths) -> tuple[bool, list[int]]:
     """(whether the FLOP target was reached, deletions per layer) for one alpha."""
-    n_layers = engine.n_layers
-    deleted = [0] * n_layers
-    spent = 0.0
-    for index, layer in enumerate(engine.lm.layers):
-        counts = [int(s.is_visual.sum()) for s in samples]
-        spent += sum(widths.before(n) for n in counts)
-        forecast = sum(widths.after(n) + (n_layers - 1 - index) * widths.layer(n) for n in counts)
-        if (spent + forecast) / len(samples) <= target:
-            return True, [d // len(samples) for d in deleted]
-        for k, s in enumerate(samples):
-            cross, self_weight = attention_weights(engine, layer, s)
-            drop = deletion_set(cross, self_weight, *weights[k][index], alpha)
-            deleted[index] += len(drop)
-            samples[k] = run_layer(engine, layer, s, drop)
-            spent += widths.after(int(samples[k].is_visual.sum()))
-    return False, [d // len(samples) for d in deleted]
+    counts = [simulate(engine, s, lambda layer, cross, self_weight, k=k: deletion_set(
+        cross, self_weight, *weights[k][layer], alpha)) for k, s in enumerate(samples)]
+    return stop_rule(counts, widths, target)
 
 
 def fit_schedule(engine: DuetLlava, items, budget: int, log=print) -> dict:
@@ -200,11 +212,11 @@ def fit_schedule(engine: DuetLlava, items, budget: int, log=print) -> dict:
     target = L * widths.layer(P) * (1 - cut)
     with torch.inference_mode():
         base = prepare(engine, items)
-        weights = reference_weights(engine, [Sample(s.h, s.pos, s.is_visual, s.is_text) for s in base])
+        weights = reference_weights(engine, base)
         lo, hi, fits = 0.0, 1.0, []
         while hi - lo > ALPHA_TOLERANCE + 1e-9:
             alpha = (lo + hi) / 2
-            reached, deletions = fit(engine, list(base), weights, alpha, target, widths)
+            reached, deletions = fit(engine, base, weights, alpha, target, widths)
             flops = widths.schedule_flops(P, deletions)
             fits.append((abs(flops / target - 1), alpha, deletions, flops))
             log(f"  budget {budget}: alpha {alpha:.4f} reached={reached} flops/target {flops / target:.4f}")

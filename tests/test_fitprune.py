@@ -10,7 +10,8 @@ import torch
 
 from model.budget import ReductionConfig, plan
 from model.engine import DuetLlava
-from model.fitprune import Widths, deletion_set, fit_schedule, settle_last_stage
+from model.fitprune import Widths, deletion_set, fit, fit_schedule, prepare, reference_weights, settle_last_stage
+from model.t2v import fitprune_scores
 from model.schedules import SCHEDULE_FILE, read_schedules, write_schedules
 
 from .conftest import QUESTION
@@ -63,6 +64,45 @@ def test_settling_the_last_stage_takes_the_fewest_deletions_that_meet_the_target
 def test_target_cuts_match_the_published_ones_on_the_7b_widths():
     widths = Widths(4096, 11008)
     assert [round(widths.target_cut(b, 576), 4) for b in (192, 128, 64)] == [0.6717, 0.7817, 0.8911]
+
+
+def official_fit(engine, samples, weights, alpha, target, widths):
+    """statistical_analysis.py l.132-143 and l.283-318 for one alpha: all samples advance layer by
+    layer in lockstep, each layer run on every row of a sample and the deleted rows removed after
+    it, the FLOP stop rule checked before each layer."""
+    states = [(s.h, s.rows.pos[0], s.rows.visual[0], s.rows.queries["text"][0]) for s in samples]
+    n_layers, deleted, spent = engine.n_layers, [0] * engine.n_layers, 0.0
+    for index, layer in enumerate(engine.lm.layers):
+        counts = [int(visual.sum()) for _, _, visual, _ in states]
+        spent += sum(widths.before(n) for n in counts)
+        forecast = sum(widths.after(n) + (n_layers - 1 - index) * widths.layer(n) for n in counts)
+        if (spent + forecast) / len(states) <= target:
+            return True, [d // len(states) for d in deleted]
+        for k, (h, pos, visual, text) in enumerate(states):
+            rope = engine.lm.rotary_emb(h, pos[None])
+            visual_rows, text_rows = torch.nonzero(visual).flatten(), torch.nonzero(text).flatten()
+            _, parts = fitprune_scores(layer, h[0], rope, pos, visual_rows, text_rows, engine.apply_rope)
+            drop = deletion_set(parts["cross"] / len(text_rows), parts["self"], *weights[k][index], alpha)
+            h = layer(h, attention_mask=None, position_ids=pos[None], position_embeddings=rope)
+            keep = torch.ones(h.shape[1], dtype=torch.bool)
+            keep[visual_rows[drop]] = False
+            states[k] = (h[:, keep], pos[keep], visual[keep], text[keep])
+            deleted[index] += len(drop)
+            spent += widths.after(int(visual[keep].sum()))
+    return False, [d // len(states) for d in deleted]
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.6, 0.95])
+def test_fit_through_the_decoder_loop_equals_the_official_lockstep_loop(engine, image, alpha):
+    widths = Widths(engine.lm.config.hidden_size, engine.lm.config.intermediate_size)
+    with torch.inference_mode():
+        samples = prepare(engine, [([image.rotate(angle)], QUESTION) for angle in (0, 90, 180)])
+        weights = reference_weights(engine, samples)
+        for cut in (0.5, 0.8):
+            target = engine.n_layers * widths.layer(engine.n_patches) * (1 - cut)
+            ours = fit(engine, samples, weights, alpha, target, widths)
+            assert ours == official_fit(engine, samples, weights, alpha, target, widths)
+            assert sum(ours[1]) > 0
 
 
 @pytest.fixture(scope="module")
