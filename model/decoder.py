@@ -6,10 +6,12 @@ stage layer every sequence keeps its own top-ranked visual tokens (``select``), 
 every sequence, so the batch stays rectangular; the gather carries gradients for everything that
 survives. Ranking reads a layer's own q/k for the few rows that need them (``t2v.layer_scores``),
 so the layers keep running on SDPA. Right-padded rows need no padding mask under causal
-attention: real tokens never attend to the pads after them.
+attention: real tokens never attend to the pads after them. Left-padded rows (batched generation,
+``model/batch.py``) stay at the front of their sequence through every drop (``Rows.pads``); the
+caller's mask hides them, and renumbered position ids start at 0 on each sequence's first real row.
 
-``run`` is what the engine's prefill (B = 1, with a KV cache) and the trainer (B rows, grads, no
-cache) both call; ``on_layer(index, h, rows)`` is called before each layer and once after the last
+``run`` is what the engine's prefill (B = 1, with a KV cache), batched generation (B rows, left
+padding, a KV cache) and the trainer (B rows, grads, no cache) call; ``on_layer(index, h, rows)`` is called before each layer and once after the last
 (index = number of layers), for training losses and per-layer timing outside the loop.
 """
 
@@ -40,23 +42,28 @@ class Rows:
     queries: dict[str, torch.Tensor]  # kind ("salient", "text", "last", "all") -> (B, T) bool: the rows that rank under it
     origin: torch.Tensor  # (B, T) long: index of the row in the batch as it entered the loop
     visual_ids: torch.Tensor  # (B, V) long: id (0..V0-1 in input order) of each visual token still alive
+    pads: torch.Tensor  # (B,) long: left-padding rows at the start of each sequence
 
     @classmethod
-    def build(cls, visual: torch.Tensor, pos: torch.Tensor, queries: dict[str, torch.Tensor]) -> "Rows":
+    def build(cls, visual: torch.Tensor, pos: torch.Tensor, queries: dict[str, torch.Tensor],
+              pads: torch.Tensor | None = None) -> "Rows":
         batch, n = visual.shape
         counts = visual.sum(1)
         if (counts != counts[0]).any():
             raise ValueError("every sequence of a batch must hold the same number of visual tokens")
         ids = torch.arange(int(counts[0]), device=visual.device).expand(batch, -1)
         origin = torch.arange(n, device=visual.device).expand(batch, -1)
-        return cls(visual, pos, queries, origin, ids)
+        pads = torch.zeros(batch, dtype=torch.long, device=visual.device) if pads is None else pads
+        return cls(visual, pos, queries, origin, ids, pads)
 
     def take(self, index: torch.Tensor, chosen: torch.Tensor, layout: str) -> "Rows":
         """The rows at ``index`` (B, T'), the visual ones being ``chosen`` (B, V') of the alive ones."""
-        pos = (torch.arange(index.shape[1], device=index.device).expand(len(index), -1) if layout == "contiguous"
-               else self.pos.gather(1, index))
+        if layout == "contiguous":
+            pos = (torch.arange(index.shape[1], device=index.device) - self.pads[:, None]).clamp(min=0)
+        else:
+            pos = self.pos.gather(1, index)
         return Rows(self.visual.gather(1, index), pos, {k: v.gather(1, index) for k, v in self.queries.items()},
-                    self.origin.gather(1, index), self.visual_ids.gather(1, chosen))
+                    self.origin.gather(1, index), self.visual_ids.gather(1, chosen), self.pads)
 
 
 @dataclass
@@ -68,7 +75,7 @@ class Output:
     kept: dict[int, list[list[int]]] = field(default_factory=dict)  # stage layer -> per sequence, surviving ids
     counts: list[int] = field(default_factory=list)  # visual tokens each layer sees
     totals: list[int] = field(default_factory=list)  # all tokens each layer sees
-    next_positions: list[int] = field(default_factory=list)  # sequence 0: per layer, the next position id
+    next_positions: list[list[int]] = field(default_factory=list)  # per layer, per sequence: the next position id
 
 
 def select(scores: torch.Tensor, stage: Stage, n_visual: int, n_frames: int) -> torch.Tensor:
@@ -212,7 +219,7 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
             timer.stop("t2v", started)
         out.counts.append(int(rows.visual[0].sum()))
         out.totals.append(h.shape[1])
-        out.next_positions.append(int(rows.pos[0, -1]) + 1)
+        out.next_positions.append((rows.pos[:, -1] + 1).tolist())
         h = run_layer(lm, index, h, rows, rope, mask, cache)
     if choose and len(lm.layers) in pending:
         choose(len(lm.layers), pending.pop(len(lm.layers)))

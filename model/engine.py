@@ -343,7 +343,7 @@ class DuetLlava:
                           record=record, mask=self.attention_mask, timer=timer, on_layer=on_layer)
         logits = self.lm_head(self.lm.norm(out.hidden[:, -1]))[0]
         return Prefill(logits, out.cache, out.stages, out.counts, out.totals,
-                       {k: v[0] for k, v in out.kept.items()}, out.next_positions)
+                       {k: v[0] for k, v in out.kept.items()}, [n[0] for n in out.next_positions])
 
     def step(self, token: int, positions: list[int], cache: DynamicCache) -> torch.Tensor:
         """Logits after one generated ``token``, decoded at ``positions[i]`` in layer i (each layer

@@ -24,9 +24,9 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from . import scenes
+from ..batch import answer_batch, tower_states
 from ..budget import QUERIES, ReductionConfig
 from .clips import VIDEO_KINDS, moving_clip
 from .scenes import query_patches
@@ -58,28 +58,41 @@ def items(split: str, n: int, seed: int, frames: int, start: int = 0):
         found += 1
 
 
+def answers(engine, chunk, configs: list[ReductionConfig], max_new_tokens: int, batch_size: int) -> dict:
+    """Per configuration, the records (trace fields) of the chunk's (sample, frames) pairs, from
+    one tower pass that serves every configuration: ``engine.answer`` one by one at batch size 1,
+    else ``batch.answer_batch``."""
+    questions = [(images, sample.question) for sample, images in chunk]
+    prompts = [engine.prepare(images, question) for images, question in questions]
+    hidden = tower_states(engine, prompts)
+    if batch_size == 1:
+        return {cfg: [engine.answer(images, question, cfg, max_new_tokens=max_new_tokens, hidden=states)
+                      for (images, question), states in zip(questions, hidden)] for cfg in configs}
+    return {cfg: answer_batch(engine, questions, cfg, max_new_tokens=max_new_tokens, hidden=hidden) for cfg in configs}
+
+
 def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
-             max_new_tokens: int = 3, progress=None, frames: int = 1, start: int = 0) -> dict:
+             max_new_tokens: int = 3, progress=None, frames: int = 1, start: int = 0, batch_size: int = 1) -> dict:
     rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}, "objects": {}} for c in configs}
-    for index, (sample, images) in enumerate(items(split, n, seed, frames, start)):
-        query = query_patches(sample) if sample.query and frames == 1 else set()
-        prompt = engine.prepare(images, sample.question)
-        with torch.inference_mode():  # one tower pass serves every configuration
-            hidden = engine.vision_states(prompt.pixel_values, prompt.route.tower)
-        for cfg in configs:
-            trace = engine.answer(images, sample.question, cfg, max_new_tokens=max_new_tokens, hidden=hidden)
-            row = rows[cfg]
-            correct = trace["answer"] == sample.answer
-            row["correct"].append(correct)
-            row["kinds"].setdefault(sample.kind, []).append(correct)
-            row["objects"].setdefault(len(sample.objects), []).append(correct)
-            row["tokens"].append(trace["avg_visual_tokens"])
-            if query:
-                kept = represented_patches(trace)
-                row["recall"].append(len(query & kept) / len(query))
-                row["random"].append(len(kept) / engine.n_patches)
-        if progress and (index + 1) % progress == 0:
-            print(f"  {index + 1}/{n} samples", flush=True)
+    pairs = list(items(split, n, seed, frames, start))
+    for first in range(0, n, batch_size):
+        chunk = pairs[first:first + batch_size]
+        records = answers(engine, chunk, configs, max_new_tokens, batch_size)
+        for k, (sample, _) in enumerate(chunk):
+            query = query_patches(sample) if sample.query and frames == 1 else set()
+            for cfg in configs:
+                trace, row = records[cfg][k], rows[cfg]
+                correct = trace["answer"] == sample.answer
+                row["correct"].append(correct)
+                row["kinds"].setdefault(sample.kind, []).append(correct)
+                row["objects"].setdefault(len(sample.objects), []).append(correct)
+                row["tokens"].append(trace["avg_visual_tokens"])
+                if query:
+                    kept = represented_patches(trace)
+                    row["recall"].append(len(query & kept) / len(query))
+                    row["random"].append(len(kept) / engine.n_patches)
+            if progress and (first + k + 1) % progress == 0:
+                print(f"  {first + k + 1}/{n} samples", flush=True)
     full = next((row for c, row in rows.items() if c.method == "full"), None)
     full_acc = statistics.mean(full["correct"]) if full else None
     table = []
@@ -95,7 +108,7 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
             "by_objects": {n: statistics.mean(v) for n, v in sorted(row["objects"].items())},
         })
     return {"model": engine.name, "split": split, "start": start, "n": n, "seed": seed, "frames": frames,
-            "rows": table}
+            "batch_size": batch_size, "rows": table}
 
 
 def overrides(cfg: ReductionConfig) -> str:
@@ -158,6 +171,8 @@ def eval_main(argv: list[str] | None = None) -> int:
                         help="position ids after a reduction (default: each method's own, see budget.DEFAULT_POSITIONS)")
     parser.add_argument("--query", choices=QUERIES, default=None,
                         help="rows that rank visual tokens inside the LLM (default: each method's own)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="questions per batched prefill and decoding loop (model/batch.py); 1: one by one")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -174,7 +189,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                 for m in methods if m != "full" for b in budgets]
     started = time.time()
     result = evaluate(engine, args.split, args.n, configs, seed=args.seed, progress=max(1, args.n // 10),
-                      frames=args.frames, start=args.start)
+                      frames=args.frames, start=args.start, batch_size=args.batch_size)
     result["wall_s"] = round(time.time() - started, 1)
     print(markdown(result))
     print()
