@@ -110,6 +110,10 @@ def _delegated(name: str):
         from .lab.trainer import train_main
 
         return train_main
+    if name == "lmms-task":
+        from .lab.lmms_task import task_main
+
+        return task_main
     return None
 
 
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and (delegate := _delegated(argv[0])):
         return delegate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m model", description="DUET-LLaVA token reduction")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,fit-fitprune,probe,train,train-speed}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{answer,tiny,bench,eval,fit-fitprune,probe,train,train-speed,lmms-task}")
     answer = commands.add_parser("answer", help="answer a question about an image or a video")
     answer.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
     answer.add_argument("--device", default="auto", help="auto, cpu or cuda")

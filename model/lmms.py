@@ -1,0 +1,124 @@
+"""The lmms-eval model ``duet_llava``: any method and budget of this engine on any lmms-eval task.
+
+    python -m lmms_eval --model duet_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=duet,budget=64 --tasks gqa --batch_size 8
+    accelerate launch --multi_gpu --num_processes 8 -m lmms_eval --model duet_llava --model_args ... --tasks ...
+
+lmms-eval finds the model through the ``lmms_eval.models`` entry point in ``pyproject.toml``
+(``pip install -r requirements-eval.txt`` installs this project with it). Under ``accelerate
+launch`` every process loads the model on its own device and answers its own share of the
+documents (the harness shards them by ``rank`` and ``world_size`` and gathers the results): data
+parallel, nothing wrapped. Without CUDA the processes run on the CPU and gather over gloo
+(``--multi_gpu`` then only makes accelerate start them with torchrun).
+
+Model arguments: ``pretrained`` (folder or hub id; default the shipped model), ``method``
+(``budget.METHODS``), ``budget`` (visual tokens; default all of them), ``traces`` (a folder: one SPEC §4 trace per document, ``TASK-DOC.json``; answers then run
+one at a time through ``engine.answer``). Generation is greedy (the engine has no sampling; the
+LLaVA tasks ask for temperature 0), ``max_new_tokens`` comes from the task (16 when it sets
+none), and the answer is cut at the task's first ``until`` string. The harness's ``--device cpu`` keeps
+the model on the CPU; otherwise each process takes its own GPU when there is one. Questions are
+batched ``--batch_size`` at a time (``batch.answer_batch``). Tasks scored by log-likelihood are not
+supported: the engine only generates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from loguru import logger
+from PIL import Image
+
+from .batch import answer_batch
+from .budget import ReductionConfig
+from .engine import DuetLlava
+
+IMAGE_MARKERS = ("<image>", "<video>")
+
+
+def manifest() -> ModelManifest:
+    """The entry point lmms-eval loads (``pyproject.toml``)."""
+    return ModelManifest(model_id="duet_llava", simple_class_path=f"{__name__}.DuetLlavaEval")
+
+
+def question_text(context: str) -> str:
+    """The task's prompt without image markers: the engine places the image tokens itself."""
+    for marker in IMAGE_MARKERS:
+        context = context.replace(marker, " ")
+    return context.strip()
+
+
+def cut(answer: str, until: list[str]) -> str:
+    """``answer`` up to the first of the ``until`` strings."""
+    for stop in until:
+        if stop and stop in answer:
+            answer = answer[: answer.index(stop)]
+    return answer.strip()
+
+
+class DuetLlavaEval(lmms):
+    def __init__(self, pretrained: str | None = None, method: str = "full", budget: int | None = None,
+                 device: str | None = None, batch_size: int | str = 1, traces: str | None = None,
+                 max_batch_size=None) -> None:
+        super().__init__()
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        accelerator = Accelerator(cpu=cpu)  # on the CPU, processes launched together join over gloo
+        self.engine = DuetLlava.load(pretrained, device="cpu" if cpu else f"cuda:{accelerator.local_process_index}")
+        self.reduction = ReductionConfig(method, int(budget) if budget is not None else self.engine.n_patches)
+        self.engine.plan(self.reduction)  # refuses an unknown method or budget before any document runs
+        self.batch_size = int(batch_size)
+        self.traces = Path(traces) if traces else None
+        if self.traces:
+            self.traces.mkdir(parents=True, exist_ok=True)
+        self.accelerator = accelerator  # the harness gathers the processes' results through it
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if torch.distributed.is_initialized():  # the harness's own Accelerator set up the group first
+            self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        logger.info(f"duet_llava: {self.engine.name} on {self.engine.device}, {method} {self.reduction.budget}, "
+                    f"process {self._rank + 1} of {self._world_size}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def _inputs(self, request: Instance) -> tuple[list[Image.Image], str, dict]:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        frames = [v.convert("RGB") for v in visuals if isinstance(v, Image.Image)]
+        if not frames:
+            raise ValueError(f"{task} document {doc_id}: duet_llava answers questions about images only")
+        return frames, question_text(context), dict(gen_kwargs)
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        answers = []
+        for first in range(0, len(requests), self.batch_size):
+            chunk = requests[first:first + self.batch_size]
+            inputs = [self._inputs(r) for r in chunk]
+            limits = {kwargs.get("max_new_tokens", 16) for _, _, kwargs in inputs}
+            if len(limits) == 1 and self.traces is None:
+                records = answer_batch(self.engine, [(f, q) for f, q, _ in inputs], self.reduction,
+                                       max_new_tokens=limits.pop())
+            else:
+                records = [self._traced(r, f, q, k.get("max_new_tokens", 16)) for r, (f, q, k) in zip(chunk, inputs)]
+            for record, (_, _, kwargs) in zip(records, inputs):
+                until = kwargs.get("until") or []
+                answers.append(cut(record["answer"], [until] if isinstance(until, str) else list(until)))
+        return answers
+
+    def _traced(self, request: Instance, frames, question: str, max_new_tokens: int) -> dict:
+        trace = self.engine.answer(frames, question, self.reduction, max_new_tokens=max_new_tokens)
+        if self.traces:
+            _, _, _, doc_id, task, _ = request.args
+            (self.traces / f"{task}-{doc_id}.json").write_text(json.dumps(trace))
+        return trace
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("duet_llava only generates: tasks scored by log-likelihood are not supported")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("duet_llava answers single-round questions")
