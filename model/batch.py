@@ -38,6 +38,16 @@ class Sequence:
     n_frames: int
 
 
+def sequence(engine, prompt, p: Plan, timer: Timer,
+             states: tuple[torch.Tensor, ...] | None = None) -> Sequence:
+    """``prompt`` reduced by ``p`` (``engine.encode``, on the tower's ``states`` when given), as
+    the LLM receives it."""
+    visual = engine.encode(prompt, p, timer, states)
+    embeds, visual_rows, salient = engine.llm_inputs(prompt, visual)
+    return Sequence(embeds, visual_rows, salient, engine.positions(prompt, visual, p.positions), visual.frames,
+                    len(prompt.pixel_values))
+
+
 def tower_states(engine, prompts) -> list[tuple[torch.Tensor, ...]]:
     """Each prompt's vision-tower states (``engine.vision_states``) from one tower pass per route."""
     states: list = [None] * len(prompts)
@@ -91,10 +101,10 @@ def step(engine, tokens: torch.Tensor, positions: list[list[int]], cache: Dynami
     """Logits (B, vocab) after one generated token per sequence, decoded at ``positions[i][b]``
     in layer i (each layer continues from its own renumbered length, as ``engine.step``)."""
     h = engine.lm.embed_tokens(tokens[:, None])
+    padded = bool(pads.any())
     for i, layer in enumerate(engine.lm.layers):
         pos = torch.tensor(positions[i], device=engine.device)[:, None]
-        n_keys = cache.get_seq_length(i) + 1
-        mask = pad_mask(pads, 1, n_keys, h.dtype) if bool(pads.any()) else None
+        mask = pad_mask(pads, 1, cache.get_seq_length(i) + 1, h.dtype) if padded else None
         h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                   position_embeddings=engine.lm.rotary_emb(h, pos))
     return engine.lm_head(engine.lm.norm(h[:, -1]))
@@ -105,8 +115,7 @@ def generate(engine, group: list[Sequence], p: Plan, max_new_tokens: int) -> lis
     then one decoding step per token for every sequence until each has met EOS or the limit."""
     h, rows = left_padded(engine, group)
     pads = rows.pads
-    padded = bool(pads.any())
-    mask = (lambda n: pad_mask(pads, n, n, h.dtype)) if padded else engine.attention_mask
+    mask = (lambda n: pad_mask(pads, n, n, h.dtype)) if bool(pads.any()) else engine.attention_mask
     out = decoder.run(engine.lm, h, rows, p, engine.apply_rope, n_frames=group[0].n_frames,
                       cache=DynamicCache(config=engine.lm.config), mask=mask)
     logits = engine.lm_head(engine.lm.norm(out.hidden[:, -1]))
@@ -147,12 +156,7 @@ def answer_batch(engine, items: list[tuple[list[Image.Image], str]], reduction: 
     prompts = [engine.prepare(list(frames), question, reduction.salient_words) for frames, question in items]
     hidden = hidden or tower_states(engine, prompts)
     timer = Timer(engine.device)
-    sequences = []
-    for prompt, states in zip(prompts, hidden):
-        visual = engine.encode(prompt, p, timer, states)
-        embeds, visual_rows, salient = engine.llm_inputs(prompt, visual)
-        sequences.append(Sequence(embeds, visual_rows, salient, engine.positions(prompt, visual, p.positions),
-                                  visual.frames, len(prompt.pixel_values)))
+    sequences = [sequence(engine, prompt, p, timer, states) for prompt, states in zip(prompts, hidden)]
     results: list = [None] * len(items)
     for shape in sorted({(len(s.visual_rows), s.n_frames) for s in sequences}):
         members = [i for i, s in enumerate(sequences) if (len(s.visual_rows), s.n_frames) == shape]

@@ -11,8 +11,9 @@ attention: real tokens never attend to the pads after them. Left-padded rows (ba
 caller's mask hides them, and renumbered position ids start at 0 on each sequence's first real row.
 
 ``run`` is what the engine's prefill (B = 1, with a KV cache), batched generation (B rows, left
-padding, a KV cache) and the trainer (B rows, grads, no cache) call; ``on_layer(index, h, rows)`` is called before each layer and once after the last
-(index = number of layers), for training losses and per-layer timing outside the loop.
+padding, a KV cache) and the trainer (B rows, grads, no cache) call; ``on_layer(index, h, rows)``
+is called before each layer and once after the last (index = number of layers), for training
+losses and per-layer timing outside the loop.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def cut(answer: str, until: list[str]) -> str:
 class DuetLlavaEval(lmms):
     def __init__(self, pretrained: str | None = None, method: str = "full", budget: int | None = None,
                  device: str | None = None, batch_size: int | str = 1, traces: str | None = None,
-                 max_batch_size=None) -> None:
+                 max_batch_size=None) -> None:  # max_batch_size: passed by the harness, unused
         super().__init__()
         cpu = device == "cpu" or not torch.cuda.is_available()
         accelerator = Accelerator(cpu=cpu)  # on the CPU, processes launched together join over gloo
@@ -86,28 +86,29 @@ class DuetLlavaEval(lmms):
     def device(self) -> torch.device:
         return self.engine.device
 
-    def _inputs(self, request: Instance) -> tuple[list[Image.Image], str, dict]:
+    def _inputs(self, request: Instance) -> tuple[list[Image.Image], str, int, list[str]]:
+        """(frames, question, max_new_tokens, until) of one request."""
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
         frames = [v.convert("RGB") for v in visuals if isinstance(v, Image.Image)]
         if not frames:
             raise ValueError(f"{task} document {doc_id}: duet_llava answers questions about images only")
-        return frames, question_text(context), dict(gen_kwargs)
+        until = gen_kwargs.get("until") or []
+        return (frames, question_text(context), gen_kwargs.get("max_new_tokens", 16),
+                [until] if isinstance(until, str) else list(until))
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers = []
         for first in range(0, len(requests), self.batch_size):
             chunk = requests[first:first + self.batch_size]
             inputs = [self._inputs(r) for r in chunk]
-            limits = {kwargs.get("max_new_tokens", 16) for _, _, kwargs in inputs}
+            limits = {limit for _, _, limit, _ in inputs}
             if len(limits) == 1 and self.traces is None:
-                records = answer_batch(self.engine, [(f, q) for f, q, _ in inputs], self.reduction,
+                records = answer_batch(self.engine, [(f, q) for f, q, _, _ in inputs], self.reduction,
                                        max_new_tokens=limits.pop())
             else:
-                records = [self._traced(r, f, q, k.get("max_new_tokens", 16)) for r, (f, q, k) in zip(chunk, inputs)]
-            for record, (_, _, kwargs) in zip(records, inputs):
-                until = kwargs.get("until") or []
-                answers.append(cut(record["answer"], [until] if isinstance(until, str) else list(until)))
+                records = [self._traced(r, f, q, limit) for r, (f, q, limit, _) in zip(chunk, inputs)]
+            answers += [cut(record["answer"], until) for record, (*_, until) in zip(records, inputs)]
         return answers
 
     def _traced(self, request: Instance, frames, question: str, max_new_tokens: int) -> dict:

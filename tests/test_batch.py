@@ -21,13 +21,8 @@ METHODS = [ReductionConfig("full", 576), ReductionConfig("duet", 64), ReductionC
 
 def sequences(engine, questions):
     p = engine.plan(ReductionConfig("full", engine.n_patches))
-    found = []
-    for frames, question in questions:
-        prompt = engine.prepare(frames, question)
-        visual = engine.encode(prompt, p, Timer(engine.device))
-        embeds, rows, salient = engine.llm_inputs(prompt, visual)
-        found.append(batch.Sequence(embeds, rows, salient, engine.positions(prompt, visual), visual.frames, 1))
-    return p, found
+    return p, [batch.sequence(engine, engine.prepare(frames, question), p, Timer(engine.device))
+               for frames, question in questions]
 
 
 @pytest.mark.parametrize("cfg", METHODS, ids=lambda c: f"{c.method}-{c.budget}")

@@ -24,7 +24,6 @@ import statistics
 import time
 from pathlib import Path
 
-
 from . import scenes
 from ..batch import answer_batch, tower_states
 from ..budget import QUERIES, ReductionConfig
