@@ -11,7 +11,9 @@ import torch
 from model.budget import ReductionConfig
 from model.checkpoint import TinyLlavaSpec, build_processor, build_random_checkpoint
 from model.engine import DuetLlava
-from model.lab import scenes, trainer
+from safetensors.torch import load_file
+
+from model.lab import captions, scenes, trainer
 from model.lab.batches import encode, windows
 from model.lab.trainer import Recipe, StageConfig, answer_forward, init_grid_positions, lr_at, train_main
 
@@ -126,6 +128,17 @@ def test_curriculum_grows_the_scenes_one_object_at_a_time():
     assert max(len(s.objects) for s in trainer.scene_batch(StageConfig("t", 100, batch_size=64), 0)) > 3
 
 
+def test_an_lm_stage_asks_its_share_of_scenes_for_their_caption():
+    mixed = trainer.scene_batch(StageConfig("t", 10, captions=0.5, batch_size=64), 3)
+    kinds = [s.kind for s in mixed]
+    assert 10 < kinds.count("caption") < 54
+    plain = trainer.scene_batch(StageConfig("t", 10, batch_size=64), 3)
+    for a, b in zip(mixed, plain):
+        assert a.image is not None and a.objects[0].centre == b.objects[0].centre
+        assert (a.answer == captions.caption(b.objects)) if a.kind == "caption" else (a.question == b.question)
+    assert {s.kind for s in trainer.scene_batch(StageConfig("t", 10, captions=1.0, batch_size=8), 0)} == {"caption"}
+
+
 def test_grid_positions_make_neighbouring_patches_more_alike_than_distant_ones():
     from model.checkpoint import build_model
 
@@ -143,11 +156,14 @@ def test_grid_positions_make_neighbouring_patches_more_alike_than_distant_ones()
 
 def write_recipe(folder: Path, export: Path, parent: str = "", reduction: str = "full", steps: int = 3) -> Path:
     model = "" if parent else "\n[model]\nvision_hidden = 32\ntext_layers = 12\n"
-    stages = "" if parent else '[[stage]]\nname = "tower"\nsteps = 2\nwindows = 6\nwarmup = 1\nsave_every = 1\n\n'
+    stages = "" if parent else ('[[stage]]\nname = "tower"\nobjective = "patches"\nsteps = 2\nwindows = 6\nwarmup = 1\n'
+                                'save_every = 1\n\n[[stage]]\nname = "clip"\nobjective = "clip"\nsteps = 2\nwarmup = 1\n'
+                                'batch_size = 4\neval_samples = 4\nsave_every = 1\n\n')
+    freeze = "" if parent else 'freeze = ["tower"]\ncaptions = 0.5\n'
     path = folder / "recipe.toml"
     path.write_text(f'export = "{export}"\nparent = "{parent}"\n{model}\n{stages}'
                     f'[[stage]]\nname = "answer"\nsteps = {steps}\nwarmup = 1\neval_every = 2\neval_samples = 4\n'
-                    f'save_every = 1\nreduction = "{reduction}"\nbudget = 64\n')
+                    f'save_every = 1\nreduction = "{reduction}"\nbudget = 64\n{freeze}')
     return path
 
 
@@ -156,10 +172,21 @@ def test_a_recipe_runs_its_stages_and_exports_a_model_the_engine_loads(tmp_path)
     assert train_main(["--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
     info = json.loads((tmp_path / "shipped" / "training.json").read_text())
     assert info["recipe"] == "recipe" and info["parent"] is None
-    assert [s["name"] for s in info["stages"]] == ["tower", "answer"] and set(info["wall_s"]) == {"tower", "answer"}
-    assert 0 <= info["val_acc"] <= 1 and info["vocabulary"] == scenes.vocabulary()
+    assert [s["name"] for s in info["stages"]] == ["tower", "clip", "answer"]
+    assert set(info["wall_s"]) == {"tower", "clip", "answer"}
+    assert 0 <= info["val_acc"] <= 1 and 0 <= info["val_caption"] <= 1 and info["vocabulary"] == captions.vocabulary()
+    losses = {s["name"]: " ".join(s["losses"]) for s in info["stages"]}
+    assert "InfoNCE" in losses["clip"] and losses["answer"].startswith("answer cross-entropy caption cross-entropy")
+    assert not any("attention" in text for text in losses.values())
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "answer eval step 2" in log and "answer eval step 3" in log
+    assert "answer eval step 2" in log and "answer eval step 3" in log and "clip eval step 2 val_retrieval" in log
+    assert (tmp_path / "run" / "clip" / "clip.pt").exists()
+    clip_final = load_file(tmp_path / "run" / "clip" / "final" / "model.safetensors")
+    shipped = load_file(tmp_path / "shipped" / "model.safetensors")
+    tower = [k for k in shipped if "vision_tower" in k]
+    assert tower and all(torch.equal(clip_final[k], shipped[k]) for k in tower), "the answer stage froze the tower"
+    assert not torch.equal(clip_final["multi_modal_projector.linear_1.weight"],
+                           shipped["multi_modal_projector.linear_1.weight"])
     engine = DuetLlava.load(tmp_path / "shipped", device="cpu")
     trace = engine.answer(scenes.sample(0, "val", 0).image, "what color is the circle ?", ReductionConfig("duet", 64),
                           max_new_tokens=2)
@@ -169,7 +196,7 @@ def test_a_recipe_runs_its_stages_and_exports_a_model_the_engine_loads(tmp_path)
     assert json.loads((tmp_path / "twin" / "training.json").read_text())["parent"] == str(tmp_path / "shipped")
 
 
-@pytest.mark.parametrize("stage,at", [("tower", 1), ("answer", 2)])
+@pytest.mark.parametrize("stage,at", [("tower", 1), ("clip", 1), ("answer", 2)])
 def test_resuming_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch, stage, at):
     recipe = write_recipe(tmp_path, tmp_path / "straight", steps=4)
     assert train_main(["--recipe", str(recipe), "--out", str(tmp_path / "a")]) == 0
@@ -195,12 +222,19 @@ def test_resuming_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch,
 
 def test_recipes_in_the_repository_parse_and_unknown_keys_are_refused(tmp_path):
     shipped = Recipe.load("duet-llava-tiny")
-    assert shipped.parent == "" and [s.name for s in shipped.stages] == ["tower", "answer"]
+    assert shipped.parent == "" and [s.objective for s in shipped.stages] == ["patches", "clip", "lm", "lm"]
+    assert all("tower" in s.freeze for s in shipped.stages[2:]), "LLaVA's stages run on a frozen tower"
+    assert shipped.stages[2].captions == 1.0 and 0 < shipped.stages[3].captions < 1
     twin = Recipe.load("duet-llava-tiny-duet64")
     assert twin.parent == shipped.export and twin.stages[-1].reduction == "duet" and twin.stages[-1].budget == 64
+    assert twin.stages[-1].freeze == ["tower"]
     bad = tmp_path / "bad.toml"
     bad.write_text('export = "x"\n[[stage]]\nname = "a"\nsteps = 1\nattn_weight = 1.0\n')
     with pytest.raises(ValueError, match="attn_weight"):
         Recipe.load(str(bad))
     with pytest.raises(FileNotFoundError, match="duet-llava-tiny"):
         Recipe.load("no-such-recipe")
+    with pytest.raises(ValueError, match="objective"):
+        StageConfig("a", 1, objective="attention")
+    with pytest.raises(ValueError, match="cannot freeze"):
+        StageConfig("a", 1, freeze=["cls"])
