@@ -61,3 +61,25 @@ def test_pair_swap_asks_two_different_questions_and_reports_probabilities(engine
     assert 0 < result["total_variation"] <= 1  # a random decoder still sees that the prompts differ
     assert main(["probe", "--model", str(tiny_checkpoint), "--pair-swap", "2", "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == set(result)
+
+
+def test_cls_profile_of_a_cls_row_that_attends_uniformly(tiny_checkpoint, tmp_path):
+    """A CLS query of zero attends every key alike: the profile must read exactly a uniform map."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from model.lab.probe import cls_profile
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    layer = model.model.vision_tower.encoder.layers[model.config.vision_config.num_hidden_layers - 2]
+    with torch.no_grad():
+        layer.self_attn.q_proj.weight.zero_()
+        layer.self_attn.q_proj.bias.zero_()
+    model.save_pretrained(tmp_path)
+    AutoProcessor.from_pretrained(tiny_checkpoint).save_pretrained(tmp_path)
+    profile = cls_profile(str(tmp_path), 3)
+    assert profile["entropy"] == pytest.approx(1.0)
+    assert profile["top10_share"] == pytest.approx(57 / 576)
+    assert profile["enrichment"] == pytest.approx(1.0)
+    assert profile["cls_self"] == pytest.approx(1 / 577)
+    random = cls_profile(str(tiny_checkpoint), 3)
+    assert random["entropy"] < 1.0 and random["top10_share"] > 57 / 576

@@ -13,6 +13,13 @@ offered pair swapped ("on the left or right" <-> "at the top or bottom"), and re
 probability the model puts on the offered pair and how far its distribution over the four
 position words moves between the two phrasings (total variation). A model that does not read the
 offered pair moves it by ~0 (the model shipped until this flag existed: 0.00 to three decimals).
+
+``--cls-profile N`` profiles the tower's CLS attention on N test scenes, as V2V, VisionZip and
+HiRED read it (``DuetLlava.cls_scores``: the feature layer's CLS row, summed over heads, CLS column
+dropped), normalised over the 576 patches: its entropy as a share of a uniform map's, the share of
+the mass on the top 10 % of patches, the share on object patches (``scenes.object_patches``)
+against the share of patches that are object ("enrichment" is their ratio), and the mass the CLS
+row keeps on itself.
 """
 
 from __future__ import annotations
@@ -119,6 +126,29 @@ def pair_swap(model, processor, questions: int, seed: int = 0) -> dict:
             "total_variation": sum(moved) / questions, "accuracy": sum(correct) / questions}
 
 
+@torch.no_grad()
+def cls_profile(model_path: str, n_scenes: int, seed: int = 0) -> dict:
+    """Mean CLS-attention statistics over test scenes 0..n_scenes-1 (module docstring)."""
+    from ..engine import DuetLlava
+
+    engine = DuetLlava.load(model_path, device="cpu")
+    rows = []
+    for index in range(n_scenes):
+        sample = scenes.sample(seed, "test", index)
+        pixels = engine.processor.image_processor(sample.image, return_tensors="pt")["pixel_values"]
+        hidden = engine.vision_states(pixels)
+        scores = engine.cls_scores(hidden[engine.feature_index - 1])[1][0].double()
+        heads = engine.vision.config.num_attention_heads
+        share = scores / scores.sum()
+        objects = sorted(scenes.object_patches(sample, list(range(len(sample.objects)))))
+        top = share.topk(len(share) // 10).values.sum()
+        rows.append({"entropy": float(-(share * share.clamp_min(1e-30).log()).sum() / torch.log(torch.tensor(len(share)))),
+                     "top10_share": float(top), "object_share": float(share[objects].sum()),
+                     "object_area": len(objects) / len(share), "cls_self": float(1 - scores.sum() / heads)})
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    return mean | {"enrichment": mean["object_share"] / mean["object_area"], "scenes": n_scenes}
+
+
 def load(model_path: str):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.utils import logging
@@ -145,10 +175,20 @@ def probe_main(argv: list[str]) -> int:
     parser.add_argument("--tower-layers", action="store_true", help="also probe the vision tower's hidden states")
     parser.add_argument("--pair-swap", type=int, default=0, metavar="N",
                         help="instead: does the answer read the offered pair? (N validation position questions)")
+    parser.add_argument("--cls-profile", type=int, default=0, metavar="N",
+                        help="instead: the tower's CLS-attention profile on N test scenes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cls_profile:
+        result = cls_profile(args.model, args.cls_profile, args.seed)
+        print(json.dumps(result) if args.json else
+              f"CLS attention over {args.cls_profile} test scenes: entropy {result['entropy']:.3f} of uniform, "
+              f"top 10 % of patches hold {result['top10_share']:.3f}, object patches hold {result['object_share']:.3f} "
+              f"of the mass on {result['object_area']:.3f} of the area (enrichment {result['enrichment']:.2f}x), "
+              f"CLS keeps {result['cls_self']:.3f} on itself")
+        return 0
     if args.pair_swap:
         result = pair_swap(*load(args.model), args.pair_swap, args.seed)
         print(json.dumps(result) if args.json else
