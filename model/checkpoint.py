@@ -107,8 +107,10 @@ class TinyLlavaSpec:
     rope_theta: float = 10000.0  # Llama's default; a 16-wide head has few slow rotary pairs at it
     text_norm_eps: float = 1e-6  # the decoder's RMSNorm epsilon (Llama's default; load_widened rescales it)
     words: list[str] = field(default_factory=lambda: "red green blue circle square triangle".split())
+    vocab_size: int | None = None  # embedding rows; None: one per token (llava-hf pads 32002 tokens to 32064)
 
-    def config(self, vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
+    def config(self, vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int = 2,
+               eos_token_id: int = 3) -> LlavaConfig:
         vision = dict(
             model_type="clip_vision_model",
             image_size=self.image_size,
@@ -131,8 +133,8 @@ class TinyLlavaSpec:
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             rms_norm_eps=self.text_norm_eps,
             pad_token_id=pad_token_id,
-            bos_token_id=2,
-            eos_token_id=3,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
         )
         return LlavaConfig(
             vision_config=vision,
@@ -148,7 +150,8 @@ class TinyLlavaSpec:
 def build_model(spec: TinyLlavaSpec, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     """A randomly initialised LLaVA whose vocabulary and special tokens match `processor`."""
     tok = processor.tokenizer
-    config = spec.config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    config = spec.config(spec.vocab_size or len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id,
+                         tok.bos_token_id, tok.eos_token_id)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -61,3 +61,17 @@ def client(served):
     from gradio_client import Client
 
     return Client(served, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def llama2_checkpoint(tmp_path_factory):
+    """A stand-in for llava-hf/llava-1.5-7b-hf: its real processor files, the Llama-2 vocabulary
+    included (``tests/llama2.py``), tiny random weights, 32 decoder layers, 4096 positions."""
+    from .llama2 import build_standin
+
+    return build_standin(tmp_path_factory.mktemp("llava-1.5-7b-hf-standin"))
+
+
+@pytest.fixture(scope="session")
+def llama2_engine(llama2_checkpoint):
+    return DuetLlava.load(llama2_checkpoint, device="cpu")
