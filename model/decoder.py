@@ -93,19 +93,23 @@ class Ranking:
 
 def rank(layer, h: torch.Tensor, rope, rows: Rows, stage: Stage, apply_rope) -> Ranking:
     """Each sequence's scores of its alive visual tokens at ``layer`` (input ``h``), by the stage's
-    query rows; FitPrune ranks by self x cross over every row (``t2v.fitprune_scores``)."""
+    query rows; FitPrune ranks by self x cross over every row (``t2v.fitprune_scores``). A
+    left-padded sequence is scored on its real rows alone, as it is scored unbatched: its pad rows
+    carry position 0, so as keys they would join every query row's softmax."""
     scores, parts, n_query = [], None, 0
     kind = "text" if stage.query == "fitprune" else stage.query
     with torch.no_grad():
         for b in range(h.shape[0]):
-            visual = torch.nonzero(rows.visual[b]).flatten()
-            query = torch.nonzero(rows.queries[kind][b]).flatten()
-            row_rope = (rope[0][b:b + 1], rope[1][b:b + 1])
+            start = int(rows.pads[b])
+            visual = torch.nonzero(rows.visual[b, start:]).flatten()
+            query = torch.nonzero(rows.queries[kind][b, start:]).flatten()
+            row_rope = (rope[0][b:b + 1, start:], rope[1][b:b + 1, start:])
+            real, pos = h[b, start:], rows.pos[b, start:]
             if stage.query == "fitprune":
-                score, found = fitprune_scores(layer, h[b], row_rope, rows.pos[b], visual, query, apply_rope)
+                score, found = fitprune_scores(layer, real, row_rope, pos, visual, query, apply_rope)
                 parts = parts or found
             else:
-                score = layer_scores(layer, h[b], row_rope, rows.pos[b], query, visual, apply_rope)
+                score = layer_scores(layer, real, row_rope, pos, query, visual, apply_rope)
             scores.append(score)
             n_query = n_query or len(query)
     return Ranking(scores, parts, n_query)

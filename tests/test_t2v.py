@@ -49,3 +49,10 @@ def test_fitprune_parts_equal_the_official_slices():
     assert torch.allclose(self_weight, official_self) and torch.allclose(cross, official_cross)
     official_deleted = torch.sort(official_cross * official_self).indices[:2]
     assert sorted(set(range(n)) - set(keep_top(cross * self_weight, n - 2).tolist())) == sorted(official_deleted.tolist())
+
+
+def test_keep_top_breaks_exact_ties_by_the_earlier_token():
+    """The rule every keep boundary follows, batched or not: of equal scores the earlier token survives."""
+    scores = torch.tensor([0.1, 0.5, 0.3, 0.5, 0.5])
+    assert keep_top(scores, 2).tolist() == [1, 3]
+    assert keep_top(scores, 3).tolist() == [1, 3, 4]
