@@ -11,6 +11,14 @@ ratio (SPEC §6), and how busy the other processes kept the machine (``LoadMeter
 ``--compare A B`` measures two configurations and prints A's time over B's per round;
 ``--layers`` adds the time of every decoder layer in one prefill (``decoder.run``'s ``on_layer``).
 
+``--limit`` adds the yardstick a method's prefill is held to on this machine: the full model's own
+decoder layers timed at a ladder of row counts (1 to the full prompt), each rung all layers on that
+many rows with a fresh KV cache as ``decoder.run_layer`` runs them, in the same interleaved rounds
+as the configurations. A method's *predicted* prefill is the sum over layers of the layer time at
+the rows that layer saw in its run (linear between rungs); measured / (predicted + its own T2V
+scoring) says how much the loop's machinery (gathers, RoPE, cache surgery, trace bookkeeping) adds
+on top of what the layers and the method's own ranking must cost.
+
 ``--shape 7b`` builds a LLaVA-1.5-7B-shaped random model in memory (CLIP-L/14-336 tower, Llama
 hidden 4096 / 32 heads / MLP 11008) with the decoder depth cut to ``--llm-layers`` so it fits CPU
 memory and time; stage layers scale with depth (budget.py).
@@ -130,7 +138,56 @@ class Config:
         return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
 
-def summarise(config: Config, full: Config, decode_steps: int) -> dict:
+class Ladder:
+    """The full model's decoder layers, all of them, on ``n`` rows for each rung ``n``: what a
+    prefill that fed every layer n rows would cost, without any reduction machinery."""
+
+    def __init__(self, engine: DuetLlava, top: int, rungs: int = 12):
+        from . import decoder
+
+        self.engine, self.decoder = engine, decoder
+        steps = torch.linspace(0, 1, rungs - 1) ** 2 * (top - 1) + 1  # denser where few rows cost little
+        self.rows = sorted({1, *(int(round(float(n))) for n in steps), top})
+        self.ms: dict[int, list[float]] = {n: [] for n in self.rows}
+
+    def time(self, n: int) -> float:
+        from transformers import DynamicCache
+
+        engine, lm = self.engine, self.engine.lm
+        h = torch.randn(1, n, lm.config.hidden_size, device=engine.device, dtype=engine.dtype)
+        pos = torch.arange(n, device=engine.device)[None]
+        rows = self.decoder.Rows.build(torch.zeros(1, n, dtype=torch.bool, device=engine.device), pos, {})
+        rope, cache = lm.rotary_emb(h, pos), DynamicCache(config=lm.config)
+        if h.is_cuda:
+            torch.cuda.synchronize(h.device)
+        started = time.perf_counter()
+        for index in range(len(lm.layers)):
+            h = self.decoder.run_layer(lm, index, h, rows, rope, engine.attention_mask, cache)
+        if h.is_cuda:
+            torch.cuda.synchronize(h.device)
+        return (time.perf_counter() - started) * 1e3
+
+    def round(self, rep: int, keep: bool = True) -> None:
+        """Every rung once, in an order rotated by ``rep``; ``keep=False``: a warm-up round."""
+        order = self.rows[rep % len(self.rows):] + self.rows[: rep % len(self.rows)]
+        for n in order:
+            ms = self.time(n) / len(self.engine.lm.layers)
+            if keep:
+                self.ms[n].append(ms)
+
+    def layer_ms(self, rep: int, n: int) -> float:
+        """One layer's time at n rows in round ``rep``, linear between rungs."""
+        xs = self.rows
+        k = min(max(1, next((i for i, x in enumerate(xs) if x >= n), len(xs) - 1)), len(xs) - 1)
+        a, b = xs[k - 1], xs[k]
+        ta, tb = self.ms[a][rep], self.ms[b][rep]
+        return ta + (tb - ta) * (n - a) / (b - a)
+
+    def predict(self, rep: int, totals: list[int]) -> float:
+        return sum(self.layer_ms(rep, n) for n in totals)
+
+
+def summarise(config: Config, full: Config, decode_steps: int, ladder: Ladder | None = None) -> dict:
     from .flops import llm_flops
 
     runs, lm = config.runs, config.engine.lm.config
@@ -146,15 +203,26 @@ def summarise(config: Config, full: Config, decode_steps: int) -> dict:
         "decode_ms_per_token": median_spread([r["decode"] / decode_steps for r in runs]) if decode_steps else None,
         "kv_bytes": first["kv"],
         "llm_flops": llm_flops(first["totals"], lm.hidden_size, lm.intermediate_size),
+        **({} if ladder is None else limit_columns(runs, ladder)),
     }
 
 
+def limit_columns(runs: list[dict], ladder: Ladder) -> dict:
+    """Per round: the cost model's prediction, and measured / (predicted + the round's scoring)."""
+    predicted = [ladder.predict(rep, r["totals"]) for rep, r in enumerate(runs)]
+    return {"predicted_ms": median_spread(predicted),
+            "vs_limit": median_spread([r["prefill"] / (p + r["t2v"]) for r, p in zip(runs, predicted)]),
+            "scoring_share": median_spread([r["t2v"] / r["prefill"] for r in runs])}
+
+
 @torch.inference_mode()
-def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int, layers: bool = False) -> dict:
+def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int, layers: bool = False,
+              limit: bool = False) -> dict:
     """Every configuration once as warm-up, then ``reps`` rounds in which each runs once, in an
     order rotated round by round: slow drift of the machine (another process on the other core,
     thermal state) falls on every configuration alike, and a speed-up is computed per round, from
-    two runs seconds apart."""
+    two runs seconds apart. ``limit``: the cost model's ladder (``Ladder``) is timed in every round
+    too, after the configurations."""
     with Image.open(EXAMPLE) as image:
         prompt = engine.prepare([image.convert("RGB")], QUESTION)
     engine.vision_states(prompt.pixel_values)  # warm-up
@@ -166,20 +234,25 @@ def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int,
     full = Config(engine, prompt, hidden, ReductionConfig("full", engine.n_patches))
     configs = [full] + [Config(engine, prompt, hidden, ReductionConfig(m, b))
                         for m in methods if m != "full" for b in budgets]
-    for config in configs:
-        config.run(decode_steps)
+    warm = [config.run(decode_steps) for config in configs]
+    ladder = Ladder(engine, warm[0]["totals"][0]) if limit else None
+    if ladder:
+        ladder.round(0, keep=False)
     load = []
     for rep in range(reps):
         meter = LoadMeter()
         for config in configs[rep % len(configs):] + configs[: rep % len(configs)]:
             config.runs.append(config.run(decode_steps))
+        if ladder:
+            ladder.round(rep)
         load.append(meter.cores())
         print(f"  round {rep + 1}/{reps}: full {full.runs[-1]['prefill']:.0f} ms, other load "
               f"{load[-1] if load[-1] is None else round(load[-1], 2)} cores", flush=True)
     return {
         "model": engine.name, "device": str(engine.device), "dtype": str(engine.dtype),
         "llm_layers": engine.n_layers, "vision_ms": median_spread(vision_ms),
-        "rows": [summarise(c, full, decode_steps) for c in configs],
+        "rows": [summarise(c, full, decode_steps, ladder) for c in configs],
+        "ladder_ms": None if ladder is None else {n: median_spread(v) for n, v in ladder.ms.items()},
         "per_rep_ms": {c.name: [round(r["prefill"], 2) for r in c.runs] for c in configs},
         "layer_ms": {c.name: c.layer_ms() for c in configs} if layers else None,
         "other_load_cores": load, "machine": machine(), "reps": reps, "decode_steps": decode_steps,
@@ -232,6 +305,8 @@ def markdown(result: dict) -> str:
             f"{speedup[2]:.2f}) | {analytic:.2f}x | {speedup[0] / analytic:.2f} | {r['v2v_ms'][0]:.2f} | "
             f"{r['t2v_ms'][0]:.2f} | {overhead:.1f} | {decode} | {r['kv_bytes'] / 2**20:.2f} |"
         )
+    if result.get("ladder_ms"):
+        lines += limit_markdown(result)
     if result.get("layer_ms"):
         names = list(result["layer_ms"])
         lines += ["", "Per decoder layer, one prefill each (ms; a stage layer's ranking and drop included):", "",
@@ -239,6 +314,23 @@ def markdown(result: dict) -> str:
         for i in range(result["llm_layers"]):
             lines.append(f"| {i} | " + " | ".join(f"{result['layer_ms'][n][i]:.1f}" for n in names) + " |")
     return "\n".join(lines)
+
+
+def limit_markdown(result: dict) -> list[str]:
+    """The cost-model table: each method against what its layers' row counts cost on this machine."""
+    lines = ["", "Against the measured limit (the full model's layers at the rows each layer saw; per-round "
+             "medians, min-max):", "",
+             "| method | budget | prefill ms | predicted ms (layers only) | T2V scoring ms | measured / (predicted "
+             "+ scoring) | scoring % of prefill |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio, share = r["vs_limit"], r["scoring_share"]
+        lines.append(f"| {r['method']} | {r['budget'] if r['method'] != 'full' else '—'} | {r['prefill_ms'][0]:.1f} | "
+                     f"{r['predicted_ms'][0]:.1f} | {r['t2v_ms'][0]:.2f} | {ratio[0]:.3f} ({ratio[1]:.3f}-{ratio[2]:.3f}) | "
+                     f"{100 * share[0]:.1f} |")
+    rungs = result["ladder_ms"]
+    lines += ["", "One decoder layer at n rows (ms, median over rounds): "
+              + ", ".join(f"{n}: {v[0]:.2f}" for n, v in rungs.items())]
+    return lines
 
 
 def config_name(text: str) -> tuple[str, int]:
@@ -262,6 +354,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds (after one warm-up round)")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--layers", action="store_true", help="also time each decoder layer of one prefill")
+    parser.add_argument("--limit", action="store_true",
+                        help="also time the full model's layers at a ladder of row counts and hold each method to it")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 decode steps, budget 64 only")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -282,7 +376,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         methods, budgets = list(dict.fromkeys([ma, mb])), list(dict.fromkeys([ba, bb]))
     else:
         methods, budgets = args.methods.split(","), [int(b) for b in args.budgets.split(",")]
-    result = run_bench(engine, methods, budgets, args.reps, args.decode_steps, args.layers)
+    result = run_bench(engine, methods, budgets, args.reps, args.decode_steps, args.layers, args.limit)
     print(markdown(result))
     if args.compare:
         a, b = (f"{m}-{n}" for m, n in args.compare)

@@ -65,3 +65,27 @@ def test_ui_render_bench_reports_every_view(engine):
     result = server_side(engine, reps=2)
     assert len(result) == 4
     assert all(r["n"] == 2 and 0 < r["p50_ms"] <= r["p95_ms"] for r in result.values())
+
+
+def test_the_cost_model_predicts_from_the_ladder_at_each_layers_rows(engine):
+    result = run_bench(engine, ["duet"], [64], reps=2, decode_steps=0, limit=True)
+    rungs = result["ladder_ms"]
+    full, duet = result["rows"]
+    assert min(rungs) == 1 and max(rungs) > 576  # the top rung is the whole prompt, image and text
+    assert all(v[1] <= v[0] <= v[2] and v[1] > 0 for v in rungs.values())
+    # the full model's every layer sees the whole prompt: its prediction is the top rung times depth
+    # (with two rounds each median is a mean, and the prediction is linear in the rung times)
+    assert full["predicted_ms"][0] == pytest.approx(engine.n_layers * rungs[max(rungs)][0], rel=1e-6)
+    assert duet["predicted_ms"][0] < full["predicted_ms"][0]
+    assert duet["vs_limit"][0] > 0 and 0 < duet["scoring_share"][0] < 1 and full["scoring_share"][0] == 0
+
+
+def test_ladder_interpolates_linearly_between_rungs(engine):
+    from model.bench import Ladder
+
+    ladder = Ladder(engine, 100, rungs=4)
+    assert ladder.rows[0] == 1 and ladder.rows[-1] == 100
+    ladder.ms = {n: [float(n) * 2 + 1] for n in ladder.rows}  # an exactly linear layer cost
+    for n in (1, 5, 37, 99, 100):
+        assert ladder.layer_ms(0, n) == pytest.approx(2 * n + 1)
+    assert ladder.predict(0, [10, 10, 3]) == pytest.approx(21 + 21 + 7)
