@@ -88,3 +88,13 @@ def test_start_evaluates_the_slice_that_begins_there(engine):
     assert later["start"] == 5 and row["n"] == 3
     assert set(row["by_kind"]) == set(kinds)
     assert [s.question for s, _ in items("val", 2, 0, 1, start=5)] == [scenes.sample(0, "val", i).question for i in (5, 6)]
+
+
+def test_wilson_intervals_match_the_closed_form():
+    from model.lab.eval import wilson
+
+    low, high = wilson(50, 100)
+    assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)
+    low, high = wilson(100, 100)
+    assert high == pytest.approx(1.0) and round(low, 4) == 0.963
+    assert wilson(0, 0) == (0.0, 1.0)

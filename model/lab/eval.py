@@ -70,6 +70,16 @@ def answers(engine, chunk, configs: list[ReductionConfig], max_new_tokens: int, 
     return {cfg: answer_batch(engine, questions, cfg, max_new_tokens=max_new_tokens, hidden=hidden) for cfg in configs}
 
 
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of an accuracy of ``correct`` / ``n``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
              max_new_tokens: int = 3, progress=None, frames: int = 1, start: int = 0, batch_size: int = 1) -> dict:
     rows = {c: {"correct": [], "recall": [], "random": [], "tokens": [], "kinds": {}, "objects": {}} for c in configs}
@@ -100,7 +110,8 @@ def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: i
         table.append({
             "method": cfg.method, "budget": cfg.budget, "overrides": overrides(cfg), "n": len(row["correct"]),
             "avg_visual_tokens": round(statistics.mean(row["tokens"]), 1),
-            "accuracy": acc, "retention": acc / full_acc if full_acc else None,
+            "accuracy": acc, "accuracy_95": wilson(sum(row["correct"]), len(row["correct"])),
+            "retention": acc / full_acc if full_acc else None,
             "query_recall": statistics.mean(row["recall"]) if row["recall"] else None,
             "random_recall": statistics.mean(row["random"]) if row["random"] else None,
             "by_kind": {k: statistics.mean(v) for k, v in sorted(row["kinds"].items())},
@@ -124,13 +135,15 @@ def label(row: dict) -> str:
 
 def markdown(result: dict) -> str:
     kinds = sorted({k for r in result["rows"] for k in r["by_kind"]})
-    head = ["method", "budget", "avg tokens", "accuracy", "retention", "query recall", "random-keep recall", *kinds]
+    head = ["method", "budget", "avg tokens", "accuracy [95 % interval]", "retention", "query recall",
+            "random-keep recall", *kinds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [
             label(r),
             "—" if r["method"] == "full" else str(r["budget"]), f"{r['avg_visual_tokens']:.1f}",
-            f"{100 * r['accuracy']:.1f} %", "—" if r["retention"] is None else f"{100 * r['retention']:.1f} %",
+            f"{100 * r['accuracy']:.1f} % [{100 * r['accuracy_95'][0]:.1f}, {100 * r['accuracy_95'][1]:.1f}]",
+            "—" if r["retention"] is None else f"{100 * r['retention']:.1f} %",
             "—" if r["query_recall"] is None else f"{r['query_recall']:.3f}",
             "—" if r["random_recall"] is None else f"{r['random_recall']:.3f}",
             *[f"{100 * r['by_kind'].get(k, float('nan')):.0f} %" for k in kinds],
