@@ -144,16 +144,19 @@ def generate(engine, group: list[Sequence], p: Plan, max_new_tokens: int) -> lis
 
 @torch.inference_mode()
 def answer_batch(engine, items: list[tuple[list[Image.Image], str]], reduction: ReductionConfig | None = None,
-                 max_new_tokens: int = 16, hidden: list[tuple[torch.Tensor, ...]] | None = None) -> list[dict]:
+                 max_new_tokens: int = 16, hidden: list[tuple[torch.Tensor, ...]] | None = None,
+                 texts: list[str] | None = None) -> list[dict]:
     """Greedy answers to ``items`` ((frames, question) pairs) under one reduction, batched.
 
     Per item, a record with the trace's decision fields (SPEC §4): ``answer``, ``generated_ids``,
     ``frames`` (V2V records), ``t2v`` (stage layer and kept ids), ``visual_tokens_per_layer``,
-    ``avg_visual_tokens``. ``hidden``: the items' tower states (``tower_states``), so several
-    reductions can share one tower pass."""
+    ``avg_visual_tokens``, ``warnings``. ``hidden``: the items' tower states (``tower_states``), so
+    several reductions can share one tower pass. ``texts``: prompts the caller built, one per item
+    (``engine.prepare``'s ``text``)."""
     reduction = reduction or ReductionConfig()
     p = engine.plan(reduction)
-    prompts = [engine.prepare(list(frames), question, reduction.salient_words) for frames, question in items]
+    prompts = [engine.prepare(list(frames), question, reduction.salient_words, text)
+               for (frames, question), text in zip(items, texts or [None] * len(items))]
     hidden = hidden or tower_states(engine, prompts)
     timer = Timer(engine.device)
     sequences = [sequence(engine, prompt, p, timer, states) for prompt, states in zip(prompts, hidden)]
@@ -161,5 +164,8 @@ def answer_batch(engine, items: list[tuple[list[Image.Image], str]], reduction: 
     for shape in sorted({(len(s.visual_rows), s.n_frames) for s in sequences}):
         members = [i for i, s in enumerate(sequences) if (len(s.visual_rows), s.n_frames) == shape]
         for i, record in zip(members, generate(engine, [sequences[i] for i in members], p, max_new_tokens)):
-            results[i] = record
+            s = sequences[i]
+            warning = engine.context_warning(prompts[i], [f["n_tokens"] for f in s.frames], s.positions,
+                                             max_new_tokens, p)
+            results[i] = {**record, "warnings": [warning] if warning else []}
     return results

@@ -59,18 +59,21 @@ def cmd_answer(args: argparse.Namespace) -> int:
     from transformers.utils import logging
 
     from .engine import DuetLlava
-    from .inputs import load_image
+    from .inputs import check_question, load_image
     from .video import read_frames
 
     logging.disable_progress_bar()
     video = args.video is not None
     reduction = reduction_from_args(args, video)
+    check_question(args.question)  # before anything loads; the engine checks again with the tokenizer
     if video:
         frames = read_frames(args.video, args.frames).frames
     else:
         frames = [load_image(args.image)]
     engine = DuetLlava.load(args.model, device=args.device)
     trace = engine.answer(frames, args.question, reduction, max_new_tokens=args.max_new_tokens)
+    for warning in trace["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(trace) if args.json else trace["answer"])
     return 0
 

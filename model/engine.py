@@ -30,6 +30,7 @@ from transformers import (
 from . import decoder, trace
 from .budget import Plan, ReductionConfig, plan
 from .device import Timer, pick_device, pick_dtype
+from .inputs import check_question
 from .prompt import Prompt, salient_positions, view_box
 from .schedules import SCHEDULE_FILE, read_schedules
 from .v2v import cls_attention, duet_merge, hired_select, visionzip_merge
@@ -134,30 +135,40 @@ class DuetLlava:
         return plan(reduction, self.n_layers, self.n_patches)
 
     # ----------------------------------------------------------------------------- inputs
-    def prepare(self, frames: list[Image.Image], question: str, salient_words=None) -> Prompt:
-        question = " ".join(question.split())
-        if not question:
-            raise ValueError("the question is empty")
-        route = self.video_route if len(frames) > 1 else self.image_route
-        content = [{"type": "image"} for _ in frames] + [{"type": "text", "text": question}]
-        conversation = [{"role": "user", "content": content}]
+    def prompt_text(self, question: str, n_frames: int) -> str:
+        """The prompt stock transformers builds for ``question`` about ``n_frames`` images: the
+        processor's chat template on one user turn of the images and the question (Video-LLaVA:
+        its model card's format), the question's text placed as it is."""
         if self.video_llava:
-            text = self.processor.prompt(question, len(frames))
-        elif getattr(self.processor, "chat_template", None):
-            text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        else:
-            text = "USER: " + "<image>\n" * len(frames) + question + " ASSISTANT:"
+            return self.processor.prompt(question, n_frames)
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"} for _ in range(n_frames)] + [{"type": "text", "text": question}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True)
+        return "USER: " + "<image>\n" * n_frames + question + " ASSISTANT:"
+
+    def prepare(self, frames: list[Image.Image], question: str, salient_words=None, text: str | None = None) -> Prompt:
+        """The prompt for ``question`` about ``frames``: checked (``inputs.check_question``, the
+        same checks the app runs) and placed in ``prompt_text``. ``text``: a prompt the caller
+        built and checked itself (the lmms plugin: as lmms-eval's ``llava_hf`` builds it from a
+        task's text); ``question`` is then the part of it that the salient rule reads."""
+        if text is None:
+            question = check_question(question, self.tokenizer)
+            text = self.prompt_text(question, len(frames))
+        route = self.video_route if len(frames) > 1 else self.image_route
         rgb = [f.convert("RGB") for f in frames]
         inputs = self.processor(images=rgb, text=text, return_tensors="pt")
         input_ids = inputs["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError("the engine runs one prompt at a time (batch size 1)")
-        salient, rule = salient_positions(self.tokenizer, route.token_id, text, question, input_ids[0], salient_words)
+        salient, rule, words = salient_positions(self.tokenizer, route.token_id, text, question, input_ids[0],
+                                                 salient_words)
         return Prompt(
             input_ids=input_ids,
             pixel_values=inputs["pixel_values"],
             salient=salient,
             salient_rule=rule,
+            salient_words=words,
             question=question,
             view_boxes=[view_box(self.processor.image_processor, f.size) for f in rgb],
             route=route,
@@ -291,6 +302,35 @@ class DuetLlava:
         salient = sorted({int(new_index[p]) for p in prompt.salient if keep[p]})
         return embeds, visual_rows, salient
 
+    def context_warning(self, prompt: Prompt, tokens_per_frame: list[int], positions: torch.Tensor,
+                        max_new_tokens: int, p: Plan) -> str | None:
+        """What to tell the user when this run's position ids go past the decoder's
+        ``max_position_embeddings`` (LLaVA-1.5: 4096; 8 frames with all 576 tokens each need
+        4608 for the image tokens alone), else None. Such a run still runs, as stock
+        ``generate`` would run it, but its answer comes from positions the model was never
+        trained on; the message names the limit and how many frames of this run would fit.
+        Counted at the first layer, where the most positions are in use: the prompt's last
+        position id + 1, plus every generated token but the last."""
+        limit = self.lm.config.max_position_embeddings
+        needed = int(positions.max()) + max_new_tokens
+        if needed <= limit:
+            return None
+        n_frames = len(tokens_per_frame)
+        ids = prompt.input_ids[0]
+        image_rows = torch.nonzero(ids == prompt.route.token_id).flatten()
+        per_frame = self.n_patches + prompt.route.cls_kept
+        # position ids one frame spans: its visual tokens (all of them, where positions are the
+        # full prompt's) and the text between it and the next frame ("<image>\n" in a LLaVA prompt)
+        gap = int(image_rows[per_frame] - image_rows[per_frame - 1] - 1) if n_frames > 1 else 0
+        span = (per_frame if p.positions == "original" else tokens_per_frame[0]) + gap
+        fits = n_frames - -(-(needed - limit) // span)
+        advice = (f"at most {fits} frame{'s' * (fits != 1)} fit with {p.method}" if fits >= 1 else
+                  "not even one image fits: ask a shorter question or generate fewer tokens")
+        return (f"{p.method}: this run needs {needed} positions ({len(positions)} prompt tokens, {n_frames} "
+                f"frame{'s' * (n_frames != 1)}, + {max_new_tokens} new tokens), more than the model's {limit} "
+                f"(max_position_embeddings); positions past {limit} were never trained, so its answer may mean "
+                f"little. {advice[0].upper() + advice[1:]}.")
+
     def attention_mask(self, n: int) -> torch.Tensor | None:
         """Causal mask for a prefill of n rows; SDPA derives it itself (is_causal)."""
         if self.sdpa:
@@ -371,12 +411,15 @@ class DuetLlava:
         use_cache: bool = True,
         record: bool = True,
         hidden: tuple[torch.Tensor, ...] | None = None,
+        text: str | None = None,
     ) -> dict:
         """Answer ``question`` about one image (or several frames) and return the SPEC §4 trace.
 
         ``hidden``: the tower's states for these frames (``vision_states`` of the prepared
         prompt's pixels), so an evaluation can run the tower once for many configurations; the
-        trace's vision time then excludes the tower."""
+        trace's vision time then excludes the tower. ``text``: a prompt the caller built
+        (``prepare``). A run past the decoder's context window runs, with a warning in the
+        trace's ``warnings`` (``context_warning``)."""
         frames = [frames] if isinstance(frames, Image.Image) else list(frames)
         if not frames:
             raise ValueError("at least one image is required")
@@ -384,10 +427,11 @@ class DuetLlava:
         p = self.plan(reduction)
         timer = Timer(self.device)
         started_total = timer.start()
-        prompt = self.prepare(frames, question, reduction.salient_words)
+        prompt = self.prepare(frames, question, reduction.salient_words, text)
         visual = self.encode(prompt, p, timer, hidden)
         embeds, visual_rows, salient = self.llm_inputs(prompt, visual)
         positions = self.positions(prompt, visual, p.positions)
+        warning = self.context_warning(prompt, visual.tokens_per_frame, positions, max_new_tokens, p)
         started = timer.start()
         first = self.prefill(embeds, visual_rows, salient, p, use_cache=use_cache, record=record,
                              n_frames=len(frames), positions=positions)
@@ -398,7 +442,7 @@ class DuetLlava:
         timer.stop("decode", started)
         timer.stop("total", started_total)
         return trace.build(self, prompt, visual, p, first, salient, decoded, embeds.shape[1] - len(visual_rows),
-                           timer.ms)
+                           timer.ms, [warning] if warning else [])
 
     def decode(self, first: Prefill, embeds, visual_rows, salient, p: Plan, positions, max_new_tokens: int,
                use_cache: bool, n_frames: int) -> tuple[list[int], int]:

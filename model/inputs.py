@@ -12,10 +12,16 @@ scale), which is what the model and the figures use anyway, so a kept frame is a
 336 × 2688 px (2.7 MB) whatever was uploaded. Any mode (grey, palette, CMYK, 16-bit, with alpha)
 becomes 8-bit RGB, alpha composited on white.
 
-Questions are refused (not silently edited) when they hold the tokenizer's special tokens
-(``<image>``, ``</s>``, ...) or the chat template's role markers (``USER:``, ``ASSISTANT:``):
-those would change the prompt's structure, and the visitor should see that what they typed is
-what the model reads.
+Questions (:func:`check_question`, which ``DuetLlava.prepare`` runs, so the app, the CLI, the
+Python API and batched answers all check them the same way) reach the chat template as they were
+typed, newlines and inner spaces kept; only the ends are trimmed, since the template writes its own
+separators around the question. They are refused (not silently edited) when they hold the
+tokenizer's special tokens (``<image>``, ``</s>``, ...) or the chat template's role markers
+(``USER:``, ``ASSISTANT:``): those would change the prompt's structure, and whoever typed the
+question should see that what they typed is what the model reads. A benchmark task's text (the
+lmms-eval plugin, ``task=True``) is the task author's, not a visitor's: it passes unchanged, special
+tokens and role markers included, exactly as stock lmms-eval sends it to ``llava_hf`` (whose
+tokenizer reads ``</s>`` as the token), so that scores stay comparable.
 """
 
 from __future__ import annotations
@@ -135,13 +141,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def check_question(question: str | None, tokenizer=None, max_chars: int = MAX_QUESTION_CHARS,
-                   max_tokens: int = MAX_QUESTION_TOKENS) -> str:
-    """Whitespace-normalised question, or an InputError saying what is wrong with it."""
+                   max_tokens: int = MAX_QUESTION_TOKENS, task: bool = False) -> str:
+    """The question as the chat template receives it (its ends trimmed, everything inside kept),
+    or an InputError saying what is wrong with it. ``task``: a benchmark task's text, returned
+    unchanged once it is known to be non-empty text (module docstring)."""
     if question is not None and not isinstance(question, str):
         raise InputError(f"The question must be text, not {type(question).__name__}.")
-    text = " ".join((question or "").split())
+    text = (question or "").strip()
     if not text:
         raise InputError("Type a question about the image.")
+    if task:
+        return question
     if len(text) > max_chars:
         raise InputError(f"The question is too long ({len(text)} characters; at most {max_chars}).")
     marker = ROLE_MARKER.search(text)

@@ -13,7 +13,9 @@ parallel, nothing wrapped. Without CUDA the processes run on the CPU and gather 
 
 Model arguments: ``pretrained`` (folder or hub id; default the shipped model), ``method``
 (``budget.METHODS``), ``budget`` (visual tokens; default all of them), ``traces`` (a folder: one SPEC §4 trace per document, ``TASK-DOC.json``; answers then run
-one at a time through ``engine.answer``). Generation is greedy (the engine has no sampling; the
+one at a time through ``engine.answer``). Prompts are built as lmms-eval's own ``llava_hf`` model
+builds them (``task_prompt``), so a score of ``method=full`` is ``llava_hf``'s on the same
+checkpoint and tokens. Generation is greedy (the engine has no sampling; the
 LLaVA tasks ask for temperature 0), ``max_new_tokens`` comes from the task (16 when it sets
 none), and the answer is cut at the task's first ``until`` string. The harness's ``--device cpu`` keeps
 the model on the CPU; otherwise each process takes its own GPU when there is one. Questions are
@@ -37,6 +39,7 @@ from PIL import Image
 from .batch import answer_batch
 from .budget import ReductionConfig
 from .engine import DuetLlava
+from .inputs import check_question
 
 IMAGE_MARKERS = ("<image>", "<video>")
 
@@ -51,6 +54,34 @@ def question_text(context: str) -> str:
     for marker in IMAGE_MARKERS:
         context = context.replace(marker, " ")
     return context.strip()
+
+
+def task_prompt(engine: DuetLlava, context: str, n_images: int) -> str:
+    """The prompt lmms-eval's ``llava_hf`` model sends for a task's ``context`` about ``n_images``
+    images, by its steps (``lmms_eval/models/simple/llava_hf.py``, ``generate_until``): one
+    ``<image>`` per image, space-separated, then a newline, in front of a context that holds none;
+    that text as the one user message, a plain string, through the tokenizer's chat template, or
+    Vicuna's (with LLaVA-1.5's system prompt) when the tokenizer has none, as llava-hf's LLaVA-1.5
+    checkpoints do (their template is the processor's). The context's text is kept as it is:
+    newlines, special tokens and role markers are the task's own (``inputs.check_question`` with
+    ``task=True``).
+
+    Two cases ``llava_hf`` cannot serve take the engine's own prompt (``engine.prompt_text`` on the
+    context without its image markers): Video-LLaVA checkpoints, which ``llava_hf`` does not load,
+    and a tokenizer template that reads only list-of-parts messages (this project's checkpoints),
+    where ``llava_hf``'s string message would come out without the question."""
+    # imported here: lmms-eval's model registry imports this module while it loads its models
+    from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE
+
+    if engine.video_llava:
+        return engine.prompt_text(question_text(context), n_images)
+    if DEFAULT_IMAGE_TOKEN not in context:
+        context = f"{' '.join([DEFAULT_IMAGE_TOKEN] * n_images)}\n{context}"
+    tokenizer = engine.tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": context}], tokenize=False,
+                                         add_generation_prompt=True,
+                                         chat_template=tokenizer.chat_template or VICUNA_CHAT_TEMPLATE)
+    return text if context in text else engine.prompt_text(question_text(context), n_images)
 
 
 def cut(answer: str, until: list[str]) -> str:
@@ -86,33 +117,37 @@ class DuetLlavaEval(lmms):
     def device(self) -> torch.device:
         return self.engine.device
 
-    def _inputs(self, request: Instance) -> tuple[list[Image.Image], str, int, list[str]]:
-        """(frames, question, max_new_tokens, until) of one request."""
+    def _inputs(self, request: Instance) -> tuple[list[Image.Image], str, str, int, list[str]]:
+        """(frames, question, prompt text, max_new_tokens, until) of one request."""
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
         frames = [v.convert("RGB") for v in visuals if isinstance(v, Image.Image)]
         if not frames:
             raise ValueError(f"{task} document {doc_id}: duet_llava answers questions about images only")
+        context = check_question(context, task=True)
         until = gen_kwargs.get("until") or []
-        return (frames, question_text(context), gen_kwargs.get("max_new_tokens", 16),
-                [until] if isinstance(until, str) else list(until))
+        return (frames, question_text(context), task_prompt(self.engine, context, len(frames)),
+                gen_kwargs.get("max_new_tokens", 16), [until] if isinstance(until, str) else list(until))
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers = []
         for first in range(0, len(requests), self.batch_size):
             chunk = requests[first:first + self.batch_size]
             inputs = [self._inputs(r) for r in chunk]
-            limits = {limit for _, _, limit, _ in inputs}
+            limits = {limit for *_, limit, _ in inputs}
             if len(limits) == 1 and self.traces is None:
-                records = answer_batch(self.engine, [(f, q) for f, q, _, _ in inputs], self.reduction,
-                                       max_new_tokens=limits.pop())
+                records = answer_batch(self.engine, [(f, q) for f, q, *_ in inputs], self.reduction,
+                                       max_new_tokens=limits.pop(), texts=[t for _, _, t, *_ in inputs])
             else:
-                records = [self._traced(r, f, q, limit) for r, (f, q, limit, _) in zip(chunk, inputs)]
+                records = [self._traced(r, f, q, t, limit) for r, (f, q, t, limit, _) in zip(chunk, inputs)]
+            for request, record in zip(chunk, records):
+                for warning in record["warnings"]:
+                    logger.warning(f"duet_llava: {request.args[4]} document {request.args[3]}: {warning}")
             answers += [cut(record["answer"], until) for record, (*_, until) in zip(records, inputs)]
         return answers
 
-    def _traced(self, request: Instance, frames, question: str, max_new_tokens: int) -> dict:
-        trace = self.engine.answer(frames, question, self.reduction, max_new_tokens=max_new_tokens)
+    def _traced(self, request: Instance, frames, question: str, text: str, max_new_tokens: int) -> dict:
+        trace = self.engine.answer(frames, question, self.reduction, max_new_tokens=max_new_tokens, text=text)
         if self.traces:
             _, _, _, doc_id, task, _ = request.args
             (self.traces / f"{task}-{doc_id}.json").write_text(json.dumps(trace))

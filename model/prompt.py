@@ -18,6 +18,7 @@ class Prompt:
     pixel_values: torch.Tensor  # (F, 3, H, W)
     salient: list[int]  # positions in input_ids of the salient text tokens (incl. the last)
     salient_rule: str  # which rule chose them: "spacy", "builtin", "given" (or "last-only", see salient_positions)
+    salient_words: list[str]  # the question's words behind them, in order, once each (what a person reads)
     question: str
     view_boxes: list[list[float]]  # per frame: the region of the original image the model sees
     route: Route
@@ -38,11 +39,12 @@ def per_frame_counts(frames: list[dict], stages: list[dict], n_layers: int) -> l
 
 
 def salient_positions(tokenizer, image_token_id: int, text: str, question: str, input_ids: torch.Tensor,
-                      words=None) -> tuple[list[int], str]:
+                      words=None) -> tuple[list[int], str, list[str]]:
     """(token positions in the processor's expanded prompt ``input_ids`` of the question's salient
-    words (``salient.salient_spans``) plus the last prompt token, the rule that chose them).
-    Offsets come from tokenizing ``text`` with a single image token per image; if that does not
-    reproduce the processor's ids, only the last token is used (rule "last-only")."""
+    words (``salient.salient_spans``) plus the last prompt token, the rule that chose them, those
+    words as the question spells them, once each). Offsets come from tokenizing ``text`` with a
+    single image token per image; if that does not reproduce the processor's ids, only the last
+    token is used (rule "last-only", no words)."""
     last = len(input_ids) - 1
     short = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = short["input_ids"], short["offset_mapping"]
@@ -55,11 +57,15 @@ def salient_positions(tokenizer, image_token_id: int, text: str, question: str, 
     expanded = [t for t in ids for _ in range(expansion if t == image_token_id else 1)]
     start = text.rfind(question)
     if expanded != input_ids.tolist() or start < 0:
-        return [last], "last-only"
+        return [last], "last-only", []
     words_found, rule = salient_spans(question, words)
-    spans = [(start + a, start + b) for a, b, _ in words_found]
-    chosen = {expanded_pos[i] for i in tokens_overlapping(offsets, spans)}
-    return sorted(chosen | {last}), rule
+    chosen, named = set(), []
+    for a, b, word in words_found:
+        hit = tokens_overlapping(offsets, [(start + a, start + b)])
+        chosen |= {expanded_pos[i] for i in hit}
+        if hit and word not in named:
+            named.append(word)
+    return sorted(chosen | {last}), rule, named
 
 
 def view_box(image_processor, size: tuple[int, int]) -> list[float]:

@@ -10,9 +10,10 @@ from .prompt import Prompt, per_frame_counts
 
 
 def build(engine, prompt: Prompt, visual, p: Plan, first, salient: list[int], decoded: tuple[list[int], int], text_len: int,
-          ms: dict[str, float]) -> dict:
+          ms: dict[str, float], warnings: list[str]) -> dict:
     """The trace of ``engine.answer``: ``first`` is its prefill, ``salient`` the salient rows of
-    the reduced input, ``decoded`` the greedy tokens and how many decoding steps made them, ``ms`` the timer's sections."""
+    the reduced input, ``decoded`` the greedy tokens and how many decoding steps made them, ``ms`` the timer's sections,
+    ``warnings`` what the user should know about the run (``engine.context_warning``)."""
     frames, generated, steps = visual.frames, *decoded
     n_visual_full = (engine.n_patches + prompt.route.cls_kept) * len(frames)
     lm_cfg, vc = engine.lm.config, engine.model.config.vision_config
@@ -33,6 +34,8 @@ def build(engine, prompt: Prompt, visual, p: Plan, first, salient: list[int], de
             for i, j in zip(salient, sorted(prompt.salient))
         ],
         "salient_rule": prompt.salient_rule,
+        "salient_words": prompt.salient_words,
+        "warnings": warnings,
         "plan": {**{k: v for k, v in asdict(p).items() if k != "stages"},
                  "stages": [asdict(s) for s in p.stages]},
         "positions": p.positions,  # position ids after a reduction: "contiguous" (renumbered) or "original"

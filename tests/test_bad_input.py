@@ -113,7 +113,7 @@ def test_bad_questions(question, message):
 def test_question_token_limit(engine):
     with pytest.raises(InputError, match="tokens"):
         check_question("? " * 300, engine.tokenizer)
-    assert check_question("  what   color ? ", engine.tokenizer) == "what color ?"
+    assert check_question("  what   color ?\nAnswer in a word. ", engine.tokenizer) == "what   color ?\nAnswer in a word."
 
 
 # ------------------------------------------------------------------ through the served app

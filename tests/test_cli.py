@@ -85,3 +85,12 @@ def test_tiny_builds_a_loadable_checkpoint(tmp_path):
     done = run_cli("tiny", str(tmp_path / "ck"), "--layers", "4")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ck" / "config.json").exists() and (tmp_path / "ck" / "processor_config.json").exists()
+
+
+def test_a_run_past_the_context_window_warns_on_stderr(tiny_checkpoint, tmp_path):
+    clip = write_clip(tmp_path / "clip.webm", [Image.new("RGB", (64, 48), c) for c in ("red", "green", "blue")])
+    done = run_cli("answer", "--model", str(tiny_checkpoint), "--video", str(clip), "--frames", "8",
+                   "--question", "what color ?", "--method", "full", "--budget", "576", "--max-new-tokens", "2")
+    assert done.returncode == 0, done.stderr
+    assert "warning: full: this run needs" in done.stderr and "At most 7 frames fit with full." in done.stderr
+    assert len(done.stdout.strip().splitlines()) <= 1  # the answer alone on stdout

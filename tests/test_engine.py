@@ -149,7 +149,7 @@ def test_batches_are_rejected_with_a_clear_error(engine):
 
 
 def test_empty_question_is_rejected(engine, image):
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="Type a question"):
         engine.answer(image, "   ", ReductionConfig("duet", 64))
 
 
