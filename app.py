@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from duet_viz.limits import Limits, launch_options
 from duet_viz.page import CSS, build_demo
+from duet_viz.ui import App
 from model.engine import DuetLlava
 
 # Hub checkpoints a public deployment may load (LLaVA-1.5 family, Video-LLaVA; HF conversions); any
@@ -51,21 +53,43 @@ def trust_space_proxy() -> None:
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM (docker stop, a Space restarting) exits the interpreter normally, status 0, so its
-    exit handlers remove the app's work folder (a temporary directory); the default action kills
-    the process and leaves the folder behind. (Raising KeyboardInterrupt instead, Ctrl-C's way,
-    was seen to end the process by SIGINT, status -2, when Gradio's handler did not catch it.)"""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    """SIGTERM (docker stop, a Space restarting), at any moment from start-up on, exits with status
+    0 and no work folder left behind: every live ``ui.App`` is closed first (no model run starts,
+    the one in flight, such as an example being cached, stops before its next method, the work
+    folder is removed), then the interpreter exits normally. The default action would kill the
+    process and leave the folder behind; exiting while a thread is still inside torch aborted the
+    process ("terminate called without an active exception", status 134). A run that does not
+    stop within ``App.close``'s wait ends the process at once (``os._exit(0)``), its folder removed.
+    (Raising KeyboardInterrupt instead, Ctrl-C's way, was seen to end the process by SIGINT,
+    status -2, when Gradio's handler did not catch it.)"""
+
+    def stop(signum, frame):
+        idle = all([app.close() for app in list(App.live)])
+        if not idle:
+            os._exit(0)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def log_to_stderr() -> None:
+    """The app's own log lines (example caching) on stderr, beside Gradio's."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logger = logging.getLogger("duet_viz")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    stop_on_sigterm()
+    log_to_stderr()
     hf_logging.disable_progress_bar()
     engine = DuetLlava.load(resolve_model(args.model), device=args.device)
     limits = Limits()
     demo = build_demo(engine, cache_examples=args.cache_examples, limits=limits)
     trust_space_proxy()
-    stop_on_sigterm()
     demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=True,
                 **launch_options(demo, limits))
 

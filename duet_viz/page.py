@@ -17,7 +17,7 @@ from model.video import MAX_NUM_FRAMES
 
 from . import figures
 from .limits import Limits
-from .ui import CACHE_MAX_AGE_S, CACHE_SWEEP_S, DEFAULTS, MAX_NEW_TOKENS, METHOD_NAMES, MODEL_WORK, App
+from .ui import CACHE_MAX_AGE_S, CACHE_SWEEP_S, DEFAULTS, MAX_NEW_TOKENS, MODEL_WORK, App, method_choices
 from .widgets import UploadedImage, WholeNumber
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -72,12 +72,12 @@ def controls(engine: DuetLlava, image_examples, video_examples) -> SimpleNamespa
             c.num_frames = gr.Slider(1, MAX_NUM_FRAMES, value=d["num_frames"], step=1,
                                      label="Frames sampled uniformly (budget applies per frame)")
     c.question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
-    c.method = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], value=d["method"], label="Method")
+    c.method = gr.Radio(method_choices(METHODS, engine.n_patches), value=d["method"], label="Method")
     with gr.Row():
         c.budget = gr.Radio(BUDGET_CHOICES, value=d["budget"], label="Visual-token budget (avg per LLM layer)")
         c.custom_budget = WholeNumber(value=d["custom_budget"], precision=0, minimum=1, maximum=engine.n_patches,
                                       label="Custom budget", visible=False)
-    c.compare = gr.CheckboxGroup([(METHOD_NAMES[m], m) for m in METHODS], value=d["compare"],
+    c.compare = gr.CheckboxGroup(method_choices(METHODS, engine.n_patches), value=d["compare"],
                                  label="Compare with (same input and budget, default knobs)")
     with gr.Accordion("Advanced (applies to the selected method)", open=False):
         with gr.Row():
@@ -104,7 +104,7 @@ def controls(engine: DuetLlava, image_examples, video_examples) -> SimpleNamespa
     return c
 
 
-def views(n_layers: int) -> SimpleNamespace:
+def views(n_layers: int, n_patches: int) -> SimpleNamespace:
     """The outputs column: answers, the model note, latency, the cluster map and layer view with
     their sliders, per-frame views, tokens per layer and the downloads."""
     v = SimpleNamespace()
@@ -117,7 +117,7 @@ def views(n_layers: int) -> SimpleNamespace:
     v.salient_used = gr.Markdown()
     # Every method from the start: if Gradio drops this session's state (its store is bounded),
     # the overlay and the views still take the method and say "press Run".
-    v.shown = gr.Radio([(METHOD_NAMES[m], m) for m in METHODS], label="Show maps for", visible=False)
+    v.shown = gr.Radio(method_choices(METHODS, n_patches), label="Show maps for", visible=False)
     with gr.Row():
         v.clusters = gr.Plot(label="V2V cluster map")
         with gr.Column():
@@ -178,7 +178,7 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy", limits: Limits |
             with gr.Column(scale=4, min_width=320):
                 c = controls(engine, image_examples, video_examples)
             with gr.Column(scale=7):
-                v = views(engine.n_layers)
+                v = views(engine.n_layers, engine.n_patches)
         wire(app, c, v, state, mode)
     # api_open=False: Gradio's /gradio_api/run/<api_name> would run these events outside the queue.
     return demo.queue(api_open=False, max_size=limits.queue_size, default_concurrency_limit=1)

@@ -18,7 +18,9 @@ import logging
 import math
 import tempfile
 import threading
+import time
 import uuid
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -49,8 +51,34 @@ DEFAULTS = dict(method="duet", budget="64", custom_budget=96, compare=["full"], 
 # Position ids after a reduction. "method": each method as its code runs it (DUET, PyramidDrop and
 # VisionZip renumber the shorter sequence, FastV keeps the survivors' ids); the others force one
 # layout on every compared method.
-METHOD_NAMES = {"full": "Full (576)", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
+METHOD_NAMES = {"full": "Full", "duet": "DUET", "visionzip": "VisionZip", "fastv": "FastV",
                 "pyramiddrop": "PyramidDrop", "hired": "HiRED", "fitprune": "FitPrune"}
+
+
+def method_name(method: str, n_patches: int) -> str:
+    """A method's label; the full model's names its visual tokens per image (576 on LLaVA-1.5, 256
+    on Video-LLaVA)."""
+    return f"Full ({n_patches})" if method == "full" else METHOD_NAMES[method]
+
+
+def method_choices(methods, n_patches: int) -> list[tuple[str, str]]:
+    return [(method_name(m, n_patches), m) for m in methods]
+
+
+def salient_line(trace: dict) -> str:
+    """Which words of the question ranked the visual tokens, as words (the tokenizer's pieces,
+    such as "▁color" or "Des" + "cribe", joined back), when a stage ranked by them."""
+    if not any(stage["query"] == "salient" for stage in trace["t2v"]):
+        return ""
+    words = " ".join(f"`{w}`" for w in trace["salient_words"])
+    if not words:
+        return "Only the prompt's last token ranked the visual tokens (no salient word found in the question)."
+    return f"Salient words that ranked the visual tokens: {words}, and the prompt's last token."
+
+
+def warning_lines(traces: dict[str, dict]) -> str:
+    """Every compared run's warnings (``engine.context_warning``), one paragraph each."""
+    return "  \n".join(f"**Warning.** {w}" for trace in traces.values() for w in trace["warnings"])
 
 # Runs in the browser on every slider move: show heatmap trace `layer` (trace 0 is the image).
 def gpu_task(fn):
@@ -115,7 +143,13 @@ class App:
     every session and pinned, computed once (at start-up with ``cache_examples="eager"``, on first
     click with "lazy") and never evicted, so clicking an example answers at once.
     ``runs_per_minute`` limits the model runs of one client address (None: no limit).
+
+    ``close`` stops it at any moment (``app.py`` calls it on SIGTERM for every live App): no
+    model run starts after it, the one in flight (an example being cached or a visitor's) ends
+    at its next method, and the work folder is removed.
     """
+
+    live: "weakref.WeakSet[App]" = weakref.WeakSet()  # every App not yet collected, for a clean stop
 
     def __init__(self, engine: DuetLlava, max_results: int = 32, max_result_bytes: int = MAX_RESULT_BYTES,
                  session_share: float = SESSION_SHARE, runs_per_minute: int | None = None):
@@ -127,9 +161,27 @@ class App:
         self.runs = RateLimit(runs_per_minute, 60)
         self.lock = threading.Lock()
         self.model_lock = threading.Lock()  # one model run at a time (start-up warm-up vs. requests)
+        self.stopping = threading.Event()  # set by close: no model run starts or goes on to its next method
+        self.warming: threading.Thread | None = None  # the thread caching the examples, while it runs
         self.workdir = tempfile.TemporaryDirectory(prefix="duet-viz-")
         self.run_models = gpu_task(self._run_models)
         bound_heap_growth()
+        App.live.add(self)
+
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Stop: no model run starts from now on, the one in flight stops before its next method
+        (waited for up to ``timeout_s``), example caching ends, and the work folder is removed.
+        True when no model work was left running."""
+        self.stopping.set()
+        deadline = time.monotonic() + timeout_s
+        idle = self.model_lock.acquire(timeout=timeout_s)
+        if idle:
+            self.model_lock.release()
+        if self.warming is not None:
+            self.warming.join(max(0.0, deadline - time.monotonic()))
+            idle = idle and not self.warming.is_alive()
+        self.workdir.cleanup()
+        return idle
 
     def owner(self, request: str | None, session: str | None) -> str | None:
         return SHARED if request in self.example_requests else session
@@ -257,15 +309,22 @@ class App:
             return None
 
         def warm():
+            started = time.monotonic()
+            log.info("caching the results of %d examples", len(requests))
             for args in requests:
+                if self.stopping.is_set():
+                    log.info("example caching stopped")
+                    return
                 try:
                     self.result_for(*args)
                 except Exception:  # a broken example must not stop the others or the server
-                    log.exception("caching example %s failed", args[0])
+                    if not self.stopping.is_set():
+                        log.exception("caching example %s failed", args[0])
+            log.info("cached the results of %d examples in %.1f s", len(requests), time.monotonic() - started)
 
-        thread = threading.Thread(target=warm, name="cache-examples", daemon=True)
-        thread.start()
-        return thread
+        self.warming = threading.Thread(target=warm, name="cache-examples", daemon=True)
+        self.warming.start()
+        return self.warming
 
     def run(self, image, question, method=DEFAULTS["method"], budget_choice=DEFAULTS["budget"],
             custom_budget=DEFAULTS["custom_budget"], compare=tuple(DEFAULTS["compare"]), k1=None, k2=None,
@@ -290,10 +349,10 @@ class App:
         progress(1.0, desc="Drawing")
         result = self.recall(key)
         traces, frames = result["traces"], result["frames"]
-        shown = gr.Radio(choices=[(METHOD_NAMES[m], m) for m in traces], value=method, visible=len(traces) > 1)
-        used = " ".join(f"`{s['token']}`" for s in traces[method]["salient"])
-        salient_text = f"Salient text tokens that ranked the visual tokens: {used}" if traces[method]["t2v"] else ""
-        note = model_note(self.engine, question)
+        shown = gr.Radio(choices=method_choices(traces, self.engine.n_patches), value=method,
+                         visible=len(traces) > 1)
+        salient_text = salient_line(traces[method])
+        note = "\n\n".join(part for part in (warning_lines(traces), model_note(self.engine, question)) if part)
         many = len(frames) > 1
         frame = gr.Slider(0, len(frames) - 1, value=0, step=1, visible=True) if many else gr.Slider(value=0, visible=False)
         grid = figures.frames_by_layers(traces[method]) if many else None
@@ -307,7 +366,10 @@ class App:
         with self.model_lock:
             try:
                 for i, cfg in enumerate(configs):
-                    progress(i / len(configs), desc=f"Running {METHOD_NAMES[cfg.method]} ({i + 1}/{len(configs)})")
+                    if self.stopping.is_set():
+                        raise gr.Error("The app is shutting down: try again in a minute.")
+                    progress(i / len(configs), desc=f"Running {method_name(cfg.method, self.engine.n_patches)} "
+                                                   f"({i + 1}/{len(configs)})")
                     traces[cfg.method] = self._answer(frames, question, cfg, max_new_tokens)
             finally:
                 release_memory()

@@ -299,3 +299,22 @@ def test_the_shipped_models_note_names_its_domain_and_the_words_it_does_not_know
     assert "synthetic" in note and "**animal**, **this**" in note and "llava-hf/llava-1.5-7b-hf" in note
     assert "never seen" not in model_note(shipped, "what color is the star ?")
     assert model_note(engine, "what animal is this ?") == ""
+
+
+def test_the_default_comparison_on_the_video_example_warns_that_full_runs_past_the_context_window(engine):
+    """The video example at the page's defaults (DUET at 64 beside the full model, 8 frames): the
+    full model's 8 x 576 visual tokens pass the checkpoint's 4096 positions, and the page says so
+    under the answers, with how many frames would fit."""
+    from duet_viz.page import VIDEO_EXAMPLES
+    from duet_viz.ui import DEFAULTS, App
+
+    name, question = VIDEO_EXAMPLES[0]
+    app = App(engine)
+    out = app.run(None, question, video=str(ASSETS / name), mode="video")
+    traces = app.recall(out[0])["traces"]
+    assert DEFAULTS["compare"] == ["full"] and DEFAULTS["num_frames"] == 8 and set(traces) == {"duet", "full"}
+    assert traces["duet"]["warnings"] == [] and len(traces["full"]["warnings"]) == 1
+    note = out[-1]
+    assert note.startswith("**Warning.** full: this run needs") and "4096 (max_position_embeddings)" in note
+    assert "At most 7 frames fit with full." in note
+    assert ("Full (576)", "full") in out[1].choices

@@ -80,3 +80,14 @@ def test_reduced_clip_keeps_cls_per_frame_and_caches_faithfully(engine, clip, me
     assert [row[0] for row in trace["visual_tokens_per_frame_layer"]] == [r["n_tokens"] for r in trace["frames"]]
     uncached = engine.answer(clip, QUESTION, cfg, max_new_tokens=6, use_cache=False)
     assert trace["generated_ids"] == uncached["generated_ids"]
+
+
+def test_the_app_labels_the_full_model_with_video_llavas_patch_count(engine):
+    import gradio as gr
+
+    from duet_viz.page import build_demo
+
+    demo = build_demo(engine)  # examples cached lazily: nothing runs
+    radios = [b for b in demo.blocks.values() if isinstance(b, gr.Radio) and b.label in ("Method", "Show maps for")]
+    assert len(radios) == 2 and engine.n_patches == 256
+    assert all(("Full (256)", "full") in radio.choices for radio in radios)
