@@ -10,6 +10,13 @@ attention: real tokens never attend to the pads after them. Left-padded rows (ba
 ``model/batch.py``) stay at the front of their sequence through every drop (``Rows.pads``); the
 caller's mask hides them, and renumbered position ids start at 0 on each sequence's first real row.
 
+No value goes back to the host between the first and the last layer: every count the loop needs
+is known before it (the plan fixes how many visual tokens each stage keeps; query and pad rows are
+never dropped, so their numbers are counted once, in ``Rows.build``), rows are located by a stable
+sort of a mask whose number of True entries is known (``where``) instead of ``nonzero``, and what
+the loop reports (kept ids, stage records, next positions) stays on the device until it ends. So a
+GPU prefill queues every layer's kernels without waiting on one.
+
 ``run`` is what the engine's prefill (B = 1, with a KV cache), batched generation (B rows, left
 padding, a KV cache) and the trainer (B rows, grads, no cache) call; ``on_layer(index, h, rows)``
 is called before each layer and once after the last (index = number of layers), for training
@@ -44,18 +51,33 @@ class Rows:
     origin: torch.Tensor  # (B, T) long: index of the row in the batch as it entered the loop
     visual_ids: torch.Tensor  # (B, V) long: id (0..V0-1 in input order) of each visual token still alive
     pads: torch.Tensor  # (B,) long: left-padding rows at the start of each sequence
+    n_pads: tuple[int, ...]  # the same, on the host
+    n_text: dict[str, tuple[int, ...]]  # kind -> per sequence, its non-visual query rows (never dropped)
+    with_visual: frozenset[str]  # the kinds whose query rows include every visual token ("all")
 
     @classmethod
     def build(cls, visual: torch.Tensor, pos: torch.Tensor, queries: dict[str, torch.Tensor],
               pads: torch.Tensor | None = None) -> "Rows":
+        """The rows of a batch entering the loop; the host-side counts are read here, once."""
         batch, n = visual.shape
-        counts = visual.sum(1)
-        if (counts != counts[0]).any():
+        counts = visual.sum(1).tolist()
+        if len(set(counts)) > 1:
             raise ValueError("every sequence of a batch must hold the same number of visual tokens")
-        ids = torch.arange(int(counts[0]), device=visual.device).expand(batch, -1)
+        ids = torch.arange(counts[0], device=visual.device).expand(batch, -1)
         origin = torch.arange(n, device=visual.device).expand(batch, -1)
         pads = torch.zeros(batch, dtype=torch.long, device=visual.device) if pads is None else pads
-        return cls(visual, pos, queries, origin, ids, pads)
+        with_visual = set()
+        for kind, mask in queries.items():
+            on_visual = (mask & visual).sum(1).tolist()
+            if any(0 < k < counts[0] for k in on_visual):
+                raise ValueError(f"query rows {kind!r} hold some visual tokens but not all")
+            if any(on_visual):
+                with_visual.add(kind)
+        n_text = {kind: tuple((mask & ~visual).sum(1).tolist()) for kind, mask in queries.items()}
+        return cls(visual, pos, queries, origin, ids, pads, tuple(pads.tolist()), n_text, frozenset(with_visual))
+
+    def query_count(self, kind: str, b: int) -> int:
+        return self.n_text[kind][b] + (self.visual_ids.shape[1] if kind in self.with_visual else 0)
 
     def take(self, index: torch.Tensor, chosen: torch.Tensor, layout: str) -> "Rows":
         """The rows at ``index`` (B, T'), the visual ones being ``chosen`` (B, V') of the alive ones."""
@@ -63,8 +85,15 @@ class Rows:
             pos = (torch.arange(index.shape[1], device=index.device) - self.pads[:, None]).clamp(min=0)
         else:
             pos = self.pos.gather(1, index)
-        return Rows(self.visual.gather(1, index), pos, {k: v.gather(1, index) for k, v in self.queries.items()},
-                    self.origin.gather(1, index), self.visual_ids.gather(1, chosen), self.pads)
+        return replace(self, visual=self.visual.gather(1, index), pos=pos,
+                       queries={k: v.gather(1, index) for k, v in self.queries.items()},
+                       origin=self.origin.gather(1, index), visual_ids=self.visual_ids.gather(1, chosen))
+
+
+def where(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (ascending) of the ``count`` True entries of a 1-D ``mask``: ``nonzero`` for a mask
+    whose number of True entries is known, so the device never reports it back to the host."""
+    return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
 
 
 @dataclass
@@ -98,11 +127,12 @@ def rank(layer, h: torch.Tensor, rope, rows: Rows, stage: Stage, apply_rope) -> 
     carry position 0, so as keys they would join every query row's softmax."""
     scores, parts, n_query = [], None, 0
     kind = "text" if stage.query == "fitprune" else stage.query
+    n_visual = rows.visual_ids.shape[1]
     with torch.no_grad():
         for b in range(h.shape[0]):
-            start = int(rows.pads[b])
-            visual = torch.nonzero(rows.visual[b, start:]).flatten()
-            query = torch.nonzero(rows.queries[kind][b, start:]).flatten()
+            start = rows.n_pads[b]
+            visual = where(rows.visual[b, start:], n_visual)
+            query = where(rows.queries[kind][b, start:], rows.query_count(kind, b))
             row_rope = (rope[0][b:b + 1, start:], rope[1][b:b + 1, start:])
             real, pos = h[b, start:], rows.pos[b, start:]
             if stage.query == "fitprune":
@@ -117,34 +147,40 @@ def rank(layer, h: torch.Tensor, rope, rows: Rows, stage: Stage, apply_rope) -> 
 
 def drop(h: torch.Tensor, rows: Rows, choices: list[torch.Tensor], layout: str) -> tuple[torch.Tensor, Rows]:
     """Keep every non-visual row and, per sequence, the visual tokens at ``choices[b]``."""
-    index = []
+    index, n_rows, n_visual = [], rows.visual.shape[1], rows.visual_ids.shape[1]
     for b, choice in enumerate(choices):
-        visual = torch.nonzero(rows.visual[b]).flatten()
+        visual = where(rows.visual[b], n_visual)
         survivors = ~rows.visual[b]
         survivors[visual[choice]] = True
-        index.append(torch.nonzero(survivors).flatten())
+        index.append(where(survivors, n_rows - n_visual + len(choice)))
     index = torch.stack(index)
     return h.gather(1, index[..., None].expand(-1, -1, h.shape[-1])), rows.take(index, torch.stack(choices), layout)
 
 
 def forced(rows: Rows, ids: list[list[int]]) -> list[torch.Tensor]:
     """Per sequence, the indices among its alive visual tokens of the ids an earlier run kept."""
-    return [torch.nonzero(torch.isin(rows.visual_ids[b], torch.tensor(keep, device=rows.visual_ids.device))).flatten()
+    return [where(torch.isin(rows.visual_ids[b], torch.tensor(keep, device=rows.visual_ids.device)), len(keep))
             for b, keep in enumerate(ids)]
 
 
-def stage_record(index: int, stage: Stage, rows: Rows, ranking: Ranking | None, kept: list[int]) -> dict:
+def stage_record(index: int, stage: Stage, rows: Rows, ranking: Ranking | None, kept: torch.Tensor) -> dict:
+    """A stage's trace record, its tensors still on the device (``on_host`` after the loop)."""
     return {
         "layer": index,
         "score_layer": stage.score_layer,
         "query": stage.query,
         "query_rows": None if ranking is None else ranking.query_rows,
-        "n_in": int(rows.visual[0].sum()),
-        "ids_in": rows.visual_ids[0].tolist(),
+        "n_in": rows.visual_ids.shape[1],
+        "ids_in": rows.visual_ids[0],
         "kept": kept,
-        "scores": None if ranking is None else ranking.scores[0].tolist(),
-        **({} if ranking is None or ranking.parts is None else {k: v.tolist() for k, v in ranking.parts.items()}),
+        "scores": None if ranking is None else ranking.scores[0],
+        **({} if ranking is None or ranking.parts is None else ranking.parts),
     }
+
+
+def on_host(value):
+    """A record's tensors as lists: read back once, after the loop."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
 def needs_ranking(stage: Stage, n_alive: int, n_visual: int, n_frames: int) -> bool:
@@ -196,6 +232,8 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
     rope = lm.rotary_emb(h, rows.pos)
     out = Output(h, rows, cache)
     pending: dict[int, Ranking] = {}
+    kept: dict[int, list[torch.Tensor]] = {}  # on the device until the loop ends
+    next_positions: list[torch.Tensor] = []
     for index, layer in enumerate(lm.layers):
         if on_layer:
             on_layer(index, h, rows)
@@ -212,9 +250,9 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
                 ranking = rank(layer, h, rope, rows, stage, apply_rope) if stage.score_layer == index else pending.pop(index)
                 choices = (choose(index, ranking) if choose else
                            [select(s, stage, n_visual, n_frames) for s in ranking.scores])
-            out.kept[index] = [rows.visual_ids[b, c].tolist() for b, c in enumerate(choices)]
+            kept[index] = [rows.visual_ids[b, c] for b, c in enumerate(choices)]
             if record:
-                out.stages.append(stage_record(index, stage, rows, ranking, out.kept[index][0]))
+                out.stages.append(stage_record(index, stage, rows, ranking, kept[index][0]))
             h, rows = drop(h, rows, choices, p.positions)
             rope = lm.rotary_emb(h, rows.pos)
         later = score_at.get(index)
@@ -222,12 +260,14 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
             pending[later.layer] = rank(layer, h, rope, rows, later, apply_rope)
         if started is not None:
             timer.stop("t2v", started)
-        out.counts.append(int(rows.visual[0].sum()))
+        out.counts.append(rows.visual_ids.shape[1])
         out.totals.append(h.shape[1])
-        out.next_positions.append((rows.pos[:, -1] + 1).tolist())
+        next_positions.append(rows.pos[:, -1] + 1)
         h = run_layer(lm, index, h, rows, rope, mask, cache)
     if choose and len(lm.layers) in pending:
         choose(len(lm.layers), pending.pop(len(lm.layers)))
     if on_layer:
         on_layer(len(lm.layers), h, rows)
-    return replace(out, hidden=h, rows=rows)
+    return replace(out, hidden=h, rows=rows, kept={k: [t.tolist() for t in v] for k, v in kept.items()},
+                   stages=[{k: on_host(v) for k, v in record.items()} for record in out.stages],
+                   next_positions=torch.stack(next_positions).tolist() if next_positions else [])
