@@ -36,7 +36,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import DynamicCache
 
+from . import batch, decoder
 from .budget import ReductionConfig
 from .checkpoint import TinyLlavaSpec, build_processor
 from .device import Timer
@@ -46,9 +48,9 @@ QUESTION = "what color is the star ?"
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "scene-shapes.png"
 
 
-def llava_7b_shaped(llm_layers: int, device: str = "auto") -> DuetLlava:
+def llava_7b_shaped(llm_layers: int, device: str = "auto", dtype: torch.dtype | None = None) -> DuetLlava:
     """Random weights, real LLaVA-1.5-7B widths: what matters for speed is the shape. Built on the
-    device in the engine's dtype for it (bf16 on CUDA), so a GPU run needs no host copy."""
+    device in ``dtype`` (default: the engine's for it, bf16 on CUDA), so a GPU run needs no host copy."""
     from transformers import LlavaForConditionalGeneration
 
     from .device import pick_device, pick_dtype
@@ -62,7 +64,7 @@ def llava_7b_shaped(llm_layers: int, device: str = "auto") -> DuetLlava:
     torch.manual_seed(0)
     dev = pick_device(device)
     with torch.device(dev):
-        model = LlavaForConditionalGeneration(config).to(pick_dtype(dev)).eval()
+        model = LlavaForConditionalGeneration(config).to(dtype or pick_dtype(dev)).eval()
     model.generation_config.eos_token_id = tok.eos_token_id
     return DuetLlava(model, processor, f"llava-1.5-7b-shaped-{llm_layers}L")
 
@@ -100,29 +102,52 @@ class LoadMeter:
 
 
 class Config:
-    """One method x budget, its inputs prepared once (the tower's output is the same for all)."""
+    """One method x budget at one batch size, its inputs prepared once (the tower's output is the
+    same for all). A batch is ``batch`` copies of the prompt, each reduced on its own, through one
+    prefill of the decoder loop (``model/batch.py``'s path)."""
 
-    def __init__(self, engine: DuetLlava, prompt, hidden, cfg: ReductionConfig):
-        self.engine, self.prompt, self.hidden, self.cfg = engine, prompt, hidden, cfg
+    def __init__(self, engine: DuetLlava, prompt, hidden, cfg: ReductionConfig, batch: int = 1):
+        self.engine, self.prompt, self.hidden, self.cfg, self.batch = engine, prompt, hidden, cfg, batch
         self.plan = engine.plan(cfg)
-        self.name = "full" if cfg.method == "full" else f"{cfg.method}-{cfg.budget}"
+        self.name = ("full" if cfg.method == "full" else f"{cfg.method}-{cfg.budget}") + (f"@b{batch}" if batch > 1 else "")
         self.runs: list[dict] = []
 
-    def run(self, decode_steps: int, on_layer=None) -> dict:
+    def run(self, decode_steps: int, on_layer=None, score: bool = True) -> dict:
         """V2V (timed), the prefill with trace recording as the app runs it (T2V scoring timed
-        inside), then greedy decode steps on the pruned cache."""
+        inside when ``score``: on CUDA that timer synchronises, so the benchmark times scoring in a
+        run of its own there), then greedy decode steps on the pruned cache."""
         engine, timer, scored = self.engine, Timer(self.engine.device), Timer(self.engine.device)
-        visual = engine.reduce(self.hidden, self.plan, timer)
-        embeds, rows, salient = engine.llm_inputs(self.prompt, visual)
-        started = timer.start()
-        result = engine.prefill(embeds, rows, salient, self.plan, timer=scored, on_layer=on_layer)
-        timer.stop("prefill", started)
-        token, started = int(result.logits.argmax()), timer.start()
-        for step in range(decode_steps):
-            token = int(engine.step(token, [n + step for n in result.next_positions], result.cache).argmax())
+        if self.batch == 1:
+            visual = engine.reduce(self.hidden, self.plan, timer)
+            embeds, rows, salient = engine.llm_inputs(self.prompt, visual)
+            started = timer.start()
+            result = engine.prefill(embeds, rows, salient, self.plan, timer=scored if score else None,
+                                    on_layer=on_layer)
+            timer.stop("prefill", started)
+            cache, counts, totals = result.cache, result.counts, result.tokens_per_layer
+            token, started = int(result.logits.argmax()), timer.start()
+            for step in range(decode_steps):
+                token = int(engine.step(token, [n + step for n in result.next_positions], cache).argmax())
+        else:
+            group = [batch.sequence(engine, self.prompt, self.plan, timer, self.hidden) for _ in range(self.batch)]
+            h, rows = batch.left_padded(engine, group)
+            started = timer.start()
+            out = decoder.run(engine.lm, h, rows, self.plan, engine.apply_rope, n_frames=group[0].n_frames,
+                              cache=DynamicCache(config=engine.lm.config), mask=engine.attention_mask,
+                              timer=scored if score else None, on_layer=on_layer)
+            tokens = engine.lm_head(engine.lm.norm(out.hidden[:, -1])).argmax(-1)
+            timer.stop("prefill", started)
+            cache, counts, totals, started = out.cache, out.counts, out.totals, timer.start()
+            for step in range(decode_steps):
+                positions = [[n + step for n in layer] for layer in out.next_positions]
+                tokens = batch.step(engine, tokens, positions, cache, rows.pads).argmax(-1)
         timer.stop("decode", started)
-        return {**timer.ms, "t2v": scored.ms.get("t2v", 0.0), "kv": _kv_bytes(result.cache),
-                "counts": result.counts, "totals": result.tokens_per_layer}
+        return {**timer.ms, "t2v": scored.ms.get("t2v", 0.0), "kv": _kv_bytes(cache), "counts": counts,
+                "totals": totals}
+
+    def scoring_ms(self) -> float:
+        """T2V scoring and selection time of one prefill, timed in a run of its own."""
+        return self.run(0)["t2v"]
 
     def layer_ms(self) -> list[float]:
         """Wall time of each decoder layer in one prefill (a stage layer's ranking and drop
@@ -143,26 +168,22 @@ class Ladder:
     prefill that fed every layer n rows would cost, without any reduction machinery."""
 
     def __init__(self, engine: DuetLlava, top: int, rungs: int = 12):
-        from . import decoder
-
-        self.engine, self.decoder = engine, decoder
+        self.engine = engine
         steps = torch.linspace(0, 1, rungs - 1) ** 2 * (top - 1) + 1  # denser where few rows cost little
         self.rows = sorted({1, *(int(round(float(n))) for n in steps), top})
         self.ms: dict[int, list[float]] = {n: [] for n in self.rows}
 
     def time(self, n: int) -> float:
-        from transformers import DynamicCache
-
         engine, lm = self.engine, self.engine.lm
         h = torch.randn(1, n, lm.config.hidden_size, device=engine.device, dtype=engine.dtype)
         pos = torch.arange(n, device=engine.device)[None]
-        rows = self.decoder.Rows.build(torch.zeros(1, n, dtype=torch.bool, device=engine.device), pos, {})
+        rows = decoder.Rows.build(torch.zeros(1, n, dtype=torch.bool, device=engine.device), pos, {})
         rope, cache = lm.rotary_emb(h, pos), DynamicCache(config=lm.config)
         if h.is_cuda:
             torch.cuda.synchronize(h.device)
         started = time.perf_counter()
         for index in range(len(lm.layers)):
-            h = self.decoder.run_layer(lm, index, h, rows, rope, engine.attention_mask, cache)
+            h = decoder.run_layer(lm, index, h, rows, rope, engine.attention_mask, cache)
         if h.is_cuda:
             torch.cuda.synchronize(h.device)
         return (time.perf_counter() - started) * 1e3
@@ -195,6 +216,7 @@ def summarise(config: Config, full: Config, decode_steps: int, ladder: Ladder | 
     return {
         "method": config.cfg.method,
         "budget": config.cfg.budget,
+        "batch": config.batch,
         "avg_visual_tokens": sum(first["counts"]) / len(first["counts"]),
         "prefill_ms": median_spread([r["prefill"] for r in runs]),
         "speedup": median_spread([f["prefill"] / r["prefill"] for f, r in zip(full.runs, runs)]),
@@ -217,12 +239,14 @@ def limit_columns(runs: list[dict], ladder: Ladder) -> dict:
 
 @torch.inference_mode()
 def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int, layers: bool = False,
-              limit: bool = False) -> dict:
+              limit: bool = False, batches: tuple[int, ...] = (1,)) -> dict:
     """Every configuration once as warm-up, then ``reps`` rounds in which each runs once, in an
     order rotated round by round: slow drift of the machine (another process on the other core,
     thermal state) falls on every configuration alike, and a speed-up is computed per round, from
-    two runs seconds apart. ``limit``: the cost model's ladder (``Ladder``) is timed in every round
-    too, after the configurations."""
+    two runs seconds apart, against the full model at the same batch size. ``limit``: the cost
+    model's ladder (``Ladder``, batch 1) is timed in every round too, after the configurations.
+    On CUDA, T2V scoring is timed in a prefill of its own each round, so the timed prefill runs
+    without the scoring timer's synchronisations."""
     with Image.open(EXAMPLE) as image:
         prompt = engine.prepare([image.convert("RGB")], QUESTION)
     engine.vision_states(prompt.pixel_values)  # warm-up
@@ -231,27 +255,29 @@ def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int,
         started = time.perf_counter()
         hidden = engine.vision_states(prompt.pixel_values)
         vision_ms.append((time.perf_counter() - started) * 1e3)
-    full = Config(engine, prompt, hidden, ReductionConfig("full", engine.n_patches))
-    configs = [full] + [Config(engine, prompt, hidden, ReductionConfig(m, b))
-                        for m in methods if m != "full" for b in budgets]
+    fulls = {b: Config(engine, prompt, hidden, ReductionConfig("full", engine.n_patches), b) for b in batches}
+    configs = [c for b in batches for c in [fulls[b]] + [Config(engine, prompt, hidden, ReductionConfig(m, n), b)
+                                                         for m in methods if m != "full" for n in budgets]]
     warm = [config.run(decode_steps) for config in configs]
     ladder = Ladder(engine, warm[0]["totals"][0]) if limit else None
     if ladder:
         ladder.round(0, keep=False)
-    load = []
+    cuda, load = engine.device.type == "cuda", []
     for rep in range(reps):
         meter = LoadMeter()
         for config in configs[rep % len(configs):] + configs[: rep % len(configs)]:
-            config.runs.append(config.run(decode_steps))
+            config.runs.append(config.run(decode_steps, score=not cuda))
+            if cuda:
+                config.runs[-1]["t2v"] = config.scoring_ms()
         if ladder:
             ladder.round(rep)
         load.append(meter.cores())
-        print(f"  round {rep + 1}/{reps}: full {full.runs[-1]['prefill']:.0f} ms, other load "
+        print(f"  round {rep + 1}/{reps}: full {fulls[batches[0]].runs[-1]['prefill']:.0f} ms, other load "
               f"{load[-1] if load[-1] is None else round(load[-1], 2)} cores", flush=True)
     return {
         "model": engine.name, "device": str(engine.device), "dtype": str(engine.dtype),
-        "llm_layers": engine.n_layers, "vision_ms": median_spread(vision_ms),
-        "rows": [summarise(c, full, decode_steps, ladder) for c in configs],
+        "llm_layers": engine.n_layers, "vision_ms": median_spread(vision_ms), "batches": list(batches),
+        "rows": [summarise(c, fulls[c.batch], decode_steps, ladder if c.batch == 1 else None) for c in configs],
         "ladder_ms": None if ladder is None else {n: median_spread(v) for n, v in ladder.ms.items()},
         "per_rep_ms": {c.name: [round(r["prefill"], 2) for r in c.runs] for c in configs},
         "layer_ms": {c.name: c.layer_ms() for c in configs} if layers else None,
@@ -291,16 +317,17 @@ def markdown(result: dict) -> str:
         f"after a warm-up round · other processes' load {max(load, default=0):.2f} cores at most · "
         f"vision tower {result['vision_ms'][0]:.1f} ms",
         "",
-        "| method | budget | avg tokens | prefill ms, median (min) | speed-up, median (min-max) | analytic | "
+        "| method | budget | batch | avg tokens | prefill ms, median (min) | speed-up, median (min-max) | analytic | "
         "measured/analytic | V2V ms | T2V ms | scoring % of prefill | decode ms/tok | KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fulls = {r["batch"]: r for r in rows if r["method"] == "full"}
     for r in rows:
-        speedup, analytic = r["speedup"], full["llm_flops"] / r["llm_flops"]
+        speedup, analytic = r["speedup"], fulls[r["batch"]]["llm_flops"] / r["llm_flops"]
         overhead = 100 * (r["v2v_ms"][0] + r["t2v_ms"][0]) / r["prefill_ms"][0]
         decode = "—" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token'][0]:.2f}"
         lines.append(
-            f"| {r['method']} | {r['budget'] if r['method'] != 'full' else '—'} | {r['avg_visual_tokens']:.1f} | "
+            f"| {r['method']} | {r['budget'] if r['method'] != 'full' else '—'} | {r['batch']} | {r['avg_visual_tokens']:.1f} | "
             f"{r['prefill_ms'][0]:.1f} ({r['prefill_ms'][1]:.1f}) | {speedup[0]:.2f}x ({speedup[1]:.2f}-"
             f"{speedup[2]:.2f}) | {analytic:.2f}x | {speedup[0] / analytic:.2f} | {r['v2v_ms'][0]:.2f} | "
             f"{r['t2v_ms'][0]:.2f} | {overhead:.1f} | {decode} | {r['kv_bytes'] / 2**20:.2f} |"
@@ -322,7 +349,7 @@ def limit_markdown(result: dict) -> list[str]:
              "medians, min-max):", "",
              "| method | budget | prefill ms | predicted ms (layers only) | T2V scoring ms | measured / (predicted "
              "+ scoring) | scoring % of prefill |", "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    for r in (r for r in result["rows"] if "vs_limit" in r):
         ratio, share = r["vs_limit"], r["scoring_share"]
         lines.append(f"| {r['method']} | {r['budget'] if r['method'] != 'full' else '—'} | {r['prefill_ms'][0]:.1f} | "
                      f"{r['predicted_ms'][0]:.1f} | {r['t2v_ms'][0]:.2f} | {ratio[0]:.3f} ({ratio[1]:.3f}-{ratio[2]:.3f}) | "
@@ -347,6 +374,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=["7b"], help="benchmark a random LLaVA-1.5-7B-shaped model instead")
     parser.add_argument("--llm-layers", type=int, default=8, help="decoder depth of --shape 7b")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="weights and activations (auto: float32 on CPU, bfloat16 on CUDA where supported)")
+    parser.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8: copies of the prompt in one prefill")
     parser.add_argument("--methods", default="duet,visionzip,fastv,pyramiddrop,hired,fitprune")
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--compare", nargs=2, type=config_name, metavar=("A", "B"),
@@ -367,8 +397,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    engine = (llava_7b_shaped(args.llm_layers, args.device) if args.shape
-              else DuetLlava.load(args.model, device=args.device))
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    engine = (llava_7b_shaped(args.llm_layers, args.device, dtype) if args.shape
+              else DuetLlava.load(args.model, device=args.device, dtype=dtype))
     if args.compare:
         (ma, ba), (mb, bb) = args.compare
         if ba != bb and ma != mb:
@@ -376,7 +407,8 @@ def bench_main(argv: list[str] | None = None) -> int:
         methods, budgets = list(dict.fromkeys([ma, mb])), list(dict.fromkeys([ba, bb]))
     else:
         methods, budgets = args.methods.split(","), [int(b) for b in args.budgets.split(",")]
-    result = run_bench(engine, methods, budgets, args.reps, args.decode_steps, args.layers, args.limit)
+    batches = tuple(int(b) for b in args.batch.split(","))
+    result = run_bench(engine, methods, budgets, args.reps, args.decode_steps, args.layers, args.limit, batches)
     print(markdown(result))
     if args.compare:
         a, b = (f"{m}-{n}" for m, n in args.compare)

@@ -89,3 +89,13 @@ def test_ladder_interpolates_linearly_between_rungs(engine):
     for n in (1, 5, 37, 99, 100):
         assert ladder.layer_ms(0, n) == pytest.approx(2 * n + 1)
     assert ladder.predict(0, [10, 10, 3]) == pytest.approx(21 + 21 + 7)
+
+
+def test_batched_rows_run_copies_of_the_prompt_through_one_prefill(engine):
+    result = run_bench(engine, ["duet"], [64], reps=1, decode_steps=1, batches=(1, 2))
+    rows = {(r["method"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {("full", 1), ("duet", 1), ("full", 2), ("duet", 2)}
+    assert set(result["per_rep_ms"]) == {"full", "duet-64", "full@b2", "duet-64@b2"}
+    assert rows["duet", 2]["avg_visual_tokens"] == rows["duet", 1]["avg_visual_tokens"]
+    assert rows["full", 2]["kv_bytes"] == 2 * rows["full", 1]["kv_bytes"]
+    assert rows["duet", 2]["speedup"][0] > 1
