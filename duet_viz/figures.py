@@ -1,4 +1,5 @@
-"""Traces -> figures. Reads only the SPEC §4 trace (and the user's own image), never the model.
+"""Traces -> figures. Reads only the SPEC §4 trace (and the user's own image, or the view a
+trace carries), never the model.
 
 Patch p of a frame sits at grid row p // cols, column p % cols of the square region
 ``view_box`` of the original image that the processor turned into the model's input.
@@ -8,13 +9,15 @@ from __future__ import annotations
 
 import base64
 import io
-import math
+import json
 
 import numpy as np
 import plotly.graph_objects as go
 from PIL import Image
 
-VIEW_PX = 336
+from model.trace import VIEW_PX
+from model.trace import view_image as frame_view
+
 # Sentinel z values of the layer view: a patch V2V put in no token at all, and a patch whose token
 # the LLM-side pruning has dropped by this layer. Scores of surviving tokens lie in [0, 1].
 DISCARDED = -0.2
@@ -52,12 +55,11 @@ PALETTE = [
 ]
 
 
-def frame_view(image: Image.Image, view_box: list[float], size: int = VIEW_PX) -> Image.Image:
-    """The region of ``image`` the model saw, as a size x size RGB picture (padding is grey)."""
-    x0, y0, x1, y1 = view_box
-    canvas = Image.new("RGB", (math.ceil(x1 - x0), math.ceil(y1 - y0)), (128, 128, 128))
-    canvas.paste(image.convert("RGB"), (round(-x0), round(-y0)))
-    return canvas.resize((size, size), Image.BICUBIC)
+def on_view(trace: dict) -> dict:
+    """``trace`` with every frame's view box set to the whole of a VIEW_PX square, so that the
+    figures draw it on the view the trace carries (``model.trace.attach_views``, already the
+    region the model saw) exactly as they draw a live run on the user's image."""
+    return {**trace, "frames": [{**f, "view_box": [0.0, 0.0, float(VIEW_PX), float(VIEW_PX)]} for f in trace["frames"]]}
 
 
 def _data_uri(picture: Image.Image) -> str:
@@ -132,8 +134,28 @@ def layer_grids(trace: dict, frame: int = 0) -> np.ndarray:
 
 
 def layer_title(method: str, layer: int, count: int) -> str:
-    """Shared with the browser-side slider handler (ui.LAYER_JS), which rebuilds it per layer."""
+    """Shared with the browser-side slider handler (:func:`layer_js`), which rebuilds it per layer."""
     return f"{method} · layer {layer}: {count} visual tokens survive"
+
+
+def layer_js(*elem_ids: str) -> str:
+    """JavaScript for a layer slider's change event: in each layer view under ``elem_ids`` (built
+    by :func:`layer_view`), show heatmap trace ``layer`` (trace 0 is the image) and retitle it
+    from the figure's meta, so that scrubbing never reaches Python."""
+    return """
+(layer) => {
+  const updates = [];
+  for (const id of %s) {
+    const plot = document.querySelector(`#${id} .js-plotly-plot`);
+    if (!plot || !window.Plotly || !plot.data) continue;
+    const visible = plot.data.map((t, i) => i === 0 || i - 1 === layer);
+    const meta = plot.layout.meta || {};
+    updates.push(window.Plotly.update(plot, {visible: visible},
+      {'title.text': `${meta.method || ''} · layer ${layer}: ${(meta.counts || [])[layer]} visual tokens survive`}));
+  }
+  return Promise.all(updates);
+}
+""" % json.dumps(list(elem_ids))
 
 
 def layer_hover(trace: dict, grids: np.ndarray, frame: int = 0) -> list[np.ndarray]:
@@ -156,13 +178,14 @@ def layer_hover(trace: dict, grids: np.ndarray, frame: int = 0) -> list[np.ndarr
 
 def layer_view(trace: dict, image: Image.Image, frame: int = 0, layer: int = 0) -> go.Figure:
     """Image + one heatmap trace per LLM layer; only ``layer`` is visible. The slider switches
-    visibility in the browser (see ui.LAYER_JS), so scrubbing never reaches Python."""
+    visibility in the browser (see :func:`layer_js`), so scrubbing never reaches Python."""
     record = trace["frames"][frame]
     cell = VIEW_PX / trace["grid"][1]
     grids = layer_grids(trace, frame)
     counts = (trace["visual_tokens_per_frame_layer"][frame] if len(trace["frames"]) > 1
               else trace["visual_tokens_per_layer"])
     fig = _base_figure(frame_view(image, record["view_box"]), layer_title(trace["method"], layer, counts[layer]))
+    fig.update_layout(meta={"method": trace["method"], "counts": counts})  # read by layer_js
     for index, (z, hover) in enumerate(zip(grids, layer_hover(trace, grids, frame))):
         fig.add_trace(go.Heatmap(
             z=np.round(z, 3), x0=cell / 2, dx=cell, y0=cell / 2, dy=cell, zmin=DISCARDED, zmax=1.0,
@@ -280,14 +303,15 @@ def _rgba(hex_colour: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def tokens_per_layer(traces: list[dict]) -> go.Figure:
-    """The pyramid: visual tokens each LLM layer sees, one line per method, budget dashed."""
+def tokens_per_layer(traces: list[dict], names: list[str] | None = None) -> go.Figure:
+    """The pyramid: visual tokens each LLM layer sees, one line per method (or per ``names``),
+    budget dashed."""
     fig = go.Figure()
     for i, trace in enumerate(traces):
         counts = trace["visual_tokens_per_layer"]
         fig.add_trace(go.Scatter(
             x=list(range(len(counts))), y=counts, mode="lines", line_shape="hv",
-            name=f"{trace['method']} (avg {trace['avg_visual_tokens']:.1f})",
+            name=f"{names[i] if names else trace['method']} (avg {trace['avg_visual_tokens']:.1f})",
             line=dict(width=2.5, color=PALETTE[i % len(PALETTE)]),
         ))
     budgets = sorted({(t["budget"], len(t["frames"])) for t in traces if t["method"] != "full"})
@@ -361,3 +385,71 @@ def overlay_png(trace: dict, image: Image.Image, frame: int = 0, layer: int = 0)
     rgba[z <= DISCARDED + 1e-9] = (*DISCARDED_RGBA[:3], DISCARDED_RGBA[3] * 255)
     tile = Image.fromarray(rgba.astype(np.uint8), "RGBA").resize(picture.size, Image.NEAREST)
     return Image.alpha_composite(picture, tile).convert("RGB")
+
+
+def keep_map_title(layer: int) -> str:
+    """Shared with the browser-side slider handler of the keep map (``browser.KEEP_JS``)."""
+    return f"Mean keep map · LLM layer {layer}: share of documents in which each patch survives"
+
+
+def keep_map(maps: list[tuple[str, np.ndarray]], layer: int = 0) -> go.Figure:
+    """Mean keep maps side by side, one per (label, (layers, rows, cols) shares in [0, 1]): one
+    heatmap per map and layer, whose ``meta`` is its layer; only ``layer`` is visible (the slider
+    flips them in the browser)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(maps), subplot_titles=[label for label, _ in maps],
+                        horizontal_spacing=0.04)
+    for col, (label, share) in enumerate(maps, start=1):
+        for index, z in enumerate(share):
+            fig.add_trace(go.Heatmap(
+                z=np.round(z, 3), zmin=0, zmax=1, colorscale=KEEP_COLORSCALE, showscale=col == 1, meta=index,
+                visible=index == layer, colorbar=dict(title="share", tickformat=".0%", len=0.9),
+                hovertemplate=f"{label} · layer {index}<br>patch row %{{y}}, col %{{x}}: survives in "
+                              "%{z:.0%} of documents<extra></extra>",
+            ), row=1, col=col)
+        fig.update_xaxes(visible=False, constrain="domain", row=1, col=col)
+        fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x" if col == 1 else f"x{col}",
+                         row=1, col=col)
+    fig.update_layout(title=dict(text=keep_map_title(layer), x=0.02, font=dict(size=14)), height=420,
+                      margin=dict(l=4, r=4, t=70, b=4), plot_bgcolor="white")
+    return fig
+
+
+KEEP_COLORSCALE = "Viridis"
+
+
+def _colour_table(n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 RGB of KEEP_COLORSCALE from 0 to 1, the PNG's colours as the plot draws them."""
+    from plotly.colors import get_colorscale, sample_colorscale
+
+    colours = sample_colorscale(get_colorscale(KEEP_COLORSCALE), list(np.linspace(0, 1, n)))
+    return np.array([[round(float(v)) for v in c[c.index("(") + 1:-1].split(",")] for c in colours], dtype=np.uint8)
+
+
+def keep_map_png(maps: list[tuple[str, np.ndarray]], tile_px: int = 96) -> Image.Image:
+    """The keep maps as one picture: a row per map, a tile per LLM layer, and the colour scale."""
+    from PIL import ImageDraw
+
+    table = _colour_table()
+    n_layers = max(len(share) for _, share in maps)
+    label_px, header_px, gap = 150, 22, 4
+    width = label_px + n_layers * (tile_px + gap)
+    height = header_px + len(maps) * (tile_px + gap) + 40
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for layer in range(n_layers):
+        draw.text((label_px + layer * (tile_px + gap) + 2, 4), f"layer {layer}", fill="black")
+    for row, (label, share) in enumerate(maps):
+        top = header_px + row * (tile_px + gap)
+        draw.text((4, top + tile_px // 2 - 6), label[:24], fill="black")
+        for layer, z in enumerate(share):
+            rgb = table[np.clip(np.round(z * (len(table) - 1)), 0, len(table) - 1).astype(int)]
+            tile = Image.fromarray(rgb, "RGB").resize((tile_px, tile_px), Image.NEAREST)
+            canvas.paste(tile, (label_px + layer * (tile_px + gap), top))
+    bar_top = height - 32
+    bar = Image.fromarray(np.repeat(table[None], 12, axis=0), "RGB").resize((256, 12))
+    canvas.paste(bar, (label_px, bar_top))
+    draw.text((label_px - 30, bar_top), "0 %", fill="black")
+    draw.text((label_px + 262, bar_top), "100 % of documents: the patch survives at that layer", fill="black")
+    return canvas

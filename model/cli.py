@@ -60,6 +60,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
     from .engine import DuetLlava
     from .inputs import check_question, load_image
+    from .trace import attach_views
     from .video import read_frames
 
     logging.disable_progress_bar()
@@ -74,7 +75,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     trace = engine.answer(frames, args.question, reduction, max_new_tokens=args.max_new_tokens)
     for warning in trace["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    print(json.dumps(trace) if args.json else trace["answer"])
+    print(json.dumps(attach_views(trace, frames)) if args.json else trace["answer"])
     return 0
 
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     answer.add_argument("--frames", type=int, default=VIDEO_FRAMES, help="frames sampled from --video")
     answer.add_argument("--question", required=True)
     answer.add_argument("--max-new-tokens", type=int, default=16)
-    answer.add_argument("--json", action="store_true", help="print the full trace as one JSON object")
+    answer.add_argument("--json", action="store_true",
+                        help="print the full trace as one JSON object, each frame's view inline")
     add_reduction_args(answer)
     answer.set_defaults(run=cmd_answer)
     tiny = commands.add_parser("tiny", help="save a tiny random LLaVA checkpoint (for trying the CLI and tests)")

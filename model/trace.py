@@ -1,12 +1,61 @@
-"""The SPEC §4 trace of one answer: every decision, count, timing and FLOP count, JSON-able."""
+"""The SPEC §4 trace of one answer: every decision, count, timing and FLOP count, JSON-able.
+
+A trace is versioned by its ``schema`` field (:data:`SCHEMA`; traces written before the field
+existed are schema 1) and, from schema 2, can carry what it was computed on: each frame record
+may hold the frame's view -- the region of the input the model saw (``view_box``), as a
+:data:`VIEW_PX`-px JPEG -- either inline (``view_jpeg``: base64) or as a sidecar file next to the
+trace (``view_file``: a bare file name in the trace's folder). :func:`attach_views` adds them;
+``python -m model answer --json`` writes them inline, the lmms-eval plugin inline or as sidecars
+(``trace_images``). The trace browser (``duet_viz/traces.py``) draws a trace's pictures on them.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import math
 from dataclasses import asdict
+from pathlib import Path
+
+from PIL import Image
 
 from . import flops as F
 from .budget import Plan, average
 from .prompt import Prompt, per_frame_counts
+
+SCHEMA = 2
+VIEW_PX = 336  # the side of a frame's view: the LLaVA-1.5 input, and the figures' canvas
+VIEW_JPEG_QUALITY = 85
+
+
+def view_image(image: Image.Image, view_box: list[float], size: int = VIEW_PX) -> Image.Image:
+    """The region ``view_box`` (x0, y0, x1, y1) of ``image`` that the model saw, as a size x size
+    RGB picture (padding is grey)."""
+    x0, y0, x1, y1 = view_box
+    canvas = Image.new("RGB", (math.ceil(x1 - x0), math.ceil(y1 - y0)), (128, 128, 128))
+    canvas.paste(image.convert("RGB"), (round(-x0), round(-y0)))
+    return canvas.resize((size, size), Image.BICUBIC)
+
+
+def view_jpeg(image: Image.Image, view_box: list[float]) -> bytes:
+    buffer = io.BytesIO()
+    view_image(image, view_box).save(buffer, format="JPEG", quality=VIEW_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def attach_views(trace: dict, frames: list[Image.Image], sidecar: Path | None = None) -> dict:
+    """``trace`` (not changed) with each frame's view: inline, or with ``sidecar`` (the path the
+    trace will be written to) as ``<stem>.f<frame>.jpg`` files written next to it."""
+    records = []
+    for index, (record, image) in enumerate(zip(trace["frames"], frames)):
+        jpeg = view_jpeg(image, record["view_box"])
+        if sidecar is None:
+            records.append({**record, "view_jpeg": base64.b64encode(jpeg).decode()})
+        else:
+            name = f"{sidecar.stem}.f{index}.jpg"
+            (sidecar.parent / name).write_bytes(jpeg)
+            records.append({**record, "view_file": name})
+    return {**trace, "frames": records}
 
 
 def build(engine, prompt: Prompt, visual, p: Plan, first, salient: list[int], decoded: tuple[list[int], int], text_len: int,
@@ -18,6 +67,7 @@ def build(engine, prompt: Prompt, visual, p: Plan, first, salient: list[int], de
     n_visual_full = (engine.n_patches + prompt.route.cls_kept) * len(frames)
     lm_cfg, vc = engine.lm.config, engine.model.config.vision_config
     return {
+        "schema": SCHEMA,
         "model": engine.name,
         "method": p.method,
         "budget": p.budget,
