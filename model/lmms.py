@@ -13,7 +13,15 @@ parallel, nothing wrapped. Without CUDA the processes run on the CPU and gather 
 
 Model arguments: ``pretrained`` (folder or hub id; default the shipped model), ``method``
 (``budget.METHODS``), ``budget`` (visual tokens; default all of them), ``traces`` (a folder: one SPEC §4 trace per document, ``TASK-DOC.json``; answers then run
-one at a time through ``engine.answer``). Prompts are built as lmms-eval's own ``llava_hf`` model
+one at a time through ``engine.answer``), ``trace_images`` (``inline``, the default: each frame's
+view in the trace as base64 JPEG; ``sidecar``: ``TASK-DOC.f<frame>.jpg`` beside it; see
+``model.trace``), ``trace_scores`` (default true). A trace also says which document it answered
+(``task``, ``split``, ``doc_id``), the task's ``target`` (its ``doc_to_target``), the ``response``
+lmms-eval scored (the answer cut at ``until``) and, with ``trace_scores``, that response's
+per-document ``score``: the numeric metrics of the task's own ``process_results`` (before any of
+the task's filters, which most generation tasks leave at ``take_first``, so this is the score the
+harness logs). Turn it off for a task whose ``process_results`` calls a judge model, which would
+then run twice per document. Prompts are built as lmms-eval's own ``llava_hf`` model
 builds them (``task_prompt``), so a score of ``method=full`` is ``llava_hf``'s on the same
 checkpoint and tokens. Generation is greedy (the engine has no sampling; the
 LLaVA tasks ask for temperature 0), ``max_new_tokens`` comes from the task (16 when it sets
@@ -26,6 +34,7 @@ supported: the engine only generates.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -40,8 +49,10 @@ from .batch import answer_batch
 from .budget import ReductionConfig
 from .engine import DuetLlava
 from .inputs import check_question
+from .trace import attach_views
 
 IMAGE_MARKERS = ("<image>", "<video>")
+TRACE_IMAGES = ("inline", "sidecar")
 
 
 def manifest() -> ModelManifest:
@@ -95,6 +106,7 @@ def cut(answer: str, until: list[str]) -> str:
 class DuetLlavaEval(lmms):
     def __init__(self, pretrained: str | None = None, method: str = "full", budget: int | None = None,
                  device: str | None = None, batch_size: int | str = 1, traces: str | None = None,
+                 trace_images: str = "inline", trace_scores: bool | str = True,
                  max_batch_size=None) -> None:  # max_batch_size: passed by the harness, unused
         super().__init__()
         cpu = device == "cpu" or not torch.cuda.is_available()
@@ -106,6 +118,10 @@ class DuetLlavaEval(lmms):
         self.traces = Path(traces) if traces else None
         if self.traces:
             self.traces.mkdir(parents=True, exist_ok=True)
+        if trace_images not in TRACE_IMAGES:
+            raise ValueError(f"trace_images must be one of {', '.join(TRACE_IMAGES)}, not {trace_images!r}")
+        self.sidecar_views = trace_images == "sidecar"
+        self.trace_scores = str(trace_scores).lower() not in ("false", "0", "no")
         self.accelerator = accelerator  # the harness gathers the processes' results through it
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if torch.distributed.is_initialized():  # the harness's own Accelerator set up the group first
@@ -139,19 +155,44 @@ class DuetLlavaEval(lmms):
                 records = answer_batch(self.engine, [(f, q) for f, q, *_ in inputs], self.reduction,
                                        max_new_tokens=limits.pop(), texts=[t for _, _, t, *_ in inputs])
             else:
-                records = [self._traced(r, f, q, t, limit) for r, (f, q, t, limit, _) in zip(chunk, inputs)]
+                records = [self._traced(r, f, q, t, limit, until) for r, (f, q, t, limit, until) in zip(chunk, inputs)]
             for request, record in zip(chunk, records):
                 for warning in record["warnings"]:
                     logger.warning(f"duet_llava: {request.args[4]} document {request.args[3]}: {warning}")
             answers += [cut(record["answer"], until) for record, (*_, until) in zip(records, inputs)]
         return answers
 
-    def _traced(self, request: Instance, frames, question: str, text: str, max_new_tokens: int) -> dict:
+    def _traced(self, request: Instance, frames, question: str, text: str, max_new_tokens: int,
+                until: list[str]) -> dict:
         trace = self.engine.answer(frames, question, self.reduction, max_new_tokens=max_new_tokens, text=text)
         if self.traces:
-            _, _, _, doc_id, task, _ = request.args
-            (self.traces / f"{task}-{doc_id}.json").write_text(json.dumps(trace))
+            _, _, doc_to_visual, doc_id, task, split = request.args
+            path, response = self.traces / f"{task}-{doc_id}.json", cut(trace["answer"], until)
+            document = {"task": task, "split": split, "doc_id": doc_id, "response": response,
+                        **self._judged(doc_to_visual, self.task_dict[task][split][doc_id], response)}
+            written = attach_views({**trace, **document}, frames, path if self.sidecar_views else None)
+            path.write_text(json.dumps(written, default=str))
         return trace
+
+    def _judged(self, doc_to_visual, doc, response: str) -> dict:
+        """The task's ``target`` for ``doc`` and the ``score`` of ``response`` (module docstring),
+        from the task object whose ``doc_to_visual`` the request carries; nothing the task does
+        not give."""
+        task = getattr(doc_to_visual, "__self__", None)
+        out = {}
+        if hasattr(task, "doc_to_target"):
+            out["target"] = task.doc_to_target(doc)
+        if self.trace_scores and hasattr(task, "process_results"):
+            try:
+                metrics = task.process_results(doc, [response])
+            except Exception as error:  # a task's own scoring code: the trace goes without a score
+                logger.warning(f"duet_llava: no per-document score ({type(error).__name__}: {error})")
+                return out
+            score = {name: float(value) for name, value in (metrics or {}).items()
+                     if isinstance(value, (bool, int, float)) and math.isfinite(value)}
+            if score:
+                out["score"] = score
+        return out
 
     def loglikelihood(self, requests):
         raise NotImplementedError("duet_llava only generates: tasks scored by log-likelihood are not supported")
