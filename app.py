@@ -1,4 +1,5 @@
-"""DUET-Viz entry point: load a LLaVA checkpoint once, build the UI, serve it."""
+"""DUET-Viz entry point: load a LLaVA checkpoint once, build the UI, serve it (or, with
+``--traces DIR``, serve the trace browser over a folder of traces, with no model)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from duet_viz.browser import Browser, build_browser
 from duet_viz.limits import Limits, launch_options
 from duet_viz.page import CSS, build_demo
+from duet_viz.traces import TraceError, scan_folder
 from duet_viz.ui import App
 from model.engine import DuetLlava
 
@@ -41,7 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-examples", choices=("eager", "lazy"),
                         default=os.environ.get("DUET_CACHE_EXAMPLES", "lazy" if zero_gpu else "eager"),
                         help="run the examples at start-up in the background (eager) or on first click (lazy)")
-    return parser.parse_args(argv)
+    parser.add_argument("--traces", metavar="DIR", help="browse the trace files under DIR instead; no model is loaded")
+    parser.add_argument("--compare", metavar="DIR_B", help="with --traces: a second run, side by side")
+    args = parser.parse_args(argv)
+    if args.compare and not args.traces:
+        parser.error("--compare needs --traces")
+    return args
 
 
 def trust_space_proxy() -> None:
@@ -81,14 +89,27 @@ def log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
+def trace_browser(folder: str, compare: str | None, limits: Limits):
+    """The browser of ``--traces`` over the given folders (read once, at start-up)."""
+    try:
+        runs = [scan_folder(f) for f in (folder, compare) if f]
+    except TraceError as error:
+        raise SystemExit(f"error: {error}") from None
+    browser = Browser()
+    return build_browser(browser, browser.serve(*runs), queue_size=limits.queue_size)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     stop_on_sigterm()
     log_to_stderr()
-    hf_logging.disable_progress_bar()
-    engine = DuetLlava.load(resolve_model(args.model), device=args.device)
     limits = Limits()
-    demo = build_demo(engine, cache_examples=args.cache_examples, limits=limits)
+    if args.traces:
+        demo = trace_browser(args.traces, args.compare, limits)
+    else:
+        hf_logging.disable_progress_bar()
+        engine = DuetLlava.load(resolve_model(args.model), device=args.device)
+        demo = build_demo(engine, cache_examples=args.cache_examples, limits=limits)
     trust_space_proxy()
     demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=True,
                 **launch_options(demo, limits))

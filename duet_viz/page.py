@@ -1,7 +1,8 @@
 """The page: layout, examples and the wiring of every event to ``ui.App``.
 
 Three pieces: the inputs column (``controls``), the outputs column (``views``) and ``wire``,
-which binds the events; ``build_demo`` puts them together behind one queue.
+which binds the events; ``build_demo`` puts them together behind one queue, beside the trace
+browser's tab (``browser.py``), which opens uploaded traces without running the model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from model.engine import DuetLlava
 from model.video import MAX_NUM_FRAMES
 
 from . import figures
+from .browser import Browser, browser_tab
 from .limits import Limits
 from .ui import CACHE_MAX_AGE_S, CACHE_SWEEP_S, DEFAULTS, MAX_NEW_TOKENS, MODEL_WORK, App, method_choices
 from .widgets import UploadedImage, WholeNumber
@@ -38,16 +40,7 @@ POSITION_CHOICES = [("each method's own", "method"), ("renumbered (contiguous)",
 # some presets; the label says where ours is our own extrapolation. Values stay the plain numbers.
 BUDGET_CHOICES = [(str(b) if b in DUET_PUBLISHED else f"{b} (DUET split not published)", str(b))
                   for b in PRESET_BUDGETS] + [("custom", "custom")]
-LAYER_JS = """
-(layer) => {
-  const plot = document.querySelector('#layer-view .js-plotly-plot');
-  if (!plot || !window.Plotly || !plot.data) return;
-  const visible = plot.data.map((t, i) => i === 0 || i - 1 === layer);
-  const meta = plot.layout.meta || {};
-  return window.Plotly.update(plot, {visible: visible},
-    {'title.text': `${meta.method || ''} · layer ${layer}: ${(meta.counts || [])[layer]} visual tokens survive`});
-}
-"""
+LAYER_JS = figures.layer_js("layer-view")
 CSS = "#layer-view {min-height: 440px} .duet-header {margin-bottom: 0}"
 
 
@@ -174,11 +167,15 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy", limits: Limits |
     with gr.Blocks(title="DUET-Viz", delete_cache=(CACHE_SWEEP_S, CACHE_MAX_AGE_S)) as demo:
         gr.Markdown(header(engine), elem_classes="duet-header")
         state, mode = gr.State(), gr.State("image")
-        with gr.Row():
-            with gr.Column(scale=4, min_width=320):
-                c = controls(engine, image_examples, video_examples)
-            with gr.Column(scale=7):
-                v = views(engine.n_layers, engine.n_patches)
+        with gr.Tabs():
+            with gr.Tab("Run a model", id="run"):
+                with gr.Row():
+                    with gr.Column(scale=4, min_width=320):
+                        c = controls(engine, image_examples, video_examples)
+                    with gr.Column(scale=7):
+                        v = views(engine.n_layers, engine.n_patches)
+            with gr.Tab("Browse traces", id="traces"):
+                browser_tab(Browser(workdir=app.workdir.name), None, uploads=True)
         wire(app, c, v, state, mode)
     # api_open=False: Gradio's /gradio_api/run/<api_name> would run these events outside the queue.
     return demo.queue(api_open=False, max_size=limits.queue_size, default_concurrency_limit=1)

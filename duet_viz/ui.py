@@ -400,10 +400,8 @@ class App:
 
     def render(self, key, method, layer, frame=0):
         trace, frames, frame, layer = self._pick(key, method, layer, frame)
-        view = figures.layer_view(trace, frames[frame], frame=frame, layer=layer)
-        counts = trace["visual_tokens_per_frame_layer"][frame] if len(frames) > 1 else trace["visual_tokens_per_layer"]
-        view.update_layout(meta={"method": trace["method"], "counts": counts})
-        return figures.cluster_map(trace, frames[frame], frame=frame), view
+        return (figures.cluster_map(trace, frames[frame], frame=frame),
+                figures.layer_view(trace, frames[frame], frame=frame, layer=layer))
 
     def strip(self, key, method, layer):
         """Every frame's overlay at ``layer``, for the frame strip."""
