@@ -30,8 +30,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from model.inputs import whole_number
+
 from . import figures
-from .traces import LIMITS, Run, TraceError, TraceLimits, normalised, paired, response, scan_upload
+from .traces import LIMITS, Group, Run, TraceError, TraceLimits, normalised, paired, response, scan_upload
+from .widgets import shown_to_user
 
 log = logging.getLogger(__name__)
 SERVED = "served"
@@ -186,6 +189,9 @@ class Browser:
         if doc is None:
             raise gr.Error("Pick a document in the table.")
         a, b = self.pair(key)
+        with shown_to_user():
+            layer = whole_number(layer or 0, "The LLM layer", 0, self.limits.max_layers)
+            frame = whole_number(frame or 0, "The frame", 0, self.limits.max_frames)
         try:
             loaded = [run.trace(doc, self.limits) for run in (a, b) if run is not None and doc in run.entries]
         except (TraceError, OSError) as error:
@@ -195,8 +201,7 @@ class Browser:
         traces = [t for t, _, _ in loaded]
         n_layers = min(len(t["visual_tokens_per_layer"]) for t in traces)
         n_frames = min(len(t["frames"]) for t in traces)
-        layer = min(max(0, int(layer or 0)), n_layers - 1)
-        frame = min(max(0, int(frame or 0)), n_frames - 1)
+        layer, frame = min(layer, n_layers - 1), min(frame, n_frames - 1)
         try:
             pictures = [(figures.cluster_map(figures.on_view(t), views[frame], frame=frame),
                          figures.layer_view(figures.on_view(t), views[frame], frame=frame, layer=layer))
@@ -221,16 +226,20 @@ class Browser:
                 gr.Slider(maximum=max(1, n_frames - 1), value=frame, visible=n_frames > 1))
 
     # ---------------------------------------------------------------------------- dataset view
-    def named_maps(self, key) -> list[tuple[str, object]]:
+    def tagged_groups(self, key) -> list[tuple[str, Group]]:
+        """(run tag, group) of every dataset group of the run pair, A's first."""
         a, b = self.pair(key)
-        return [(f"{tag}: {g.label}", g) for tag, run in (("A", a), ("B", b)) if run for g in run.groups.values()]
+        return [(tag, g) for tag, run in (("A", a), ("B", b)) if run for g in run.groups.values()]
+
+    def named_maps(self, key) -> list[tuple[str, Group]]:
+        return [(f"{tag}: {g.label}", g) for tag, g in self.tagged_groups(key)]
 
     def dataset(self, key):
         """(accuracy table, mean visual tokens per layer, mean keep maps, layers) of the run pair."""
         groups = self.named_maps(key)
-        data = [[label.split(":")[0], g.model, g.method, "—" if g.method == "full" else g.budget, g.docs,
+        data = [[tag, g.model, g.method, "—" if g.method == "full" else g.budget, g.docs,
                  len(g.scores), "" if g.accuracy is None else round(g.accuracy, 4), round(g.avg_tokens / g.docs, 2)]
-                for label, g in groups]
+                for tag, g in self.tagged_groups(key)]
         if not groups:
             return gr.Dataframe(value=None, headers=DATASET_HEADERS), None, None, 1
         means = [{"method": g.method, "budget": g.budget, "frames": [None] * g.n_frames,

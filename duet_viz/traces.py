@@ -55,6 +55,7 @@ class TraceLimits:
     max_files: int = 5000  # traces in one folder
     max_folder_bytes: int = 2 * 2**30  # all the traces of one folder together
     max_upload_files: int = 200  # files in one upload (traces and sidecar views)
+    max_upload_bytes: int = 64 * 2**20  # all the files of one upload together
     max_grid: int = 128  # patches per side
     max_frames: int = 64
     max_layers: int = 512
@@ -481,6 +482,10 @@ def scan_upload(files: list[str], limits: TraceLimits = LIMITS) -> Run:
         raise TraceError(f"At most {limits.max_upload_files} files per upload ({len(files)} given).")
     run = Run(name="upload")
     paths = [Path(f) for f in files]
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total > limits.max_upload_bytes:
+        raise TraceError(f"The upload is too large ({total / 2**20:.1f} MB; at most "
+                         f"{limits.max_upload_bytes / 2**20:.0f} MB together): serve the folder with --traces.")
     views_by_name = {p.name: p.resolve() for p in paths if p.suffix.lower() in (".jpg", ".jpeg") and p.is_file()}
     for path in paths:
         if path.suffix.lower() in (".jpg", ".jpeg"):

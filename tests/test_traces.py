@@ -253,5 +253,12 @@ def test_an_upload_reads_its_own_files_only_and_refuses_the_rest(tmp_path):
     assert any(m.startswith("bad.json: nested") for m in run.refused)
     with pytest.raises(Exception, match="At most 2 files"):
         scan_upload([str(good)] * 3, TraceLimits(max_upload_files=2))
+    with pytest.raises(Exception, match="The upload is too large"):
+        scan_upload([str(good)], TraceLimits(max_upload_bytes=good.stat().st_size - 1))
+    browser = Browser()
+    key = browser.serve(run)
+    assert browser.draw(key, "good", 2)[4] is not None
+    with pytest.raises(Exception, match="The LLM layer must be a whole number"):
+        browser.draw(key, "good", float("nan"))
     with pytest.raises(Exception, match="Upload one or more trace files"):
         Browser().open_upload([], None)
