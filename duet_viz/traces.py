@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.inputs import InputError, check_geometry, check_size
+from model.inputs import InputError, check_geometry, check_size, check_structure
 from model.trace import SCHEMA, VIEW_PX
 
 from . import figures
@@ -272,6 +272,7 @@ def _check_stage(stage, n_layers: int, limits: TraceLimits) -> None:
 def decode_view(content: bytes, what: str) -> Image.Image:
     """A stored view as a VIEW_PX square RGB picture (JPEG only; geometry checked first)."""
     try:
+        check_structure(content, TraceError)
         with Image.open(io.BytesIO(content), formats=("JPEG",)) as picture:
             check_geometry(*picture.size, what, 4 * VIEW_PX * VIEW_PX, max_side=4 * VIEW_PX, max_aspect=1.01,
                            error=TraceError)

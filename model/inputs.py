@@ -12,6 +12,13 @@ scale), which is what the model and the figures use anyway, so a kept frame is a
 336 × 2688 px (2.7 MB) whatever was uploaded. Any mode (grey, palette, CMYK, 16-bit, with alpha)
 becomes 8-bit RGB, alpha composited on white.
 
+What a decoder may allocate is bounded by the file's size too, by construction
+(:func:`check_structure`, before PIL reads any tag): a TIFF directory -- a TIFF's own, or the EXIF
+block of a JPEG, PNG or WebP -- may not declare more bytes of tag data than the file holds
+(PIL reads every tag's data once per tag, so 250 tags pointing at one 5 MB blob cost 2.4 GB), and
+a JPEG may hold at most :data:`MAX_JPEG_SCANS` scans (each progressive scan is another pass over
+every coefficient: one scan repeated 3000 times in a 310 KB file held the decoder for a minute).
+
 Questions (:func:`check_question`, which ``DuetLlava.prepare`` runs, so the app, the CLI, the
 Python API and batched answers all check them the same way) reach the chat template as they were
 typed, newlines and inner spaces kept; only the ends are trimmed, since the template writes its own
@@ -26,9 +33,11 @@ tokenizer reads ``</s>`` as the token), so that scores stay comparable.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +51,10 @@ MIN_IMAGE_SIDE_PX = 14  # one ViT patch
 KEPT_SHORT_SIDE_PX = 336  # the LLaVA-1.5 processor's shortest edge and the figures' view size
 # Decoders PIL may use on a visitor's file; the others (EPS runs Ghostscript, ...) are never tried.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG opens MPO (phone photos) too
+MAX_JPEG_SCANS = 64  # libjpeg's progressive JPEGs have about 10; mozjpeg's rarely more than 20
+MAX_TIFF_DIRECTORIES = 64  # directories (pages, EXIF sub-directories) followed in one file
+TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+TIFF_SUB_DIRECTORIES = (0x8769, 0x8825, 0xA005, 0x014A)  # EXIF, GPS, interoperability, SubIFDs
 MAX_QUESTION_CHARS = 1000
 MAX_QUESTION_TOKENS = 256
 ROLE_MARKER = re.compile(r"\b(USER|ASSISTANT|SYSTEM)\s*:", re.IGNORECASE)
@@ -98,9 +111,118 @@ def kept_size(size: tuple[int, int], short_side: int = KEPT_SHORT_SIDE_PX) -> tu
 
 
 def shrink(image: Image.Image, short_side: int = KEPT_SHORT_SIDE_PX) -> Image.Image:
-    """``image`` at :func:`kept_size`, so that what a result keeps does not grow with the upload."""
+    """``image`` at :func:`kept_size`, so that what a result keeps does not grow with the upload.
+    16-bit greys are resized as 32-bit integers: PIL's resize cannot reduce them as they are."""
     size = kept_size(image.size, short_side)
-    return image if size == image.size else image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    if size == image.size:
+        return image
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")
+    return image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+
+
+def tiff_declared_bytes(data: bytes) -> int:
+    """Bytes of tag data the TIFF structure in ``data`` (a file, or an EXIF block from its TIFF
+    header on) declares over every directory it links to: for each tag, its count times its
+    type's size. An InputError if the structure cannot be walked."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        raise InputError("The image's TIFF metadata has no valid header: the file is damaged.")
+    order = "<" if data[:2] == b"II" else ">"
+    pending, seen, total = [int.from_bytes(data[4:8], "little" if order == "<" else "big")], set(), 0
+    while pending:
+        offset = pending.pop()
+        if offset == 0 or offset in seen:
+            continue
+        if len(seen) == MAX_TIFF_DIRECTORIES or offset + 2 > len(data):
+            raise InputError("The image's TIFF metadata links more directories than a picture needs, or past its "
+                             "end: the file is damaged or crafted.")
+        seen.add(offset)
+        (n,) = struct.unpack_from(order + "H", data, offset)
+        if offset + 2 + 12 * n + 4 > len(data):
+            raise InputError("The image's TIFF metadata runs past the end of the file: the file is damaged.")
+        for k in range(n):
+            tag, kind, count, value = struct.unpack_from(order + "HHII", data, offset + 2 + 12 * k)
+            total += count * TIFF_TYPE_BYTES.get(kind, 1)
+            if tag in TIFF_SUB_DIRECTORIES and kind in (4, 13) and count == 1:
+                pending.append(value)
+        pending.append(struct.unpack_from(order + "I", data, offset + 2 + 12 * n)[0])
+    return total
+
+
+def jpeg_segments(data: bytes) -> tuple[int, list[bytes]]:
+    """(how many scans (SOS segments) a JPEG holds, its EXIF blocks from their TIFF header on):
+    markers are walked segment by segment, and each scan's entropy-coded data is skipped to the
+    next marker, so this is linear in the file."""
+    pos, scans, exif = 2, 0, []
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise InputError("The JPEG file is damaged (a segment does not start where the previous one ends).")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            pos += 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            exif.append(data[pos + 10:end])
+        pos = end
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while True:  # entropy-coded data ends at the first 0xFF not followed by 0x00 or a restart marker
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= len(data):
+                return scans, exif
+            if data[pos + 1] == 0x00 or 0xD0 <= data[pos + 1] <= 0xD7:
+                pos += 2
+                continue
+            break
+    return scans, exif
+
+
+def chunk_exif(data: bytes) -> list[bytes]:
+    """The EXIF blocks of a PNG (eXIf chunks) or a WebP (EXIF chunks), found by walking its chunks."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        pos, size_at, kind_at, header, pad, wanted, order = 8, 0, 4, 8, 4, b"eXIf", "big"
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        pos, size_at, kind_at, header, pad, wanted, order = 12, 4, 0, 8, 0, b"EXIF", "little"
+    else:
+        return []
+    found = []
+    while pos + header <= len(data):
+        size = int.from_bytes(data[pos + size_at:pos + size_at + 4], order)
+        if data[pos + kind_at:pos + kind_at + 4] == wanted:
+            block = data[pos + header:pos + header + size]
+            found.append(block[6:] if block.startswith(b"Exif\0\0") else block)
+        pos += header + size + pad + (size % 2 if order == "little" else 0)
+    return found
+
+
+def check_structure(data: bytes, error: type[InputError] = InputError) -> None:
+    """Refuse a file whose metadata or scans would make the decoder allocate or work far beyond its
+    size (module docstring). Every structure is walked from the raw bytes, before PIL parses any:
+    PIL reads a TIFF's directory and a JPEG's EXIF as it opens the file."""
+    try:
+        _check_structure(data)
+    except InputError as refused:
+        raise error(str(refused)) from None
+
+
+def _check_structure(data: bytes) -> None:
+    scans, blocks = jpeg_segments(data) if data[:3] == b"\xff\xd8\xff" else (0, chunk_exif(data))
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        blocks = [data]
+    declared = sum(tiff_declared_bytes(block) for block in blocks)
+    if declared > len(data):
+        raise InputError(f"The image's metadata declares {declared / 2**20:.1f} MB of data in a "
+                         f"{len(data) / 2**20:.1f} MB file: the file is crafted or damaged and is not decoded.")
+    if scans > MAX_JPEG_SCANS:
+        raise InputError(f"The JPEG holds {scans} scans (at most {MAX_JPEG_SCANS}): re-save it as an ordinary "
+                         "JPEG or PNG.")
 
 
 def load_image(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
@@ -109,8 +231,10 @@ def load_image(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pi
     is an InputError. No process-wide state (such as warning filters) is touched, so concurrent
     calls cannot disturb each other."""
     path = check_upload(path, "image", max_bytes)
+    data = path.read_bytes()
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
+        check_structure(data)
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             check_geometry(*image.size, "image", max_pixels, min_side=min_side)
             image.draft(None, kept_size(image.size, short_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
             image.load()
@@ -122,7 +246,7 @@ def load_image(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pi
         raise InputError(f"The image is too large (more than {max_pixels / 1e6:.0f} MP).") from None
     except UnidentifiedImageError:
         raise InputError("This file is not an image this app can read (use PNG, JPEG, WebP, BMP, GIF or TIFF).") from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise InputError(f"The image file is damaged or truncated and could not be decoded ({error}).") from None
 
 

@@ -175,3 +175,104 @@ def test_result_cache_is_bounded_and_cleans_its_files(engine):
     assert all(any(k in name for k in keys[-2:]) for name in files) and len(files) == 4
     with pytest.raises(Exception, match="press Run"):
         app.recall(keys[0])
+
+
+def tiff_directory(entries: list[tuple[int, int, int, int]], start: int) -> bytes:
+    """A little-endian TIFF directory at offset ``start`` (no next directory)."""
+    return struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0\0\0\0"
+
+
+def amplifying_tiff(tags: int, blob: int) -> bytes:
+    """A valid 64 x 64 grey TIFF whose directory also holds ``tags`` private tags that all point at
+    one ``blob``-byte block: PIL reads the block once per tag when it opens the file."""
+    n = 8 + tags
+    pixels_at = 8 + 2 + 12 * n + 4
+    blob_at = pixels_at + 64 * 64
+    entries = [(256, 3, 1, 64), (257, 3, 1, 64), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, pixels_at), (278, 3, 1, 64), (279, 4, 1, 64 * 64)]
+    entries += [(40000 + k, 7, blob, blob_at) for k in range(tags)]
+    return b"II*\0" + struct.pack("<I", 8) + tiff_directory(entries, 8) + bytes(range(64)) * 64 + b"\x07" * blob
+
+
+def amplifying_exif(tags: int, blob: int) -> bytes:
+    """An EXIF block (TIFF header on) whose directory points ``tags`` tags at one ``blob``-byte block."""
+    blob_at = 8 + 2 + 12 * tags + 4
+    return b"II*\0" + struct.pack("<I", 8) + tiff_directory([(40000 + k, 7, blob, blob_at) for k in range(tags)], 8) \
+        + b"\x07" * blob
+
+
+def peak_bytes(call) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+    except InputError:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_a_tiff_whose_tags_all_point_at_one_blob_is_refused_before_pil_reads_them(tmp_path):
+    path = write(tmp_path / "amp.tif", amplifying_tiff(tags=120, blob=400_000))
+    with pytest.raises(InputError, match="declares 45.8 MB of data in a 0.4 MB file"):
+        load_image(path)
+    assert peak_bytes(lambda: load_image(path)) < 4 * path.stat().st_size
+    plain = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(plain, format="TIFF")
+    assert load_image(write(tmp_path / "ok.tif", plain.getvalue())).size == (64, 64)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+def test_an_exif_block_that_declares_more_than_the_file_holds_is_refused(tmp_path, fmt):
+    image = Image.fromarray(np.full((64, 64, 3), 120, np.uint8))
+    buffer = io.BytesIO()
+    prefix = b"Exif\0\0" if fmt == "JPEG" else b""  # a JPEG's APP1 names its EXIF so
+    image.save(buffer, format=fmt, exif=prefix + amplifying_exif(tags=120, blob=30_000))
+    path = write(tmp_path / f"amp.{fmt.lower()}", buffer.getvalue())
+    with pytest.raises(InputError, match="metadata declares"):
+        load_image(path)
+    assert peak_bytes(lambda: load_image(path)) < 4 * path.stat().st_size + 2**20
+
+
+def test_an_ordinary_exif_orientation_is_still_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise: shown upright it is taller than wide
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 80, 3), 120, np.uint8)).save(buffer, format="JPEG", exif=exif.tobytes())
+    assert load_image(write(tmp_path / "rotated.jpg", buffer.getvalue())).size == (40, 80)
+
+
+def progressive_jpeg(repeat_last_scan: int = 0) -> bytes:
+    """A progressive JPEG, its last scan repeated ``repeat_last_scan`` more times."""
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(buffer, format="JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * repeat_last_scan + data[-2:]
+
+
+def test_jpeg_scans_are_counted_and_a_jpeg_of_many_repeated_scans_is_refused(tmp_path):
+    from model.inputs import MAX_JPEG_SCANS, jpeg_segments
+
+    ordinary = progressive_jpeg()
+    scans, exif = jpeg_segments(ordinary)
+    assert 2 < scans < 20 and exif == [] and jpeg_segments(b"\xff\xd8\xff\xd9") == (0, [])
+    baseline = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(baseline, format="JPEG")
+    assert jpeg_segments(baseline.getvalue())[0] == 1
+    assert load_image(write(tmp_path / "ok.jpg", ordinary)).size == (96, 96)
+    crafted = progressive_jpeg(repeat_last_scan=MAX_JPEG_SCANS)
+    assert jpeg_segments(crafted)[0] == scans + MAX_JPEG_SCANS
+    with pytest.raises(InputError, match=f"holds {scans + MAX_JPEG_SCANS} scans"):
+        load_image(write(tmp_path / "many.jpg", crafted))
+
+
+def test_a_large_16_bit_grey_png_decodes(tmp_path):
+    values = (np.arange(2400 * 2100, dtype=np.uint32).reshape(2400, 2100) % 65536).astype(np.uint16)
+    path = write(tmp_path / "grey16.png", png_bytes(Image.fromarray(values)))
+    assert Image.open(path).mode == "I;16"
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (336, 384)
