@@ -89,10 +89,11 @@ class Sampler:
 
 
 def start_server(model: str | None, port: int, start_timeout_s: float = 180, env: dict | None = None,
-                 root: Path = ROOT) -> subprocess.Popen:
-    """``python app.py`` (of the checkout at ``root``) on loopback, returned once it answers HTTP."""
+                 root: Path = ROOT, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``python app.py`` (of the checkout at ``root``, with ``extra`` arguments) on loopback,
+    returned once it answers HTTP."""
     command = [sys.executable, str(root / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-               "--cache-examples", "lazy"] + (["--model", str(model)] if model else [])
+               "--cache-examples", "lazy"] + (["--model", str(model)] if model else []) + list(extra)
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server
     server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})})

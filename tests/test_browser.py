@@ -4,16 +4,13 @@ the normal app's *Browse traces* tab fed by an upload. Screenshots go to artifac
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from duet_viz.load import start_server
 from model.budget import ReductionConfig
 from model.engine import DuetLlava
 from model.trace import attach_views
@@ -21,7 +18,6 @@ from model.trace import attach_views
 from .conftest import free_port
 from .test_app import ARTIFACTS, open_page
 
-ROOT = Path(__file__).resolve().parent.parent
 N_DOCS = 8
 ROWS, CELLS = "#trace-table .virtual-row[role=row]", "[role=gridcell]"  # Gradio 6's virtual table
 
@@ -52,20 +48,8 @@ def answers_of(folder: Path) -> dict[int, str]:
 def serve_traces(a: Path, b: Path, port: int) -> subprocess.Popen:
     """``python app.py --traces A --compare B``; $DUET_MODEL names no checkpoint, so the app
     could not even start if it tried to load one."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "DUET_MODEL": "/nonexistent/checkpoint"}
-    server = subprocess.Popen([sys.executable, "app.py", "--traces", str(a), "--compare", str(b), "--port", str(port)],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert server.poll() is None, "the trace browser exited during start-up"
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            return server
-        except OSError:
-            time.sleep(0.3)
-    server.kill()
-    raise AssertionError("the trace browser did not start")
+    return start_server(None, port, start_timeout_s=120, env={"OMP_NUM_THREADS": "1", "DUET_MODEL": "/nonexistent/checkpoint"},
+                        extra=("--traces", str(a), "--compare", str(b)))
 
 
 def test_browser_two_runs_side_by_side_and_the_dataset_view_without_a_model(run_pair):
