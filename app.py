@@ -52,14 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def trust_space_proxy() -> None:
-    """On a Hugging Face Space the app is reachable only through the Space's proxy, so uvicorn may
-    take each visitor's address from its X-Forwarded-For (the per-address limits key on it);
-    elsewhere only a proxy on loopback is trusted (uvicorn's default)."""
-    if os.environ.get("SPACE_ID"):
-        os.environ.setdefault("FORWARDED_ALLOW_IPS", "*")
-
-
 def stop_on_sigterm() -> None:
     """SIGTERM (docker stop, a Space restarting), at any moment from start-up on, exits with status
     0 and no work folder left behind: every live ``ui.App`` is closed first (no model run starts,
@@ -103,14 +95,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     stop_on_sigterm()
     log_to_stderr()
-    limits = Limits()
+    # On a Hugging Face Space the app is reachable only through the Space's proxy: each visitor's
+    # address is the X-Forwarded-For entry that proxy wrote (duet_viz.limits.forwarded_client).
+    limits = Limits(proxy_hops=1 if os.environ.get("SPACE_ID") else 0)
     if args.traces:
         demo = trace_browser(args.traces, args.compare, limits)
     else:
         hf_logging.disable_progress_bar()
         engine = DuetLlava.load(resolve_model(args.model), device=args.device)
         demo = build_demo(engine, cache_examples=args.cache_examples, limits=limits)
-    trust_space_proxy()
     demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=True,
                 **launch_options(demo, limits))
 

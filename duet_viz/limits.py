@@ -17,10 +17,15 @@ Gradio 6.31's routes leave these open (measured against ``python app.py``, issue
 - Uploads are each <= 20 MB, but nothing bounds one request's file count (Gradio allows 1000),
   their rate or the disk they fill until the cache sweep; and an empty file name is a 500.
 
-Per-client limits key on the client address as uvicorn reports it: it takes X-Forwarded-For
-from the proxies in ``$FORWARDED_ALLOW_IPS`` (loopback by default; ``app.py`` trusts any on a
-Hugging Face Space, reachable only through its proxy). They slow one address down; the global
-bounds (queue, JSON bytes, upload disk, result cache) hold whatever the number of addresses.
+Per-client limits key on the client address. Behind ``Limits.proxy_hops`` proxies (1 on a Hugging
+Face Space, which is reachable only through its proxy) it is the X-Forwarded-For entry the
+nearest of them wrote, counted from the right (:func:`forwarded_client`): a proxy that appends
+writes the address it saw last, one that overwrites writes only that one, so either way the
+entries a visitor writes themselves, on the left, are never read. (uvicorn's
+``FORWARDED_ALLOW_IPS=*`` took the leftmost entry: a visitor who sent one had a new address per
+request.) With no hops configured it is the address uvicorn reports, which trusts X-Forwarded-For
+from loopback proxies only. The per-client limits slow one address down; the global bounds (queue,
+JSON bytes, upload disk, result cache) hold whatever the number of addresses.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Limits:
     pending_per_client: int | None = 8  # one client's requests waiting or running
     sessions_per_10_minutes: int | None = 32  # new sessions per client
     uploads_per_minute: int | None = 20  # upload requests and data: URLs per client
+    proxy_hops: int = 0  # trusted proxies in front of the app, whose X-Forwarded-For entries say who is calling
 
     @property
     def max_json_body_bytes(self) -> int:
@@ -210,6 +216,25 @@ def client_address(scope) -> str:
     return (scope.get("client") or ("unknown",))[0]
 
 
+MAX_FORWARDED_CHARS = 4096
+
+
+def forwarded_client(scope, hops: int) -> str | None:
+    """The address the ``hops``-th proxy from the app saw connecting to it: the ``hops``-th
+    X-Forwarded-For entry from the right, of the last such header (None without one, or with fewer
+    entries). Only the header's last ``MAX_FORWARDED_CHARS`` characters are read."""
+    header = None
+    for name, value in scope.get("headers", ()):
+        if name == b"x-forwarded-for":
+            header = value
+    if header is None:
+        return None
+    entries = header[-MAX_FORWARDED_CHARS:].decode("latin-1").rsplit(",", hops)
+    if len(entries) < hops:
+        return None
+    return entries[-hops].strip() or None
+
+
 def content_length(scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -230,6 +255,9 @@ class Guard:
         self.joining: dict[str, int] = {}  # requests per client past check_pending, not yet in the queue
 
     async def __call__(self, scope, receive, send):
+        if self.limits.proxy_hops and scope["type"] in ("http", "websocket"):
+            host = forwarded_client(scope, self.limits.proxy_hops)
+            scope["client"] = (host, 0) if host else scope.get("client")
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         try:

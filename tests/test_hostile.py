@@ -441,6 +441,34 @@ def test_uploads_per_address_and_their_disk_are_bounded(engine):
         assert replies[-1].status == 503 and "too many uploads right now" in replies[-1].message
 
 
+def test_the_address_behind_a_proxy_is_the_entry_the_proxy_wrote():
+    from duet_viz.limits import forwarded_client
+
+    def scope(*values):
+        return {"headers": [(b"host", b"x"), *((b"x-forwarded-for", v.encode()) for v in values)]}
+
+    assert forwarded_client(scope("6.6.6.6, 198.51.100.9"), 1) == "198.51.100.9"  # a proxy that appends
+    assert forwarded_client(scope("198.51.100.9"), 1) == "198.51.100.9"  # one that overwrites
+    assert forwarded_client(scope("6.6.6.6, 10.0.0.1, 198.51.100.9"), 2) == "10.0.0.1"
+    assert forwarded_client(scope("198.51.100.9"), 2) is None and forwarded_client(scope(), 1) is None
+    assert forwarded_client(scope("6.6.6.6", "7.7.7.7, 198.51.100.9"), 1) == "198.51.100.9"
+    padded = scope("6.6.6.6," * 200_000 + " 198.51.100.9")
+    started = time.perf_counter()
+    assert forwarded_client(padded, 1) == "198.51.100.9" and time.perf_counter() - started < 0.05
+
+
+def test_per_address_limits_hold_against_a_forged_forwarded_for(engine, monkeypatch):
+    """Behind an appending proxy a visitor controls every X-Forwarded-For entry but the last: a new
+    forged entry per request is still one address, even with uvicorn told to trust any proxy (its
+    FORWARDED_ALLOW_IPS=* reads the leftmost entry: 12 runs of 12 got past a limit of 10)."""
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
+    with launched(engine, Limits(uploads_per_minute=3, proxy_hops=1)) as probe:
+        replies = [probe.upload(b"x" * 1000, f"{n}.bin", f"203.0.113.{n}, 198.51.100.31") for n in range(5)]
+        assert [isinstance(r, dict) for r in replies] == [True, True, True, False, False]
+        assert "Too many uploads from your address" in replies[-1].message
+        assert isinstance(probe.upload(b"x" * 1000, "other.bin", "198.51.100.31, 198.51.100.32"), dict)
+
+
 def test_sigterm_removes_the_apps_work_folder(tiny_checkpoint, tmp_path):
     port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
