@@ -206,10 +206,23 @@ class UploadSpace:
         self.make_room(len(content))
         folder = Path(self.demo.GRADIO_CACHE) / hashlib.sha256(content).hexdigest()
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / (client_utils.strip_invalid_filename_characters(Path(name).name) or "pasted")
+        path = folder / file_name(name)
         path.write_bytes(content)
         self.demo.upload_file_set.add(str(path))
         return path
+
+
+MAX_NAME_CHARS = 255
+
+
+def file_name(name: str) -> str:
+    """A visitor's file name as it may be stored: its last path component, letters, digits and
+    ``._- `` only, at most ``MAX_NAME_CHARS`` characters, never ``.`` or ``..`` (then "pasted").
+    Linear in the name's length: Gradio's own clean-up is quadratic (a 250 000-character name held
+    the server's event loop for 30 s)."""
+    tail = name[-4 * MAX_NAME_CHARS:].replace("\\", "/").rsplit("/", 1)[-1]
+    kept = "".join(c for c in tail if c.isascii() and (c.isalnum() or c in "._- "))[-MAX_NAME_CHARS:]
+    return kept.strip(" .") or "pasted"
 
 
 def client_address(scope) -> str:
@@ -360,8 +373,8 @@ class Guard:
         if not url.startswith("data:"):
             return False
         self.check_rate(self.uploads, client, "uploads")
-        path = self.space.store(decode_data_url(url, self.limits.max_upload_bytes), file.get("orig_name") or "")
-        file.update(path=str(path), url=None, size=path.stat().st_size)
+        path = self.space.store(decode_data_url(url, self.limits.max_upload_bytes), str(file.get("orig_name") or ""))
+        file.update(path=str(path), url=None, size=path.stat().st_size, orig_name=path.name)
         return True
 
     # ------------------------------------------------------------------ per-client checks

@@ -260,6 +260,20 @@ def test_data_url_must_be_base64():
     assert decode_data_url("data:image/png;base64," + base64.b64encode(b"abc").decode(), 2**20) == b"abc"
 
 
+def test_a_pasted_files_name_is_cleaned_in_linear_time_and_never_names_a_folder(tmp_path):
+    from duet_viz.limits import MAX_NAME_CHARS, file_name
+
+    assert [file_name(n) for n in ("..", ".", "", "../../etc/passwd", "a\\b\\c.png", " .env", "ünï.png")] == \
+        ["pasted", "pasted", "pasted", "passwd", "c.png", "env", "n.png"]
+    started = time.perf_counter()
+    long = file_name("x" * 250_000 + ".png")
+    assert time.perf_counter() - started < 0.05 and len(long) == MAX_NAME_CHARS and long.endswith(".png")
+    space = UploadSpace(SimpleNamespace(upload_file_set=set(), GRADIO_CACHE=str(tmp_path)), 2**20, 0)
+    for name in ("..", "x" * 250_000):
+        path = space.store(b"abc", name)
+        assert path.is_file() and path.parent.parent == tmp_path and len(path.name) <= MAX_NAME_CHARS
+
+
 def test_upload_space_deletes_the_oldest_then_refuses(tmp_path):
     demo = SimpleNamespace(upload_file_set=set(), GRADIO_CACHE=str(tmp_path))
     space = UploadSpace(demo, max_bytes=3 * 2**20, min_age_s=0)
