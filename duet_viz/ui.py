@@ -28,9 +28,9 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from model.budget import ReductionConfig
+from model.budget import METHODS, ReductionConfig
 from model.engine import DuetLlava
-from model.inputs import MAX_IMAGE_BYTES, check_question, check_upload, load_image, whole_number
+from model.inputs import MAX_IMAGE_BYTES, InputError, check_question, check_upload, load_image, shown, whole_number
 from model.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, MAX_VIDEO_BYTES, read_frames
 
 from . import figures
@@ -102,6 +102,33 @@ def session_of(request: gr.Request | None) -> str | None:
 
 def client_of(request: gr.Request | None) -> str | None:
     return None if request is None or request.client is None else request.client.host
+
+
+MAX_SALIENT_CHARS = 200
+
+
+def salient_override(text) -> tuple[str, ...] | None:
+    """The salient-words override as words (None when blank), checked before it is split: an
+    8.5 M-word override cost 1.7 GB before any limit read it."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if not isinstance(text, str) or len(text) > MAX_SALIENT_CHARS:
+        raise InputError(f"The salient-words override may be at most {MAX_SALIENT_CHARS} characters of text "
+                         f"(got {shown(text)}).")
+    return tuple(text.split())
+
+
+def compared(methods) -> list[str]:
+    """The methods to compare with, each once, in the order given; anything that is not a method
+    name is refused (a list of 300 "full" ran the model 301 times in one request)."""
+    if methods is None:
+        return []
+    if not isinstance(methods, (list, tuple)) or len(methods) > 4 * len(METHODS):
+        raise InputError(f"“Compare with” takes a list of methods ({', '.join(METHODS)}).")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"“Compare with” names no method {shown(unknown[0])}; methods: {', '.join(METHODS)}.")
+    return list(dict.fromkeys(methods))
 
 
 def unknown_words(tokenizer, question: str) -> list[str]:
@@ -237,13 +264,13 @@ class App:
         with shown_to_user():
             k1, k2 = _optional_int(k1, "k1", n_patches), _optional_int(k2, "k2", n_patches)
             cluster_width = whole_number(cluster_width, "The V2V pool width", 0, max(self.engine.grid))
+            layers, ratios = _ints(stage_layers, "Stage layers"), _floats(stage_ratios, "Keep ratios")
+            salient = salient_override(salient)
         try:
             return ReductionConfig(
                 method=method, budget=int(budget), k1=k1, k2=k2,
-                cluster_width=cluster_width, stage_layers=_ints(stage_layers),
-                stage_ratios=_floats(stage_ratios),
-                salient_words=tuple(salient.split()) if salient and salient.strip() else None,
-                positions=None if positions == "method" else positions,
+                cluster_width=cluster_width, stage_layers=layers, stage_ratios=ratios,
+                salient_words=salient, positions=None if positions == "method" else positions,
             )
         except ValueError as error:
             raise gr.Error(f"Invalid settings: {error}") from None
@@ -255,7 +282,8 @@ class App:
             budget = whole_number(custom_budget if budget_choice == "custom" else budget_choice,
                                   "The budget (visual tokens)", 1, self.engine.n_patches)
         primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient, positions)
-        others = [m for m in (compare or []) if m != method]
+        with shown_to_user():
+            others = [m for m in compared(compare) if m != method]
         return [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words,
                                             positions=primary.positions) for m in others]
 

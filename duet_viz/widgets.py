@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import gradio as gr
 
-from model.inputs import InputError, whole_number
+from model.inputs import InputError, number_list, whole_number
 
 
 class UploadedImage(gr.Image):
@@ -26,13 +26,14 @@ class UploadedImage(gr.Image):
 
 
 class WholeNumber(gr.Number):
-    """gr.Number (precision 0) that refuses NaN and infinities in words: gr.Number's own
-    preprocess fails on them with Python's "cannot convert float NaN to integer"."""
+    """gr.Number (precision 0) that refuses NaN, infinities and fractions in words: gr.Number's
+    own preprocess fails on the first with Python's "cannot convert float NaN to integer" and
+    rounds a fraction (1.5 became 2) before the app could say numbers must be whole."""
 
     is_template = True  # rendered by the stock number component
 
     def preprocess(self, payload):
-        if isinstance(payload, float) and not math.isfinite(payload):
+        if isinstance(payload, float) and (not math.isfinite(payload) or payload != int(payload)):
             raise gr.Error(f"“{self.label}” must be a whole number (got {payload}).")
         return super().preprocess(payload)
 
@@ -46,14 +47,12 @@ def shown_to_user():
         raise gr.Error(str(error)) from None
 
 
-def _ints(text: str) -> tuple[int, ...] | None:
-    text = (text or "").strip()
-    return tuple(int(v) for v in text.replace(" ", "").split(",")) if text else None
+def _ints(text, label: str) -> tuple[int, ...] | None:
+    return number_list(text, label, int)
 
 
-def _floats(text: str) -> tuple[float, ...] | None:
-    text = (text or "").strip()
-    return tuple(float(v) for v in text.replace(" ", "").split(",")) if text else None
+def _floats(text, label: str) -> tuple[float, ...] | None:
+    return number_list(text, label, float)
 
 
 def _optional_int(value, label: str, high: int) -> int | None:

@@ -300,13 +300,49 @@ def reserved_tokens(tokenizer) -> set[str]:
     return set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
 
 
+def shown(value, limit: int = 40) -> str:
+    """``value`` as a refusal may quote it: short, and never Python's own words (the repr of an int
+    of over 4300 digits is itself an error)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else "a number too large to be one"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else repr(value[:limit]) + f"… ({len(value)} characters)"
+    return f"a {type(value).__name__}"
+
+
 def whole_number(value, label: str, low: int, high: int) -> int:
     """``value`` (a number from a form or an API call) as an int in low..high, or an InputError
-    that names the setting: NaN, infinities, fractions, text and None are all refused here."""
+    that names the setting: NaN, infinities, fractions, numbers too large for a float, text and
+    None are all refused here."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = math.nan
     if not math.isfinite(number) or number != int(number) or not low <= number <= high:
-        raise InputError(f"{label} must be a whole number from {low} to {high} (got {value!r}).")
+        raise InputError(f"{label} must be a whole number from {low} to {high} (got {shown(value)}).")
     return int(number)
+
+
+def number_list(text, label: str, kind: type, max_chars: int = 200) -> tuple | None:
+    """A comma-separated list of numbers from a form (``kind`` int or float), None when empty, or
+    an InputError in words: what the setting takes and what it got."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    what = "whole numbers" if kind is int else "numbers"
+    if not isinstance(text, str) or len(text) > max_chars:
+        raise InputError(f"{label} must be {what} separated by commas, at most {max_chars} characters "
+                         f"(got {shown(text)}).")
+    values = []
+    for part in text.replace(" ", "").split(","):
+        try:
+            number = float(part)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or (kind is int and number != int(number)):
+            raise InputError(f"{label} must be {what} separated by commas (got {shown(part)} in {shown(text)}).")
+        values.append(kind(number))
+    return tuple(values)
