@@ -27,6 +27,7 @@ memory and time; stage layers scale with depth (budget.py).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -199,7 +200,7 @@ class Ladder:
     def layer_ms(self, rep: int, n: int) -> float:
         """One layer's time at n rows in round ``rep``, linear between rungs."""
         xs = self.rows
-        k = min(max(1, next((i for i, x in enumerate(xs) if x >= n), len(xs) - 1)), len(xs) - 1)
+        k = min(max(1, bisect.bisect_left(xs, n)), len(xs) - 1)
         a, b = xs[k - 1], xs[k]
         ta, tb = self.ms[a][rep], self.ms[b][rep]
         return ta + (tb - ta) * (n - a) / (b - a)
@@ -309,7 +310,6 @@ def machine() -> dict:
 
 def markdown(result: dict) -> str:
     rows, m = result["rows"], result["machine"]
-    full = rows[0]
     load = [x for x in result["other_load_cores"] if x is not None]
     lines = [
         f"**{result['model']}** · {result['llm_layers']} LLM layers · {result['device']} {result['dtype']} · "
