@@ -153,6 +153,9 @@ def answer_batch(engine, items: list[tuple[list[Image.Image], str]], reduction: 
     ``avg_visual_tokens``, ``warnings``. ``hidden``: the items' tower states (``tower_states``), so
     several reductions can share one tower pass. ``texts``: prompts the caller built, one per item
     (``engine.prepare``'s ``text``)."""
+    if not engine.backbone.batches:
+        raise NotImplementedError(f"batched answers are not supported on {engine.backbone.kind} checkpoints "
+                                  "(each image has its own grid and plan): use batch size 1")
     reduction = reduction or ReductionConfig()
     p = engine.plan(reduction)
     prompts = [engine.prepare(list(frames), question, reduction.salient_words, text)

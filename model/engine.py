@@ -1,13 +1,16 @@
-"""DUET-LLaVA engine: any Hugging Face LLaVA checkpoint, unmodified transformers, SDPA attention.
+"""DUET engine: any supported Hugging Face vision-language checkpoint, unmodified transformers, SDPA.
 
 One run = prepare the prompt -> vision tower -> (V2V merge) -> projector -> a layer loop over the
 stock decoder layers that drops visual tokens at stage layers -> greedy decoding on a KV cache
 whose layers hold only the survivors. Scores are computed from a layer's own q/k for the few rows
 that need them, so the model never switches to eager attention. After each reduction the
-position ids are renumbered 0..T'-1, as DUET's and PyramidDrop's code do (FastV keeps the
-survivors' ids; ``ReductionConfig.positions`` picks either), and each decoder layer decodes on
-from the length of its own cache. Every decision lands in a JSON-able trace (SPEC §4); nothing
-else in the product reads model internals.
+position ids are renumbered 0..T'-1, as DUET's and PyramidDrop's LLaVA code do, or kept (FastV,
+and DUET on Qwen2.5-VL); ``ReductionConfig.positions`` picks either, and each decoder layer
+decodes on from the length of its own cache. Every decision lands in a JSON-able trace (SPEC §4);
+nothing else in the product reads model internals.
+
+What differs per backbone (loading, the prompt, the tower and its score, the merge's order, the
+position ids, the patch grid) is its adapter's (``model/backbones``); this module knows none.
 """
 
 from __future__ import annotations
@@ -19,31 +22,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    DynamicCache,
-    LlavaForConditionalGeneration,
-    VideoLlavaForConditionalGeneration,
-)
+from transformers import AutoConfig, DynamicCache
 
 from . import decoder, trace
-from .budget import Plan, ReductionConfig, plan
+from .backbones import Visual, adapter_class
+from .budget import Plan, ReductionConfig
 from .device import Timer, pick_device, pick_dtype
 from .inputs import check_question
-from .prompt import Prompt, salient_positions, view_box
+from .prompt import Prompt, salient_positions
 from .schedules import SCHEDULE_FILE, read_schedules
-from .v2v import cls_attention, duet_merge, hired_select, visionzip_merge
-from .video_llava import Route, VideoLlavaInputs
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "duet-llava-tiny"
-
-
-@dataclass
-class Visual:
-    features: torch.Tensor  # (N, d_text) projected visual tokens, frames concatenated
-    frames: list[dict]  # per-frame trace records
-    tokens_per_frame: list[int]
 
 
 @dataclass
@@ -58,94 +47,66 @@ class Prefill:
 
 
 class DuetLlava:
-    """A loaded LLaVA (or Video-LLaVA) checkpoint plus the DUET / baseline reduction machinery."""
+    """A loaded checkpoint (LLaVA, Video-LLaVA or Qwen2.5-VL) plus the DUET / baseline reduction
+    machinery. The backbone's own parts and helpers (``vision``, ``projector``, ``grid``,
+    ``n_patches``, ``vision_states``, ``reduce``, ...) are read through from its adapter."""
 
-    def __init__(self, model: LlavaForConditionalGeneration | VideoLlavaForConditionalGeneration, processor,
-                 name: str, fitprune_schedules: dict[int, tuple[int, ...]] | None = None,
+    def __init__(self, backbone, name: str, fitprune_schedules: dict[int, tuple[int, ...]] | None = None,
                  training: dict | None = None):
-        self.model, self.processor, self.name = model, processor, name
+        self.backbone, self.name = backbone, name
+        self.model, self.processor = backbone.model, backbone.processor
         # the checkpoint's training.json when it has one (models this project trains: what they
         # were trained on, by which recipe, how they scored)
         self.training = training
         # budget -> FitPrune deletions per layer, fitted for this model (``fitprune.py``)
         self.fitprune_schedules = fitprune_schedules or {}
-        self.tokenizer = processor.tokenizer
-        first = next(model.parameters())
+        self.tokenizer = self.processor.tokenizer
+        first = next(self.model.parameters())
         self.device, self.dtype = first.device, first.dtype
-        inner, cfg = model.model, model.config
-        self.video_llava = hasattr(inner, "video_tower")
-        if self.video_llava:
-            self.image_route = Route(inner.image_tower, cfg.image_token_id, cls_kept=False)
-            self.video_route = Route(inner.video_tower, cfg.video_token_id, cls_kept=True)
-        else:  # LLaVA: frames are a multi-image prompt through the one tower
-            self.image_route = self.video_route = Route(inner.vision_tower, cfg.image_token_id, cls_kept=False)
-        self.vision = self.image_route.tower
-        self.projector = inner.multi_modal_projector
-        self.lm = inner.language_model
-        self.lm_head = model.lm_head
-        self.image_token_id = cfg.image_token_id
-        if not isinstance(cfg.vision_feature_layer, int):
-            raise NotImplementedError("multi-layer vision features are not supported by the engine")
-        if cfg.vision_feature_select_strategy != "default":
-            raise NotImplementedError("only the 'default' feature strategy (CLS dropped) is supported")
-        vc = cfg.vision_config
-        side = vc.image_size // vc.patch_size
-        self.grid = (side, side)
-        self.n_patches = side * side
-        n_hidden = vc.num_hidden_layers + 1  # embeddings + every layer
-        self.feature_index = cfg.vision_feature_layer % n_hidden
-        if self.feature_index == 0:
-            raise ValueError("vision_feature_layer 0 (embeddings) has no attention to score patches with")
+        self.lm = backbone.lm
+        self.lm_head = self.model.lm_head
+        self.image_token_id = backbone.image_route.token_id  # the placeholder a single image expands
         self.n_layers = self.lm.config.num_hidden_layers
-        # RoPE helper of the decoder family in use (Llama, Mistral, ...), never a copy of our own.
+        # RoPE helper of the decoder family in use (Llama, Mistral, Qwen2, ...), never a copy of our own.
         self.apply_rope = sys.modules[type(self.lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
-        eos = model.generation_config.eos_token_id
+        eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.sdpa = self.lm.config._attn_implementation == "sdpa"
 
+    def __getattr__(self, name: str):
+        if name == "backbone":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.backbone, name)
+
     @classmethod
     def load(cls, model_id: str | Path | None = None, device: str = "auto", dtype: torch.dtype | None = None):
-        """Load a LLaVA or Video-LLaVA checkpoint (local folder or hub id) with SDPA attention and a
-        PIL processor."""
+        """Load a checkpoint (local folder or hub id) of any backbone in ``model/backbones`` with SDPA
+        attention and a PIL processor."""
         source = str(model_id or DEFAULT_MODEL)
         if model_id is None and not DEFAULT_MODEL.exists():
             raise FileNotFoundError(f"the shipped checkpoint is missing at {DEFAULT_MODEL}; pass --model")
         dev = pick_device(device)
         config = AutoConfig.from_pretrained(source)
-        video = config.model_type == "video_llava"
-        model_class = VideoLlavaForConditionalGeneration if video else LlavaForConditionalGeneration
-        model = model_class.from_pretrained(
-            source, dtype=dtype or pick_dtype(dev), attn_implementation="sdpa"
-        ).to(dev).eval()
-        if video:
-            processor = VideoLlavaInputs.from_pretrained(source, config)
-        else:
-            processor = AutoProcessor.from_pretrained(source, backend="pil")
+        backbone = adapter_class(config.model_type).load(source, config, dev, dtype or pick_dtype(dev))
         local = Path(source).exists()
         schedules = read_schedules(Path(source) / SCHEDULE_FILE) if local else {}
         record = Path(source) / "training.json"
         training = json.loads(record.read_text()) if local and record.exists() else None
-        return cls(model, processor, Path(source).name if local else source, schedules, training)
+        return cls(backbone, Path(source).name if local else source, schedules, training)
 
-    def plan(self, reduction: ReductionConfig) -> Plan:
-        """``budget.plan`` for this model, with the FitPrune schedule fitted for it when there is one."""
+    def plan(self, reduction: ReductionConfig, prompt: Prompt | None = None) -> Plan:
+        """The backbone's plan for ``reduction`` (on Qwen2.5-VL: for ``prompt``'s image), with the
+        FitPrune schedule fitted for this model when there is one."""
         fitted = self.fitprune_schedules.get(int(reduction.budget))
         if reduction.method == "fitprune" and reduction.fitprune_deletions is None and fitted is not None:
             reduction = replace(reduction, fitprune_deletions=fitted)
-        return plan(reduction, self.n_layers, self.n_patches)
+        return self.backbone.plan(reduction, self.n_layers, prompt)
 
     # ----------------------------------------------------------------------------- inputs
     def prompt_text(self, question: str, n_frames: int) -> str:
-        """The prompt stock transformers builds for ``question`` about ``n_frames`` images: the
-        processor's chat template on one user turn of the images and the question (Video-LLaVA:
-        its model card's format), the question's text placed as it is."""
-        if self.video_llava:
-            return self.processor.prompt(question, n_frames)
-        if getattr(self.processor, "chat_template", None):
-            content = [{"type": "image"} for _ in range(n_frames)] + [{"type": "text", "text": question}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True)
-        return "USER: " + "<image>\n" * n_frames + question + " ASSISTANT:"
+        """The prompt stock transformers builds for ``question`` about ``n_frames`` images (the
+        backbone's chat template on one user turn), the question's text placed as it is."""
+        return self.backbone.prompt_text(question, n_frames)
 
     def prepare(self, frames: list[Image.Image], question: str, salient_words=None, text: str | None = None) -> Prompt:
         """The prompt for ``question`` about ``frames``: checked (``inputs.check_question``, the
@@ -155,136 +116,45 @@ class DuetLlava:
         if text is None:
             question = check_question(question, self.tokenizer)
             text = self.prompt_text(question, len(frames))
-        route = self.video_route if len(frames) > 1 else self.image_route
-        rgb = [f.convert("RGB") for f in frames]
-        inputs = self.processor(images=rgb, text=text, return_tensors="pt")
-        input_ids = inputs["input_ids"]
+        parts = self.backbone.inputs([f.convert("RGB") for f in frames], text)
+        input_ids = parts["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError("the engine runs one prompt at a time (batch size 1)")
-        salient, rule, words = salient_positions(self.tokenizer, route.token_id, text, question, input_ids[0],
-                                                 salient_words)
-        return Prompt(
-            input_ids=input_ids,
-            pixel_values=inputs["pixel_values"],
-            salient=salient,
-            salient_rule=rule,
-            salient_words=words,
-            question=question,
-            view_boxes=[view_box(self.processor.image_processor, f.size) for f in rgb],
-            route=route,
-        )
+        salient, rule, words = salient_positions(self.tokenizer, parts["route"].token_id, text, question,
+                                                 input_ids[0], salient_words)
+        return Prompt(salient=salient, salient_rule=rule, salient_words=words, question=question, **parts)
 
     # ----------------------------------------------------------------------------- vision
-    def encode(self, prompt: Prompt, p: Plan, timer: Timer, hidden: tuple[torch.Tensor, ...] | None = None) -> Visual:
-        """Vision tower (unless its ``hidden`` states are given) -> optional V2V merge per frame -> projector."""
+    def encode(self, prompt: Prompt, p: Plan, timer: Timer, hidden=None) -> Visual:
+        """The tower (unless its states ``hidden`` are given) -> optional V2V merge per frame ->
+        projector, as the backbone runs them."""
         if hidden is None:
             started = timer.start()
-            hidden = self.vision_states(prompt.pixel_values, prompt.route.tower)
+            hidden = self.backbone.tower(prompt)
             timer.stop("vision", started)
-        visual = self.reduce(hidden, p, timer, prompt.route)
+        visual = self.backbone.reduce_prompt(hidden, p, timer, prompt)
         for record, box in zip(visual.frames, prompt.view_boxes):
             record["view_box"] = box
         return visual
-
-    def vision_states(self, pixel_values: torch.Tensor, tower=None,
-                      patches: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """Hidden states of the vision layers up to the feature layer (index 0 = embeddings).
-
-        For CLIP towers the loop stops at the feature layer: LLaVA-1.5 reads layer -2, so the
-        stock forward would compute a last layer nobody uses. Other towers run stock.
-        ``patches`` (F, w*w), for patch-aligned windows cut from whole images: the grid index each
-        window patch came from, whose position embedding it gets (CLS keeps its own), so a window
-        is encoded as its patches are within the whole image (the trainer's tower stage).
-        """
-        pixels = pixel_values.to(self.device, self.dtype)
-        tower = tower or self.vision
-        if not hasattr(tower, "pre_layrnorm"):
-            return tower(pixels, output_hidden_states=True).hidden_states
-        if patches is None:
-            h = tower.embeddings(pixels)
-        else:
-            emb = tower.embeddings
-            table = emb.position_embedding.weight
-            x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2) + table[1 + patches]
-            h = torch.cat([(emb.class_embedding + table[0]).expand(len(x), 1, -1), x], 1)
-        h = tower.pre_layrnorm(h)
-        states = [h]
-        for layer in tower.encoder.layers[: self.feature_index]:
-            h = layer(h, None)
-            states.append(h)
-        return tuple(states)
-
-    def cls_scores(self, before: torch.Tensor, tower=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys (F, H, 1 + P, hd), CLS attention on each patch (F, P)) at the vision layer V2V
-        scores with, from that layer's input ``before`` (F, 1 + P, d): what V2V ranks and
-        clusters by."""
-        layer = (tower or self.vision).encoder.layers[self.feature_index - 1]
-        attn = layer.self_attn
-        x = layer.layer_norm1(before)
-        n_frames, n_tokens, _ = x.shape
-        keys = attn.k_proj(x).view(n_frames, n_tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-        query_cls = attn.q_proj(x[:, 0]).view(n_frames, attn.num_heads, attn.head_dim)
-        return keys, torch.stack([cls_attention(query_cls[f], keys[f], attn.scale) for f in range(n_frames)])
-
-    def reduce(self, hidden: tuple[torch.Tensor, ...], p: Plan, timer: Timer, route: Route | None = None) -> Visual:
-        """V2V (or VisionZip) merge per frame on the tower's states, then the projector.
-
-        Without a vision-side reduction the frames enter as the checkpoint feeds them: patches only,
-        or CLS first on a ``route.cls_kept`` route (Video-LLaVA clips). A merge always keeps CLS as
-        its first dominant token (``v2v`` module docstring)."""
-        route = route or self.image_route
-        features = hidden[self.feature_index]  # (F, 1 + P, d), CLS first
-        if p.k1 is None:
-            cls = [[]] if route.cls_kept else []
-            records = [{"cls_kept": route.cls_kept, "token_patches": cls + [[i] for i in range(self.n_patches)]}
-                       for _ in range(len(features))]
-            merged = list(features if route.cls_kept else features[:, 1:])
-        else:
-            started = timer.start()
-            merged, records = [], []
-            keys, frame_scores = self.cls_scores(hidden[self.feature_index - 1], route.tower)
-            for f, scores in enumerate(frame_scores):
-                metric = keys[f].mean(dim=0)  # (1 + P, hd): the keys averaged over heads
-                if p.method == "visionzip":
-                    m = visionzip_merge(features[f], metric, scores, p.k1, p.k2)
-                elif p.method == "hired":
-                    m = hired_select(features[f], scores, p.k1)
-                else:
-                    m = duet_merge(features[f], metric, scores, p.k1, p.k2, p.cluster_width)
-                merged.append(m.tokens)
-                records.append({**m.record(scores), "token_patches": m.token_patches})
-            timer.stop("v2v", started)
-        started = timer.start()
-        counts = [len(m) for m in merged]
-        projected = self.projector(torch.cat(merged, dim=0))
-        timer.stop("vision", started)
-        offset = 0
-        for f, (record, n) in enumerate(zip(records, counts)):
-            record.update(index=f, token_offset=offset, n_tokens=n)
-            offset += n
-        return Visual(projected, records, counts)
 
     # ----------------------------------------------------------------------------- LLM
     def _kept(self, prompt: Prompt, visual: Visual) -> torch.Tensor:
         """Which rows of the full-length prompt the reduced sequence keeps: all text, and the first
         n_f visual slots of each frame f (n_f = its number of reduced tokens)."""
         ids = prompt.input_ids[0].to(self.device)
-        per_frame = self.n_patches + prompt.route.cls_kept
         is_image = ids == prompt.route.token_id
         run_index = torch.cumsum(is_image.long(), 0) - 1  # index of an image token among all image tokens
-        frame_of = torch.div(run_index, per_frame, rounding_mode="floor")
-        within = run_index - frame_of * per_frame
-        limit = torch.tensor(visual.tokens_per_frame, device=self.device)[frame_of.clamp(min=0)]
+        slots = torch.tensor(prompt.slots, device=self.device)
+        ends = torch.cumsum(slots, 0)
+        frame_of = torch.searchsorted(ends, run_index.clamp(min=0), right=True).clamp(max=len(ends) - 1)
+        within = run_index - (ends - slots)[frame_of]
+        limit = torch.tensor(visual.tokens_per_frame, device=self.device)[frame_of]
         return ~is_image | (within < limit)
 
     def positions(self, prompt: Prompt, visual: Visual, layout: str = "contiguous") -> torch.Tensor:
-        """Position ids of the reduced LLM input. "contiguous" (DUET's and VisionZip's code: the
-        LLM simply gets a shorter sequence): 0..T'-1. "original": every token keeps its position
-        in the full-length prompt, so the question sits as far from the start as without reduction."""
-        keep = self._kept(prompt, visual)
-        if layout == "original":
-            return torch.nonzero(keep).flatten()
-        return torch.arange(int(keep.sum()), device=self.device)
+        """Position ids of the reduced LLM input, (T',) or (3, T') for M-RoPE, as the backbone
+        lays them out: "contiguous" renumbers, "original" keeps the full-length prompt's."""
+        return self.backbone.positions(prompt, self._kept(prompt, visual), visual, layout)
 
     def llm_inputs(self, prompt: Prompt, visual: Visual) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Embeddings with each frame's P image tokens replaced by its reduced tokens.
@@ -318,7 +188,7 @@ class DuetLlava:
         n_frames = len(tokens_per_frame)
         ids = prompt.input_ids[0]
         image_rows = torch.nonzero(ids == prompt.route.token_id).flatten()
-        per_frame = self.n_patches + prompt.route.cls_kept
+        per_frame = prompt.slots[0]
         # position ids one frame spans: its visual tokens (all of them, where positions are the
         # full prompt's) and the text between it and the next frame ("<image>\n" in a LLaVA prompt)
         gap = int(image_rows[per_frame] - image_rows[per_frame - 1] - 1) if n_frames > 1 else 0
@@ -376,7 +246,7 @@ class DuetLlava:
         queries = {"salient": salient_mask, "text": index > last_visual, "last": index == n_rows - 1,
                    "all": torch.ones_like(visual)}
         pos = index if positions is None else positions.to(self.device)
-        rows = decoder.Rows.build(visual[None], pos[None], {k: v[None] for k, v in queries.items()})
+        rows = decoder.Rows.build(visual[None], pos.unsqueeze(-2), {k: v[None] for k, v in queries.items()})
         out = decoder.run(self.lm, embeds, rows, p, self.apply_rope, n_frames=n_frames,
                           cache=DynamicCache(config=self.lm.config) if use_cache else None,
                           force=None if force is None else {k: [v] for k, v in force.items()},
@@ -424,10 +294,10 @@ class DuetLlava:
         if not frames:
             raise ValueError("at least one image is required")
         reduction = reduction or ReductionConfig()
-        p = self.plan(reduction)
         timer = Timer(self.device)
         started_total = timer.start()
         prompt = self.prepare(frames, question, reduction.salient_words, text)
+        p = self.plan(reduction, prompt)
         visual = self.encode(prompt, p, timer, hidden)
         embeds, visual_rows, salient = self.llm_inputs(prompt, visual)
         positions = self.positions(prompt, visual, p.positions)
@@ -458,8 +328,8 @@ class DuetLlava:
                 logits = self.step(token, [n + len(generated) - 1 for n in first.next_positions], first.cache)
             else:
                 grown = torch.cat([embeds, self.lm.embed_tokens(torch.tensor([generated], device=self.device))], 1)
-                grown_pos = torch.cat([positions, positions[-1] + torch.arange(1, len(generated) + 1,
-                                                                              device=positions.device)])
+                grown_pos = torch.cat([positions, positions[..., -1:] + torch.arange(1, len(generated) + 1,
+                                                                                    device=positions.device)], -1)
                 logits = self.prefill(grown, visual_rows, salient, p, use_cache=False, force=first.kept,
                                       record=False, n_frames=n_frames, positions=grown_pos).logits
             token = int(logits.argmax())

@@ -3,25 +3,38 @@ ids, which of them are salient, and what part of each picture the model sees."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .salient import salient_spans
 from .t2v import tokens_overlapping
-from .video_llava import Route
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which tower reads the frames and which placeholder token stands for its output."""
+
+    tower: nn.Module
+    token_id: int
+    cls_kept: bool  # the LLM sees each frame's CLS token ahead of its patch tokens
 
 
 @dataclass
 class Prompt:
-    input_ids: torch.Tensor  # (1, T) as the processor expands it: P (+ CLS) visual tokens per frame
-    pixel_values: torch.Tensor  # (F, 3, H, W)
+    input_ids: torch.Tensor  # (1, T) as the processor expands it: every visual slot of every frame
+    pixel_values: torch.Tensor  # what the tower reads: (F, 3, H, W) for CLIP towers, (patches, C*T*P*P) for Qwen2.5-VL
     salient: list[int]  # positions in input_ids of the salient text tokens (incl. the last)
     salient_rule: str  # which rule chose them: "spacy", "builtin", "given" (or "last-only", see salient_positions)
     salient_words: list[str]  # the question's words behind them, in order, once each (what a person reads)
     question: str
     view_boxes: list[list[float]]  # per frame: the region of the original image the model sees
     route: Route
+    slots: list[int] = field(default_factory=list)  # per frame: its visual slots in input_ids (CLS included where kept)
+    grids: list[list[int]] = field(default_factory=list)  # per frame: [rows, cols] of the patches the trace draws
+    image_grid_thw: torch.Tensor | None = None  # (F, 3) Qwen2.5-VL: each image's (t, h, w) patch grid
+    rope_positions: torch.Tensor | None = None  # (3, T) Qwen2.5-VL: the full prompt's M-RoPE position ids
 
 
 def per_frame_counts(frames: list[dict], stages: list[dict], n_layers: int) -> list[list[int]]:

@@ -64,8 +64,8 @@ def build(engine, prompt: Prompt, visual, p: Plan, first, salient: list[int], de
     the reduced input, ``decoded`` the greedy tokens and how many decoding steps made them, ``ms`` the timer's sections,
     ``warnings`` what the user should know about the run (``engine.context_warning``)."""
     frames, generated, steps = visual.frames, *decoded
-    n_visual_full = (engine.n_patches + prompt.route.cls_kept) * len(frames)
-    lm_cfg, vc = engine.lm.config, engine.model.config.vision_config
+    n_visual_full = sum(prompt.slots)
+    lm_cfg = engine.lm.config
     return {
         "schema": SCHEMA,
         "model": engine.name,
@@ -77,7 +77,7 @@ def build(engine, prompt: Prompt, visual, p: Plan, first, salient: list[int], de
         "generated_ids": generated,
         "device": str(engine.device),
         "dtype": str(engine.dtype).replace("torch.", ""),
-        "grid": list(engine.grid),
+        "grid": engine.backbone.grid_of(prompt),
         "frames": visual.frames,
         "salient": [
             {"position": i, "token": engine.tokenizer.convert_ids_to_tokens(int(prompt.input_ids[0, j]))}
@@ -101,8 +101,7 @@ def build(engine, prompt: Prompt, visual, p: Plan, first, salient: list[int], de
             "total": round(ms["total"], 3),
         },
         "flops": {
-            "vision": F.vision_flops(len(frames), engine.n_patches + 1, engine.feature_index,
-                                     vc.hidden_size, vc.intermediate_size),
+            "vision": engine.backbone.vision_flops(prompt),
             "llm": F.llm_flops(first.tokens_per_layer, lm_cfg.hidden_size, lm_cfg.intermediate_size),
             "llm_full": F.llm_flops([text_len + n_visual_full] * engine.n_layers,
                                     lm_cfg.hidden_size, lm_cfg.intermediate_size),

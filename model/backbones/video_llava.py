@@ -12,23 +12,37 @@ carried along in front of its (reduced) patch tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
-from transformers import AutoTokenizer, VideoLlavaImageProcessor
+from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
+
+from ..prompt import Route
+from .llava import Llava
 
 # Video-LLaVA's conversation format (the prompt its model card uses).
 PROMPT = "USER: {placeholder}\n{question} ASSISTANT:"
 
 
-@dataclass(frozen=True)
-class Route:
-    """Which tower reads the frames and which placeholder token stands for its output."""
+class VideoLlava(Llava):
+    """LLaVA's adapter with Video-LLaVA's two towers, prompt and processor."""
 
-    tower: nn.Module
-    token_id: int
-    cls_kept: bool  # the LLM sees each frame's CLS token ahead of its patch tokens
+    kind = "video_llava"
+    video_llava = True
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        self.video_route = Route(model.model.video_tower, model.config.video_token_id, cls_kept=True)
+
+    def routes(self, inner, cfg) -> Route:
+        return Route(inner.image_tower, cfg.image_token_id, cls_kept=False)
+
+    @classmethod
+    def load(cls, source: str, config, device: torch.device, dtype: torch.dtype) -> "VideoLlava":
+        model = VideoLlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        return cls(model.to(device).eval(), VideoLlavaInputs.from_pretrained(source, config))
+
+    def prompt_text(self, question: str, n_frames: int) -> str:
+        """Its model card's format (``VideoLlavaInputs.prompt``)."""
+        return self.processor.prompt(question, n_frames)
 
 
 class VideoLlavaInputs:
