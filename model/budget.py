@@ -102,6 +102,7 @@ class Stage:
     query: str
     score_layer: int
     ratio: float | None = None
+    causal: bool = True  # the ranking softmax is causal (LLaVA's code); False: every key (DUET's Qwen2.5-VL code)
 
     def keep_of(self, n_visual: int, n_frames: int = 1) -> int:
         """Visual tokens that survive this stage when ``n_visual`` entered the LLM over ``n_frames``."""
@@ -123,6 +124,7 @@ class Plan:
     feasible: bool = True  # False when the budget is below what the method can reach
     positions: str = "contiguous"  # position ids after a reduction (see ReductionConfig)
     schedule: str | None = None  # FitPrune: "fitted" (fitprune.json) or "analytic" (fitprune_schedule)
+    cls_token: bool = True  # k1 counts a CLS token (LLaVA); False: no CLS, k1 counts tokens (Qwen2.5-VL)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -131,7 +133,7 @@ class Plan:
             return self.n_patches
         if self.method == "hired":
             return self.k1
-        rest = self.n_patches - (self.k1 - 1)
+        rest = self.n_patches - self.k1 + self.cls_token
         pool = rest if self.method == "visionzip" else pool_size(rest, self.k2, self.cluster_width)
         return self.k1 + len(anchor_ranks(pool, self.k2))
 

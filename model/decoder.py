@@ -46,7 +46,7 @@ class Rows:
     """Per row of a (B, T) batch, gathered with the hidden states at every drop."""
 
     visual: torch.Tensor  # (B, T) bool: a visual token
-    pos: torch.Tensor  # (B, T) long: position ids
+    pos: torch.Tensor  # (B, T) long: position ids; (3, B, T) for M-RoPE (temporal, height, width: Qwen2.5-VL)
     queries: dict[str, torch.Tensor]  # kind ("salient", "text", "last", "all") -> (B, T) bool: the rows that rank under it
     origin: torch.Tensor  # (B, T) long: index of the row in the batch as it entered the loop
     visual_ids: torch.Tensor  # (B, V) long: id (0..V0-1 in input order) of each visual token still alive
@@ -83,8 +83,9 @@ class Rows:
         """The rows at ``index`` (B, T'), the visual ones being ``chosen`` (B, V') of the alive ones."""
         if layout == "contiguous":
             pos = (torch.arange(index.shape[1], device=index.device) - self.pads[:, None]).clamp(min=0)
+            pos = pos.expand(*self.pos.shape[:-2], -1, -1)  # every M-RoPE axis renumbered alike
         else:
-            pos = self.pos.gather(1, index)
+            pos = self.pos.gather(-1, index.expand(*self.pos.shape[:-2], -1, -1))
         return replace(self, visual=self.visual.gather(1, index), pos=pos,
                        queries={k: v.gather(1, index) for k, v in self.queries.items()},
                        origin=self.origin.gather(1, index), visual_ids=self.visual_ids.gather(1, chosen))
@@ -120,11 +121,20 @@ class Ranking:
     query_rows: int  # sequence 0: how many rows ranked
 
 
+def last_position(pos: torch.Tensor) -> torch.Tensor:
+    """(B,) the position id of each sequence's last row; with M-RoPE that row is text, whose three
+    ids are equal."""
+    return (pos if pos.dim() == 2 else pos[0])[:, -1]
+
+
 def rank(layer, h: torch.Tensor, rope, rows: Rows, stage: Stage, apply_rope) -> Ranking:
     """Each sequence's scores of its alive visual tokens at ``layer`` (input ``h``), by the stage's
     query rows; FitPrune ranks by self x cross over every row (``t2v.fitprune_scores``). A
     left-padded sequence is scored on its real rows alone, as it is scored unbatched: its pad rows
-    carry position 0, so as keys they would join every query row's softmax."""
+    carry position 0, so as keys they would join every query row's softmax. The causal mask
+    follows the rows' order in the sequence (``origin``: the order position ids give, also where
+    M-RoPE ids repeat); a stage with ``causal`` off lets every query row see every key (DUET's
+    Qwen2.5-VL code)."""
     scores, parts, n_query = [], None, 0
     kind = "text" if stage.query == "fitprune" else stage.query
     n_visual = rows.visual_ids.shape[1]
@@ -134,12 +144,13 @@ def rank(layer, h: torch.Tensor, rope, rows: Rows, stage: Stage, apply_rope) -> 
             visual = where(rows.visual[b, start:], n_visual)
             query = where(rows.queries[kind][b, start:], rows.query_count(kind, b))
             row_rope = (rope[0][b:b + 1, start:], rope[1][b:b + 1, start:])
-            real, pos = h[b, start:], rows.pos[b, start:]
+            real = h[b, start:]
+            order = rows.origin[b, start:] if stage.causal else None
             if stage.query == "fitprune":
-                score, found = fitprune_scores(layer, real, row_rope, pos, visual, query, apply_rope)
+                score, found = fitprune_scores(layer, real, row_rope, order, visual, query, apply_rope)
                 parts = parts or found
             else:
-                score = layer_scores(layer, real, row_rope, pos, query, visual, apply_rope)
+                score = layer_scores(layer, real, row_rope, order, query, visual, apply_rope)
             scores.append(score)
             n_query = n_query or len(query)
     return Ranking(scores, parts, n_query)
@@ -196,10 +207,11 @@ def run_layer(lm, index: int, h: torch.Tensor, rows: Rows, rope, mask, cache: Dy
     pos = rows.pos
     if pad > 0:
         h = torch.cat([h, h[:, -1:].expand(-1, pad, -1)], 1)
-        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], 1)
+        pos = torch.cat([pos, pos[..., -1:] + torch.arange(1, pad + 1, device=pos.device)], -1)
         rope = lm.rotary_emb(h, pos)
-    out = layer(h, attention_mask=mask(h.shape[1]), position_ids=pos, past_key_values=cache,
-                use_cache=cache is not None, position_embeddings=rope)
+    # M-RoPE ids live in ``rope`` only: stock Qwen2.5-VL hands its layers no position ids either
+    out = layer(h, attention_mask=mask(h.shape[1]), position_ids=pos if pos.dim() == 2 else None,
+                past_key_values=cache, use_cache=cache is not None, position_embeddings=rope)
     if pad > 0:
         if cache is not None:
             cache.layers[index].crop(-pad)
@@ -262,7 +274,7 @@ def run(lm, h: torch.Tensor, rows: Rows, p: Plan, apply_rope, *, n_frames: int =
             timer.stop("t2v", started)
         out.counts.append(rows.visual_ids.shape[1])
         out.totals.append(h.shape[1])
-        next_positions.append(rows.pos[:, -1] + 1)
+        next_positions.append(last_position(rows.pos) + 1)
         h = run_layer(lm, index, h, rows, rope, mask, cache)
     if choose and len(lm.layers) in pending:
         choose(len(lm.layers), pending.pop(len(lm.layers)))

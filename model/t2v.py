@@ -28,12 +28,16 @@ def attention_probs(
     """Causal softmax attention of a few query rows over all keys, per head.
 
     queries: (H, Q, hd) after RoPE; keys: (Hkv, K, hd) after RoPE (GQA heads are shared);
-    positions order the causal mask (a query sees keys at positions <= its own).
+    positions order the causal mask (a query sees keys at positions <= its own); ``None``
+    positions: no mask, every query sees every key (DUET's Qwen2.5-VL ranking,
+    ``modeling_qwen2_5vl_duet.py`` l.1750-1751).
     Returns (H, Q, K) probabilities.
     """
     n_heads, n_kv = queries.shape[0], keys.shape[0]
     keys = keys.repeat_interleave(n_heads // n_kv, dim=0)
     logits = torch.einsum("hqd,hkd->hqk", queries.float(), keys.float()) * scaling
+    if query_positions is None:
+        return logits.softmax(dim=-1)
     causal = key_positions[None, :] <= query_positions[:, None]
     return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
@@ -57,10 +61,12 @@ def fitprune_parts(head_max: torch.Tensor, visual_rows: torch.Tensor, text_rows:
     return self_weight, cross_weight
 
 
-def layer_probs(layer, h: torch.Tensor, rope, pos: torch.Tensor, query_rows: torch.Tensor, apply_rope) -> torch.Tensor:
+def layer_probs(layer, h: torch.Tensor, rope, pos: torch.Tensor | None, query_rows: torch.Tensor,
+                apply_rope) -> torch.Tensor:
     """(H, Q, T) causal softmax attention of ``query_rows`` over every row of one sequence at a
     stock decoder ``layer``, from its own q/k: ``h`` (T, d) is the layer's input, ``rope`` the
-    (cos, sin) of the sequence (1, T, hd), ``apply_rope`` the decoder family's RoPE helper."""
+    (cos, sin) of the sequence (1, T, hd), ``apply_rope`` the decoder family's RoPE helper;
+    ``pos`` (T,) orders the causal mask (``None``: no mask)."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     hd = attn.head_dim
@@ -69,7 +75,7 @@ def layer_probs(layer, h: torch.Tensor, rope, pos: torch.Tensor, query_rows: tor
     k = attn.k_proj(x).view(1, x.shape[0], -1, hd).transpose(1, 2)
     q = apply_rope(q, q, cos[:, query_rows], sin[:, query_rows])[0]
     k = apply_rope(k, k, cos, sin)[1]
-    return attention_probs(q[0], k[0], pos[query_rows], pos, attn.scaling)
+    return attention_probs(q[0], k[0], None if pos is None else pos[query_rows], pos, attn.scaling)
 
 
 def layer_scores(layer, h, rope, pos, query_rows, visual_rows, apply_rope) -> torch.Tensor:
