@@ -254,3 +254,86 @@ def load_widened(source: LlavaForConditionalGeneration, target: LlavaForConditio
     for module in target.model.language_model.modules():
         if hasattr(module, "variance_epsilon"):
             module.variance_epsilon = new.rms_norm_eps
+
+
+# Qwen2.5-VL's chat turns (its checkpoints' template, written anew): the default system turn, the
+# image as <|vision_start|><|image_pad|><|vision_end|> where it stands in the user's content.
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>", "<unk>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyQwenSpec:
+    """Shape of a small Qwen2.5-VL: its tower's geometry (patch 14, 2 x 2 merge, 112-px windows, the
+    last block full attention), 28 decoder layers as the 7B model has, tiny widths."""
+
+    vision_hidden: int = 32
+    vision_depth: int = 4
+    vision_heads: int = 2
+    vision_mlp: int = 48
+    text_hidden: int = 64
+    text_layers: int = 28
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 96
+    mrope_section: tuple[int, int, int] = (2, 3, 3)  # halves of the 16-wide head: temporal, height, width
+    # weights' std: at Qwen's 0.02 a tiny random model says one token whatever it sees, so tests of
+    # its answers would compare nothing
+    init_std: float = 0.3
+    words: list[str] = field(default_factory=lambda: "system user assistant You are a helpful red green blue "
+                             "circle square triangle".split())
+
+
+def build_random_qwen(folder: str | Path, spec: TinyQwenSpec | None = None, seed: int = 0) -> Path:
+    """A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` saved with its tokenizer (chat
+    template included) and ``Qwen2VLImageProcessorPil``, laid out as Qwen/Qwen2.5-VL-7B-Instruct."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    spec = spec or TinyQwenSpec()
+    folder = Path(folder)
+    vocab: dict[str, int] = {}
+    for token in [*QWEN_SPECIAL_TOKENS, *BASE_WORDS, *spec.words]:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", unk_token="<unk>",
+                                        eos_token="<|im_end|>", extra_special_tokens={"image_token": "<|image_pad|>"})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=spec.text_hidden, intermediate_size=spec.text_mlp,
+                         num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                         num_key_value_heads=spec.text_kv_heads, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": list(spec.mrope_section)},
+                         pad_token_id=ids("<|endoftext|>"), bos_token_id=ids("<|endoftext|>"),
+                         eos_token_id=ids("<|im_end|>"), initializer_range=spec.init_std),
+        vision_config=dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_mlp,
+                           num_heads=spec.vision_heads, out_hidden_size=spec.text_hidden,
+                           fullatt_block_indexes=[spec.vision_depth // 2 - 1, spec.vision_depth - 1],
+                           initializer_range=spec.init_std),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        initializer_range=spec.init_std,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    Qwen2VLImageProcessorPil().save_pretrained(folder)
+    return folder

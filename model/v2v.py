@@ -44,6 +44,7 @@ class Merge:
     clusters: list[dict]  # {"centroid": anchor patch, "members": sorted patches incl. the anchor}
     discarded: list[int]  # patches that no output token stands for
     cls_kept: bool = True  # the first token is the CLS token
+    slots: list[int] | None = None  # per output token: the input token whose place it takes (``slot_merge``)
 
     def record(self, scores: torch.Tensor) -> dict:
         return {
@@ -83,16 +84,26 @@ def anchor_ranks(pool: int, contextual: int) -> list[int]:
     return list(range(0, pool, step))[:contextual]
 
 
-def _merge(hidden, keys, scores, dominant: int, contextual: int, pool_of) -> Merge:
-    """The steps both methods share; ``pool_of(rest)`` orders and cuts the non-dominant patches."""
-    n_patches = scores.shape[0]
-    if not 1 <= dominant <= n_patches + 1:
-        raise ValueError(f"dominant counts the CLS token and must lie in 1..{n_patches + 1}, got {dominant}")
+@dataclass
+class _Groups:
+    """The decisions both token orders share, over P tokens without CLS."""
+
+    dominant: torch.Tensor  # dominant token ids, ascending
+    anchors: torch.Tensor  # anchor ids, in pool order
+    members: list[list[int]]  # per anchor: the anchor, then its joiners in pool order
+    contextual: torch.Tensor  # (len(anchors), d) anchor + mean of its joiners
+    discarded: list[int]
+
+
+def _group(tokens, keys, scores, n_dominant: int, contextual: int, pool_of) -> _Groups:
+    """Dominant tokens, the pool, its anchors and who joins them, for ``tokens`` (P, d) with the
+    metric ``keys`` (P, dk) and ``scores`` (P,); ``pool_of(rest)`` orders and cuts the
+    non-dominant ids (raster order in)."""
+    n_tokens = scores.shape[0]
     if contextual < 0:
         raise ValueError(f"contextual must be >= 0, got {contextual}")
-    patches = hidden[1:]
-    top = rank(scores)[: dominant - 1].sort().values
-    is_rest = torch.ones(n_patches, dtype=torch.bool, device=scores.device)
+    top = rank(scores)[:n_dominant].sort().values
+    is_rest = torch.ones(n_tokens, dtype=torch.bool, device=scores.device)
     is_rest[top] = False
     rest = torch.nonzero(is_rest).flatten()  # raster order
     pool = pool_of(rest)
@@ -101,26 +112,36 @@ def _merge(hidden, keys, scores, dominant: int, contextual: int, pool_of) -> Mer
     is_anchor[at] = True
     anchors, joiners = pool[is_anchor], pool[~is_anchor]  # both in pool order
     members = [[a] for a in anchors.tolist()]
-    contextual_tokens = patches[anchors].clone()
+    contextual_tokens = tokens[anchors].clone()
     if len(joiners) and len(anchors):
-        metric = F.normalize(keys[1:].float(), dim=-1)
+        metric = F.normalize(keys.float(), dim=-1)
         choice = (metric[joiners] @ metric[anchors].T).argmax(dim=1)
-        sums = torch.zeros_like(contextual_tokens).index_add_(0, choice, patches[joiners])
+        sums = torch.zeros_like(contextual_tokens).index_add_(0, choice, tokens[joiners])
         counts = torch.bincount(choice, minlength=len(anchors)).clamp(min=1).to(sums.dtype)
         contextual_tokens = contextual_tokens + sums / counts[:, None]
         for patch, anchor in zip(joiners.tolist(), choice.tolist()):
             members[anchor].append(patch)
-    in_pool = torch.zeros(n_patches, dtype=torch.bool, device=scores.device)
+    in_pool = torch.zeros(n_tokens, dtype=torch.bool, device=scores.device)
     in_pool[pool] = True
     discarded = torch.nonzero(is_rest & ~in_pool).flatten().tolist()
-    dominant_ids = top.tolist()
-    tokens = torch.cat([hidden[:1], patches[top], contextual_tokens])
+    return _Groups(top, anchors, members, contextual_tokens, discarded)
+
+
+def _merge(hidden, keys, scores, dominant: int, contextual: int, pool_of) -> Merge:
+    """LLaVA's order: [CLS, dominant patches (raster)] then the contextual tokens (anchor order)."""
+    n_patches = scores.shape[0]
+    if not 1 <= dominant <= n_patches + 1:
+        raise ValueError(f"dominant counts the CLS token and must lie in 1..{n_patches + 1}, got {dominant}")
+    patches = hidden[1:]
+    g = _group(patches, keys[1:], scores, dominant - 1, contextual, pool_of)
+    dominant_ids = g.dominant.tolist()
+    tokens = torch.cat([hidden[:1], patches[g.dominant], g.contextual])
     return Merge(
         tokens=tokens,
-        token_patches=[[]] + [[p] for p in dominant_ids] + [sorted(m) for m in members],
+        token_patches=[[]] + [[p] for p in dominant_ids] + [sorted(m) for m in g.members],
         dominant=dominant_ids,
-        clusters=[{"centroid": m[0], "members": sorted(m)} for m in members],
-        discarded=discarded,
+        clusters=[{"centroid": m[0], "members": sorted(m)} for m in g.members],
+        discarded=g.discarded,
     )
 
 
@@ -157,3 +178,68 @@ def hired_select(hidden: torch.Tensor, scores: torch.Tensor, kept: int) -> Merge
     chosen = top.tolist()
     return Merge(tokens=hidden[1:][top], token_patches=[[p] for p in chosen], dominant=chosen, clusters=[],
                  discarded=torch.nonzero(is_dropped).flatten().tolist(), cls_kept=False)
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                       max_probs: int = 2**24) -> torch.Tensor:
+    """Attention each token *receives* (DUET's score where there is no CLS token,
+    ``qwen2_5_vl/modeling_qwen2_5vl_duet.py`` l.356-360 and l.609-612): softmax(q kᵀ · scaling)
+    over every key, mean over heads, summed over the query rows.
+
+    queries, keys: (H, N, hd) after RoPE. Returns (N,). The authors build the whole H x N x N map;
+    here query rows run in chunks so at most ``max_probs`` probabilities exist at once (a
+    2880-token image at 7B's 16 heads would need 8.5 GB for it in fp32)."""
+    n_heads, n_tokens, _ = queries.shape
+    chunk = max(1, max_probs // (n_heads * n_tokens))
+    received = torch.zeros(n_tokens, dtype=torch.float32, device=keys.device)
+    k = keys.float()
+    for start in range(0, n_tokens, chunk):
+        logits = torch.einsum("hqd,hkd->hqk", queries[:, start:start + chunk].float(), k) * scaling
+        received += logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
+    return received
+
+
+def group_mean(values: torch.Tensor, group: int, dim: int = 0) -> torch.Tensor:
+    """The mean of every ``group`` consecutive entries along ``dim`` (Qwen2.5-VL's 2 x 2 PatchMerger
+    groups are 4 consecutive tokens, ``modeling_qwen2_5vl_duet.py`` l.611 and l.614)."""
+    shape = values.shape
+    return values.reshape(*shape[:dim], shape[dim] // group, group, *shape[dim + 1:]).mean(dim=dim + 1)
+
+
+def slot_merge(tokens: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, dominant: int, contextual: int,
+               cluster_width: int | None = 4) -> Merge:
+    """DUET V2V (``cluster_width`` set) or VisionZip (``None``) as DUET's Qwen2.5-VL code runs them
+    (``modeling_qwen2_5vl_duet.py`` l.2373-2498): no CLS, so ``dominant`` counts tokens; the
+    dominant tokens, the pool (DUET: the ``cluster_width * contextual`` best of the rest, in score
+    order; VisionZip: all of the rest, in index order), the anchors, their joiners and the
+    contextual token (anchor + mean of its joiners) as in the LLaVA rule (module docstring).
+
+    The order differs: each output token takes its own place in the sequence, a contextual token
+    its anchor's (l.2469-2475, l.2497-2498: the kept positions of a boolean mask), so the tokens
+    come in index order of [dominant and anchors] and ``slots`` names each one's place, whose
+    position id it keeps. ``contextual = 0`` keeps only the dominant tokens (HiRED)."""
+    n_tokens = scores.shape[0]
+    if not 0 <= dominant <= n_tokens:
+        raise ValueError(f"dominant must lie in 0..{n_tokens}, got {dominant}")
+    if cluster_width is not None and cluster_width < 0:
+        raise ValueError(f"cluster_width must be >= 0, got {cluster_width}")
+
+    def pool_of(rest):
+        if cluster_width is None:
+            return rest
+        return rest[rank(scores[rest])][: pool_size(len(rest), contextual, cluster_width)]
+
+    g = _group(tokens, keys, scores, dominant, contextual, pool_of if contextual else (lambda rest: rest[:0]))
+    slots = torch.cat([g.dominant, g.anchors])
+    order = torch.sort(slots).indices
+    out = torch.cat([tokens[g.dominant], g.contextual])[order]
+    token_patches = [[p] for p in g.dominant.tolist()] + [sorted(m) for m in g.members]
+    return Merge(
+        tokens=out,
+        token_patches=[token_patches[i] for i in order.tolist()],
+        dominant=g.dominant.tolist(),
+        clusters=[{"centroid": m[0], "members": sorted(m)} for m in g.members],
+        discarded=g.discarded,
+        cls_kept=False,
+        slots=slots[order].tolist(),
+    )

@@ -75,3 +75,26 @@ def llama2_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama2_engine(llama2_checkpoint):
     return DuetLlava.load(llama2_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """A tiny random Qwen2.5-VL (28 decoder layers, as the 7B model) saved with its tokenizer, chat
+    template and PIL image processor (``checkpoint.build_random_qwen``)."""
+    from model.checkpoint import build_random_qwen
+
+    return build_random_qwen(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+
+
+@pytest.fixture(scope="session")
+def qwen_engine(tiny_qwen):
+    return DuetLlava.load(tiny_qwen, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def wide_image():
+    """A non-square picture: 280 x 420 px -> a 10 x 15 grid of 150 merged tokens on Qwen2.5-VL."""
+    rng = np.random.RandomState(1)
+    pixels = rng.randint(0, 255, (280, 420, 3), dtype=np.uint8)
+    pixels[80:200, 250:380] = (30, 30, 220)
+    return Image.fromarray(pixels)

@@ -37,7 +37,8 @@ class Visual:
         return cls(features, records, counts)
 
 
-ADAPTERS = {"llava": ("llava", "Llava"), "video_llava": ("video_llava", "VideoLlava")}  # model_type -> (module, class)
+ADAPTERS = {"llava": ("llava", "Llava"), "video_llava": ("video_llava", "VideoLlava"),
+            "qwen2_5_vl": ("qwen2_5_vl", "Qwen25VL")}  # config.model_type -> (module, class)
 
 
 def adapter_class(model_type: str):
