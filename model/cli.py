@@ -23,8 +23,10 @@ def _floats(text: str) -> tuple[float, ...]:
 def add_reduction_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="duet")
     parser.add_argument("--budget", type=int, help=f"average visual tokens per LLM layer (default {DEFAULT_BUDGET}; "
-                        "with --video and DUET: the Video-LLaVA preset, 160 + 32 tokens per frame)")
-    parser.add_argument("--k1", type=int, help="V2V dominant tokens per frame, CLS counted (default: solved from budget)")
+                        "with --video and DUET: the Video-LLaVA preset, 160 + 32 tokens per frame; on "
+                        "Qwen2.5-VL with DUET or VisionZip: the authors' 540 + 100 tokens per image)")
+    parser.add_argument("--k1", type=int, help="V2V dominant tokens per frame, CLS counted on LLaVA, none on Qwen2.5-VL "
+                        "(default: solved from budget)")
     parser.add_argument("--k2", type=int, help="V2V contextual (merged) tokens per frame")
     parser.add_argument("--cluster-width", type=int, default=4,
                         help="DUET's merge pool holds cluster_width x k2 of the best non-dominant patches")
@@ -39,13 +41,18 @@ def add_reduction_args(parser: argparse.ArgumentParser) -> None:
                              "(DUET salient, PyramidDrop and FastV last)")
 
 
-def reduction_from_args(args: argparse.Namespace, video: bool = False) -> ReductionConfig:
+def reduction_from_args(args: argparse.Namespace, video: bool = False,
+                        backbone_preset: dict | None = None) -> ReductionConfig:
     """The reduction the flags ask for. A DUET video run with no budget or split given takes the
     official Video-LLaVA settings (``budget.VIDEO_LLAVA_DUET``); its nominal budget is their
-    per-frame average over 32 layers, (16 * 192 + 8 * 96) / 32 = 120."""
+    per-frame average over 32 layers, (16 * 192 + 8 * 96) / 32 = 120. ``backbone_preset``: the
+    loaded backbone's own settings for such a run (``preset``; Qwen2.5-VL: the authors' scripts)."""
     preset = {}
-    if video and args.method == "duet" and args.budget is None and args.k1 is None and args.k2 is None:
+    unset = args.budget is None and args.k1 is None and args.k2 is None
+    if video and args.method == "duet" and unset:
         preset = dict(VIDEO_LLAVA_DUET, budget=120)
+    if backbone_preset and unset:
+        preset = backbone_preset
     settings = dict(
         method=args.method, budget=args.budget or DEFAULT_BUDGET, k1=args.k1, k2=args.k2,
         cluster_width=args.cluster_width, stage_layers=args.stage_layers,
@@ -72,6 +79,9 @@ def cmd_answer(args: argparse.Namespace) -> int:
     else:
         frames = [load_image(args.image)]
     engine = DuetLlava.load(args.model, device=args.device)
+    if not video and engine.backbone.kept_short_side_px:  # a backbone that reads more than 336 px
+        frames = [load_image(args.image, short_side=engine.backbone.kept_short_side_px)]
+    reduction = reduction_from_args(args, video, engine.backbone.preset(args.method, video))
     trace = engine.answer(frames, args.question, reduction, max_new_tokens=args.max_new_tokens)
     for warning in trace["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

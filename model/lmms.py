@@ -77,14 +77,15 @@ def task_prompt(engine: DuetLlava, context: str, n_images: int) -> str:
     newlines, special tokens and role markers are the task's own (``inputs.check_question`` with
     ``task=True``).
 
-    Two cases ``llava_hf`` cannot serve take the engine's own prompt (``engine.prompt_text`` on the
-    context without its image markers): Video-LLaVA checkpoints, which ``llava_hf`` does not load,
-    and a tokenizer template that reads only list-of-parts messages (this project's checkpoints),
+    Three cases ``llava_hf`` cannot serve take the engine's own prompt (``engine.prompt_text`` on the
+    context without its image markers): Video-LLaVA and Qwen2.5-VL checkpoints, which ``llava_hf``
+    does not load (Qwen's: its chat template on [image, text], as lmms-eval's ``qwen2_5_vl`` and
+    DUET-VLM's ``eval_benchmarks.py`` build it), and a tokenizer template that reads only list-of-parts messages (this project's checkpoints),
     where ``llava_hf``'s string message would come out without the question."""
     # imported here: lmms-eval's model registry imports this module while it loads its models
     from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE
 
-    if engine.video_llava:
+    if engine.backbone.kind in ("video_llava", "qwen2_5_vl"):
         return engine.prompt_text(question_text(context), n_images)
     if DEFAULT_IMAGE_TOKEN not in context:
         context = f"{' '.join([DEFAULT_IMAGE_TOKEN] * n_images)}\n{context}"
@@ -112,9 +113,13 @@ class DuetLlavaEval(lmms):
         cpu = device == "cpu" or not torch.cuda.is_available()
         accelerator = Accelerator(cpu=cpu)  # on the CPU, processes launched together join over gloo
         self.engine = DuetLlava.load(pretrained, device="cpu" if cpu else f"cuda:{accelerator.local_process_index}")
-        self.reduction = ReductionConfig(method, int(budget) if budget is not None else self.engine.n_patches)
+        preset = self.engine.backbone.preset(method, False) if budget is None else {}
+        self.reduction = ReductionConfig(method, **(preset or {"budget": int(budget) if budget is not None
+                                                            else self.engine.n_patches}))
         self.engine.plan(self.reduction)  # refuses an unknown method or budget before any document runs
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size) if self.engine.backbone.batches else 1
+        if int(batch_size) != self.batch_size:
+            logger.warning(f"duet_llava: {self.engine.backbone.kind} answers one document at a time")
         self.traces = Path(traces) if traces else None
         if self.traces:
             self.traces.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def attention_probs(
     queries: (H, Q, hd) after RoPE; keys: (Hkv, K, hd) after RoPE (GQA heads are shared);
     positions order the causal mask (a query sees keys at positions <= its own); ``None``
     positions: no mask, every query sees every key (DUET's Qwen2.5-VL ranking,
-    ``modeling_qwen2_5vl_duet.py`` l.1750-1751).
+    ``modeling_qwen2_5vl_duet.py`` l.1732-1733).
     Returns (H, Q, K) probabilities.
     """
     n_heads, n_kv = queries.shape[0], keys.shape[0]

@@ -183,7 +183,7 @@ def hired_select(hidden: torch.Tensor, scores: torch.Tensor, kept: int) -> Merge
 def received_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
                        max_probs: int = 2**24) -> torch.Tensor:
     """Attention each token *receives* (DUET's score where there is no CLS token,
-    ``qwen2_5_vl/modeling_qwen2_5vl_duet.py`` l.356-360 and l.609-612): softmax(q kᵀ · scaling)
+    ``qwen2_5_vl/modeling_qwen2_5vl_duet.py`` l.360-366 and l.625-632): softmax(q kᵀ · scaling)
     over every key, mean over heads, summed over the query rows.
 
     queries, keys: (H, N, hd) after RoPE. Returns (N,). The authors build the whole H x N x N map;
@@ -201,7 +201,7 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float
 
 def group_mean(values: torch.Tensor, group: int, dim: int = 0) -> torch.Tensor:
     """The mean of every ``group`` consecutive entries along ``dim`` (Qwen2.5-VL's 2 x 2 PatchMerger
-    groups are 4 consecutive tokens, ``modeling_qwen2_5vl_duet.py`` l.611 and l.614)."""
+    groups are 4 consecutive tokens, ``modeling_qwen2_5vl_duet.py`` l.628 and l.631)."""
     shape = values.shape
     return values.reshape(*shape[:dim], shape[dim] // group, group, *shape[dim + 1:]).mean(dim=dim + 1)
 
@@ -209,13 +209,13 @@ def group_mean(values: torch.Tensor, group: int, dim: int = 0) -> torch.Tensor:
 def slot_merge(tokens: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, dominant: int, contextual: int,
                cluster_width: int | None = 4) -> Merge:
     """DUET V2V (``cluster_width`` set) or VisionZip (``None``) as DUET's Qwen2.5-VL code runs them
-    (``modeling_qwen2_5vl_duet.py`` l.2373-2498): no CLS, so ``dominant`` counts tokens; the
+    (``modeling_qwen2_5vl_duet.py`` l.2373-2499): no CLS, so ``dominant`` counts tokens; the
     dominant tokens, the pool (DUET: the ``cluster_width * contextual`` best of the rest, in score
     order; VisionZip: all of the rest, in index order), the anchors, their joiners and the
     contextual token (anchor + mean of its joiners) as in the LLaVA rule (module docstring).
 
     The order differs: each output token takes its own place in the sequence, a contextual token
-    its anchor's (l.2469-2475, l.2497-2498: the kept positions of a boolean mask), so the tokens
+    its anchor's (l.2469-2472, l.2496-2499: the kept positions of a boolean mask), so the tokens
     come in index order of [dominant and anchors] and ``slots`` names each one's place, whose
     position id it keeps. ``contextual = 0`` keeps only the dominant tokens (HiRED)."""
     n_tokens = scores.shape[0]

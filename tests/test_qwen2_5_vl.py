@@ -95,7 +95,7 @@ def test_authors_preset_counts_are_capped_per_image():
 
 # ------------------------------------------------------------- transcriptions of the authors' code
 def authors_score(q, k, window_index):
-    """``Qwen2_5_VLVisionSdpaAttention`` l.356-360 + the tower's end, l.606-615 (H, N, hd inputs)."""
+    """``Qwen2_5_VLVisionSdpaAttention`` l.360-366 + the tower's end, l.625-632 (H, N, hd inputs)."""
     logits = F.softmax(torch.matmul(q, k.transpose(-1, -2)) / (q.shape[-1] ** 0.5), dim=-1)
     reverse = torch.argsort(window_index)
     attn_mean = logits.mean(dim=0).sum(dim=0)
@@ -117,7 +117,7 @@ def test_received_attention_pooled_and_unwindowed_equals_the_authors_dense_map()
 
 
 def authors_v2v(attn_logits, attn_key, embeds, dominant_num, contextual_num, cluster_width, ori):
-    """``Qwen2_5_VLForConditionalGeneration.forward`` l.2394-2498 on one image filling the sequence."""
+    """``Qwen2_5_VLForConditionalGeneration.forward`` l.2394-2499 on one image filling the sequence."""
     topk_indices = torch.topk(attn_logits, dominant_num).indices
     mask = torch.zeros_like(attn_logits, dtype=torch.bool)
     mask[topk_indices] = True
@@ -170,7 +170,7 @@ def test_slot_merge_equals_the_authors_v2v(ori):
 
 
 def test_t2v_ranks_as_pdrop_rank_drop(qwen_engine, wide_image, monkeypatch):
-    """The stage at layer 14 scores and keeps what ``pdrop_rank_drop`` (l.1651-1760: layer 14's
+    """The stage at layer 14 scores and keeps what ``pdrop_rank_drop`` (l.1651-1780: layer 14's
     q/k after M-RoPE, every row after the image, no causal mask) does on the same layer input."""
     seen = {}
     real = decoder.run
@@ -201,3 +201,27 @@ def test_t2v_ranks_as_pdrop_rank_drop(qwen_engine, wide_image, monkeypatch):
     stage = trace["t2v"][0]
     assert stage["layer"] == 14 and torch.allclose(torch.tensor(stage["scores"]), image_attention, atol=1e-5)
     assert stage["kept"] == kept.tolist()
+
+
+def test_cli_answer_json_runs_the_authors_preset_on_a_non_square_image(tiny_qwen, tmp_path, capsys):
+    """``python -m model answer --method duet --json`` without a budget: the scripts' 540 + 100
+    tokens, stages 14 and 21 at 50 % and 25 % of them, survivors at their original 3-D ids."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from model.cli import main
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.random.RandomState(2).randint(0, 255, (868, 1008, 3), dtype=np.uint8)).save(path)
+    assert main(["answer", "--model", str(tiny_qwen), "--image", str(path), "--question", QUESTION,
+                 "--method", "duet", "--max-new-tokens", "3", "--json"]) == 0
+    trace = json.loads(capsys.readouterr().out)
+    frame = trace["frames"][0]
+    assert trace["grid"] == [31, 36] and frame["n_tokens"] == 640 and not frame["cls_kept"]
+    assert len(frame["dominant"]) == 540 and len(frame["clusters"]) == 100
+    assert len(frame["discarded"]) == 31 * 36 - 540 - 400
+    assert [(s["layer"], s["n_in"], len(s["kept"])) for s in trace["t2v"]] == [(14, 640, 320), (21, 320, 160)]
+    assert trace["positions"] == "original" and trace["visual_tokens_per_layer"][20:22] == [320, 160]
+    assert main(["answer", "--model", str(tiny_qwen), "--video", str(path), "--question", QUESTION]) == 2

@@ -8,7 +8,7 @@ backbone:
 
 - ``load(source, config, device, dtype)`` (classmethod), ``kind``, ``model``, ``processor``, ``lm``
 - ``prompt_text(question, n_frames)``, ``inputs(rgb_frames, text)`` -> the ``Prompt`` fields
-- ``plan(reduction, n_layers, prompt)``, ``preset(method, video)``
+- ``plan(reduction, n_layers, prompt)``, ``preset(method, video)``, ``kept_short_side_px``
 - ``tower(prompt)`` -> states, ``reduce_prompt(states, plan, timer, prompt)`` -> :class:`Visual`
 - ``positions(prompt, keep, visual, layout)``, ``grid_of(prompt)``, ``vision_flops(prompt)``
 """

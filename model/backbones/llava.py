@@ -27,6 +27,7 @@ class Llava:
     kind = "llava"
     video_llava = False
     batches = True  # ``model/batch.py`` can group its prompts
+    kept_short_side_px = None  # the inputs' default (336 px): its processor reads no more
 
     def __init__(self, model, processor):
         self.model, self.processor = model, processor

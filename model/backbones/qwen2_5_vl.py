@@ -8,29 +8,29 @@ below), its ``eval_benchmarks.py`` and ``scripts/qwen/*.sh``:
   l.586-590) and the image goes through ``Qwen2VLImageProcessorPil`` with ``max_pixels`` =
   2880 x 28 x 28, the eval script's default (l.675, l.485-486); ``<|image_pad|>`` expands to one
   token per 2 x 2 merged group. One image per question: video and several images are refused.
-- **Score** (``qwen.py`` l.356-360, l.606-615): no CLS token, so each merged token ranks by the
+- **Score** (``qwen.py`` l.360-366, l.602-615, l.625-632): no CLS token, so each merged token ranks by the
   attention it *receives* in the last vision block: softmax(q kᵀ / √d) from that block's own
   q/k after the vision RoPE, mean over heads, summed over query rows (chunked:
   ``v2v.received_attention``), averaged over its 2 x 2 group, the window ordering undone; the
   keys pooled the same way and averaged over heads are the clustering metric. The softmax runs
   over every token of the image, as the authors' SDPA path computes it. Choice: fp32 here,
   the model's dtype there.
-- **V2V** (l.2373-2498, ``v2v.slot_merge``): on the LLM-side tokens after the merger;
+- **V2V** (l.2373-2499, ``v2v.slot_merge``): on the LLM-side tokens after the merger;
   ``dominant`` = min(dominant, N - 1), ``contextual`` = min(contextual, N - dominant) (l.2380-2388),
   scripts' 540 + 100; DUET's pool of cluster_width · contextual, or VisionZip's evenly spaced
   targets (``use_ori_visionzip``). Each kept token stays in its own place with its own 3-D M-RoPE
-  position id; a contextual token takes its anchor's (l.2469-2498).
-- **T2V** (``pdrop_rank_drop``, l.1651-1760): before stage layer l, layer l's own q/k after M-RoPE
+  position id; a contextual token takes its anchor's (l.2469-2472, l.2482, l.2496-2499).
+- **T2V** (``pdrop_rank_drop``, l.1651-1780): before stage layer l (l.1603), layer l's own q/k (l.1687) after M-RoPE
   rank the visual tokens by every row after the image, softmax over all keys **without a causal
-  mask** (l.1748-1751), mean over heads and rows; the top keep in order; survivors keep their
-  3-D position ids (l.1724-1729) and decoding continues from the full prompt's ids (stock
+  mask** (l.1732-1733), mean over heads and rows (l.1736-1737); the top keep in order (l.1743); survivors keep
+  their 3-D position ids (l.1762-1767) and decoding continues from the full prompt's ids (stock
   ``rope_deltas``). Scripts: layers 14, 21 of 28, ratios 0.5, 0.25 (the README quick start and
   ``configure_duet``'s docstring list others; the scripts ran the published tables).
 
 **Where the authors' files disagree, and what runs here.** Stage counts: LLaVA's
 ``modeling_llama_pdrop.py`` l.1329-1330 keeps int(ratio_i · n) of the n V2V tokens at stage i,
 every alive token ranked. The Qwen file overwrites ``self.image_tokens`` with each stage's keep
-(l.1767) and then multiplies it by the next stage's *cumulative* ratio again (l.1677-1680): at the
+(l.1775) and then multiplies it by the next stage's *cumulative* ratio again (l.1677-1680): at the
 second stage it ranks only the first int(n/2 · 0.5) of the n/2 survivors, keeps int(n/2 · 0.25)
 of them and lets the other n/4 pass unranked (640 -> 320 -> 240 instead of 160). We follow the
 LLaVA file's rule (keep int(ratio · n), rank every alive token), which is what the ratio list
@@ -39,6 +39,7 @@ states; the trace's stage records show the counts that ran.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, replace
 
@@ -156,6 +157,8 @@ class Qwen25VL:
     kind = "qwen2_5_vl"
     video_llava = False
     batches = False  # every image has its own grid and plan
+    # an image is kept up to the side of a square of max_pixels: the processor never reads more
+    kept_short_side_px = math.isqrt(MAX_PIXELS)
 
     def __init__(self, model, processor: QwenInputs):
         self.model, self.processor = model, processor
