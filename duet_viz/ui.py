@@ -30,7 +30,8 @@ from PIL import Image
 
 from model.budget import METHODS, ReductionConfig
 from model.engine import DuetLlava
-from model.inputs import MAX_IMAGE_BYTES, InputError, check_question, check_upload, load_image, shown, whole_number
+from model.inputs import (MAX_IMAGE_BYTES, InputError, check_encodable, check_question, check_upload, load_image, shown,
+                          whole_number)
 from model.video import DEFAULT_NUM_FRAMES, MAX_NUM_FRAMES, MAX_VIDEO_BYTES, read_frames
 
 from . import figures
@@ -115,6 +116,7 @@ def salient_override(text) -> tuple[str, ...] | None:
     if not isinstance(text, str) or len(text) > MAX_SALIENT_CHARS:
         raise InputError(f"The salient-words override may be at most {MAX_SALIENT_CHARS} characters of text "
                          f"(got {shown(text)}).")
+    check_encodable(text, "The salient-words override")
     return tuple(text.split())
 
 

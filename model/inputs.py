@@ -274,6 +274,7 @@ def check_question(question: str | None, tokenizer=None, max_chars: int = MAX_QU
     text = (question or "").strip()
     if not text:
         raise InputError("Type a question about the image.")
+    check_encodable(text, "The question")
     if task:
         return question
     if len(text) > max_chars:
@@ -291,6 +292,16 @@ def check_question(question: str | None, tokenizer=None, max_chars: int = MAX_QU
         if n_tokens > max_tokens:
             raise InputError(f"The question is too long ({n_tokens} tokens; at most {max_tokens}).")
     return text
+
+
+def check_encodable(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate (U+D800..U+DFFF, which JSON's
+    ``\\ud800`` escapes can carry) reached the tokenizer, whose error named Rust types."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f"{what} holds a character that is not text (U+{ord(text[error.start]):04X}, "
+                         f"at position {error.start + 1}): retype it.") from None
 
 
 def reserved_tokens(tokenizer) -> set[str]:
