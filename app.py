@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from duet_viz.browser import Browser, build_browser
-from duet_viz.limits import Limits, launch_options
+from duet_viz.limits import Limits, UploadSpace, launch_options
 from duet_viz.page import CSS, build_demo
 from duet_viz.traces import TraceError, scan_folder
 from duet_viz.ui import App
@@ -56,7 +56,8 @@ def stop_on_sigterm() -> None:
     """SIGTERM (docker stop, a Space restarting), at any moment from start-up on, exits with status
     0 and no work folder left behind: every live ``ui.App`` is closed first (no model run starts,
     the one in flight, such as an example being cached, stops before its next method, the work
-    folder is removed), then the interpreter exits normally. The default action would kill the
+    folder is removed), the files the app put in Gradio's cache and their folders are deleted
+    (``UploadSpace.clear``), then the interpreter exits normally. The default action would kill the
     process and leave the folder behind; exiting while a thread is still inside torch aborted the
     process ("terminate called without an active exception", status 134). A run that does not
     stop within ``App.close``'s wait ends the process at once (``os._exit(0)``), its folder removed.
@@ -65,6 +66,8 @@ def stop_on_sigterm() -> None:
 
     def stop(signum, frame):
         idle = all([app.close() for app in list(App.live)])
+        for space in list(UploadSpace.live):
+            space.clear()
         if not idle:
             os._exit(0)
         sys.exit(0)

@@ -45,13 +45,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def served(engine):
-    """The app on loopback, launched in-process on the tiny engine."""
+    """The app on loopback, launched in-process on the tiny engine, behind the guard as
+    ``python app.py`` serves it (the per-address limits off: every test is one address), so that
+    the browser tests prove the page needs no route the guard refuses."""
+    from duet_viz.limits import Limits, launch_options
     from duet_viz.page import build_demo
 
-    demo = build_demo(engine)
+    limits = Limits().shared_address()
+    demo = build_demo(engine, limits=limits)
     demo.queue(default_concurrency_limit=1)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            quiet=True)
+                            quiet=True, **launch_options(demo, limits))
     yield url
     demo.close()
 
