@@ -211,9 +211,11 @@ def largest_image(probe: Probe, case: Case) -> None:
 
 
 def direct_runs(probe: Probe, case: Case) -> None:
+    """Queued events posted to ``/run/``: Gradio refuses them there; past 32 new sessions from the
+    address the guard does first, as on every route that runs events."""
     image = probe.upload((ASSETS / "chelsea.jpg").read_bytes(), "chelsea.jpg", ATTACKER)
     for reply in concurrently([lambda: probe.direct("run", run_args(image), ATTACKER)] * 40, 40):
-        case.expect(reply, r"does not accept direct HTTP POST")
+        case.expect(reply, r"does not accept direct HTTP POST|Too many new sessions")
 
 
 def queue_flood(probe: Probe, case: Case) -> None:
@@ -265,6 +267,42 @@ def bad_fields(probe: Probe, case: Case) -> None:
     response = httpx.post(f"{probe.base}/upload", files={"files": ("", b"\x89PNG", "image/png")},
                           headers={"X-Forwarded-For": address})
     case.expect(Reply(response.status_code, detail(response)), r"needs a file name")
+    for overrides, pattern in [(dict(k1=10**400), r"too large to be one"), (dict(k1=1.5), r"whole number \(got 1\.5\)"),
+                               (dict(question="what \ud800 is it"), r"not text \(U\+D800"),
+                               (dict(stage_layers="1," * 3_000_000), r"is too long")]:
+        case.expect(probe.join("run", run_args(image, **overrides), address), pattern)
+
+
+def unused_routes(probe: Probe, case: Case) -> None:
+    """Gradio routes the app does not use, each of which did harm (issue 36): a streamed body
+    swapped into a queued event, a session's inputs written to disk, an uncounted upload."""
+    root = probe.base.removesuffix("/gradio_api")
+    for method, path in [("POST", "/gradio_api/stream/0"), ("GET", "/gradio_api/deep_link?session_hash=x"),
+                         ("POST", "/gradio_api/component_server"), ("POST", "/gradio_api/process_recording"),
+                         ("GET", "/monitoring"), ("POST", "/gradio_api/vibe-edit")]:
+        response = httpx.request(method, root + path, json={}, headers={"X-Forwarded-For": ATTACKER})
+        case.expect(Reply(response.status_code, detail(response)), r"answers its page, its uploads and its queue only")
+
+
+def huge_fields(probe: Probe, case: Case) -> None:
+    """64 sessions each sending a 25 MB question: refused before Gradio keeps any of it."""
+    address = "203.0.113.150"
+    image = probe.upload((ASSETS / "chelsea.jpg").read_bytes(), "chelsea.jpg", address)
+    question = "a" * 25_000_000
+    calls = [lambda: probe.join("run", run_args(image, question=question), address)] * 64
+    for reply in concurrently(calls, 4):
+        case.expect(reply, r"“Question” is too long")
+
+
+def many_files(probe: Probe, case: Case) -> None:
+    """One upload request of 999 one-byte files (999 folders before)."""
+    boundary = "hostileboundary"
+    parts = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{n}.txt"\r\n'
+                    f"Content-Type: text/plain\r\n\r\nx\r\n" for n in range(999))
+    response = httpx.post(f"{probe.base}/upload", content=(parts + f"--{boundary}--\r\n").encode(),
+                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                   "X-Forwarded-For": "203.0.113.151"}, timeout=60)
+    case.expect(Reply(response.status_code, detail(response)), r"At most \d+ files per upload")
 
 
 def other_sessions_cache(probe: Probe, case: Case) -> None:
@@ -303,4 +341,5 @@ CASES = {"thin image": thin_images, "4000×4000 video": big_video, "40 MP image 
          "queue flood, one address": queue_flood, "data: URLs and links": data_urls,
          "concurrent pastes and bombs": concurrent_pastes, "bad fields": bad_fields,
          "same request, other session": other_sessions_cache, "530 cheap sessions": cheap_sessions,
-         "50 uploads of 19 MB": upload_flood}
+         "50 uploads of 19 MB": upload_flood, "unused Gradio routes": unused_routes,
+         "64 sessions × a 25 MB question": huge_fields, "999 files in one upload": many_files}

@@ -210,9 +210,10 @@ def run_hostile(model: str | None, root: Path = ROOT, cases: list[str] | None = 
             server.send_signal(signal.SIGTERM)
             exit_code = server.wait(60)
         left = sorted(p.name for p in Path(tmp).glob("duet-viz-*"))
+        cache_left = sum(1 for _ in (Path(tmp) / "gradio").rglob("*"))
     return {"cases": rows, "rss_mb": {"start": round(sampler.rss[0], 1), "peak": round(max(sampler.rss), 1)},
             "disk_mb": {"start": round(sampler.disk[0], 1), "peak": round(max(sampler.disk), 1)},
-            "sigterm": {"exit_code": exit_code, "work_folders_left": left}}
+            "sigterm": {"exit_code": exit_code, "work_folders_left": left, "cache_entries_left": cache_left}}
 
 
 def run_case(name: str, probe: hostile.Probe, sampler: Sampler) -> dict:
@@ -224,6 +225,7 @@ def run_case(name: str, probe: hostile.Probe, sampler: Sampler) -> dict:
     return {"case": name, "requests": sum(case.outcomes.values()), "outcomes": case.outcomes,
             "unexpected": case.unexpected, "seconds": round(time.time() - started, 1),
             "peak_rss_mb": round(max(rss), 1), "rss_rise_mb": round(max(rss) - rss[0], 1),
+            "rss_kept_mb": round(rss[-1] - rss[0], 1),
             "disk_growth_mb": round(max(disk) - disk[0], 1)}
 
 
@@ -238,15 +240,16 @@ def hostile_markdown(report: dict, command: str) -> str:
     lines = [(f"`{command}` on {machine()}; server RSS {report['rss_mb']['start']} MB at start, "
               f"{report['rss_mb']['peak']} MB peak; disk {report['disk_mb']['start']} MB at start, "
               f"{report['disk_mb']['peak']} MB peak."), "",
-             "| case | requests | outcomes | unexpected | peak RSS MB | RSS rise MB | disk growth MB | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | requests | outcomes | unexpected | peak RSS MB | RSS rise MB | RSS kept MB | disk growth MB | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in report["cases"]:
         outcomes = ", ".join(f"{kind} × {n}" for kind, n in row["outcomes"].items())
         lines.append(f"| {row['case']} | {row['requests']} | {outcomes} | {row['unexpected']} | {row['peak_rss_mb']} | "
-                     f"{row['rss_rise_mb']} | {row['disk_growth_mb']} | {row['seconds']} |")
+                     f"{row['rss_rise_mb']} | {row['rss_kept_mb']} | {row['disk_growth_mb']} | {row['seconds']} |")
     sigterm = report["sigterm"]
     lines += ["", (f"SIGTERM: exit code {sigterm['exit_code']}, work folders left: "
-                   f"{', '.join(sigterm['work_folders_left']) or 'none'}.")]
+                   f"{', '.join(sigterm['work_folders_left']) or 'none'}; files and folders left in Gradio's "
+                   f"cache: {sigterm['cache_entries_left']}.")]
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.hostile:
         report = run_hostile(args.model, args.root.resolve(), args.case)
-        ok = all(row["unexpected"] == 0 for row in report["cases"]) and not report["sigterm"]["work_folders_left"]
+        sigterm = report["sigterm"]
+        ok = all(row["unexpected"] == 0 for row in report["cases"]) and not sigterm["work_folders_left"] \
+            and not sigterm["cache_entries_left"]
         if args.markdown:
             command = " ".join(["python -m duet_viz.load", *(argv or sys.argv[1:])])
             args.markdown.write_text(hostile_markdown(report, command))

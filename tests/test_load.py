@@ -11,11 +11,14 @@ def test_small_load_run_serves_every_request_correctly(tiny_checkpoint):
 
 
 def test_hostile_mix_reports_each_attack_and_the_sigterm(tiny_checkpoint):
-    cases = ["thin image", "direct /run/run", "bad fields"]
+    cases = ["thin image", "direct /run/run", "bad fields", "unused Gradio routes", "999 files in one upload"]
     report = run_hostile(str(tiny_checkpoint), cases=cases)
     assert [row["case"] for row in report["cases"]] == cases
     assert all(row["unexpected"] == 0 and row["requests"] > 0 for row in report["cases"]), report["cases"]
-    assert report["cases"][1]["outcomes"] == {"refused 404": 40}
-    assert report["sigterm"] == {"exit_code": 0, "work_folders_left": []}
+    direct = report["cases"][1]["outcomes"]  # Gradio's 404, then the guard's new-session limit (32 per address)
+    assert set(direct) == {"refused 404", "refused 429"} and sum(direct.values()) == 40
+    assert report["cases"][3]["outcomes"] == {"refused 404": 6}
+    assert report["cases"][4]["outcomes"] == {"refused 400": 1}
+    assert report["sigterm"] == {"exit_code": 0, "work_folders_left": [], "cache_entries_left": 0}
     table = hostile_markdown(report, "python -m duet_viz.load --hostile")
     assert all(f"| {case} |" in table for case in cases) and " cores;" in table
