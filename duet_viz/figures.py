@@ -1,8 +1,10 @@
 """Traces -> figures. Reads only the SPEC §4 trace (and the user's own image, or the view a
 trace carries), never the model.
 
-Patch p of a frame sits at grid row p // cols, column p % cols of the square region
-``view_box`` of the original image that the processor turned into the model's input.
+Patch p of a frame sits at grid row p // cols, column p % cols of the region ``view_box`` of the
+original image that the processor turned into the model's input. Each figure is drawn on a canvas
+of the trace's own grid (:func:`canvas`): square cells, VIEW_PX on the longer side, so a
+non-square grid (Qwen2.5-VL: (h / 28) x (w / 28), per image) shows the picture as the model saw it.
 """
 
 from __future__ import annotations
@@ -62,20 +64,42 @@ def on_view(trace: dict) -> dict:
     return {**trace, "frames": [{**f, "view_box": [0.0, 0.0, float(VIEW_PX), float(VIEW_PX)]} for f in trace["frames"]]}
 
 
+def canvas(trace: dict) -> tuple[float, float, float]:
+    """(width, height, cell) of the trace's drawing in figure units: ``grid`` cells of side
+    ``cell``, VIEW_PX on the longer side (336 x 336 for LLaVA's 24 x 24; 336 x 224 for a 10 x 15 grid)."""
+    rows, cols = trace["grid"]
+    cell = VIEW_PX / max(rows, cols)
+    return cols * cell, rows * cell, cell
+
+
+def picture_of(trace: dict, image: Image.Image, frame: int = 0) -> Image.Image:
+    """The frame's view on the trace's canvas, one pixel per figure unit."""
+    width, height, _ = canvas(trace)
+    return frame_view(image, trace["frames"][frame]["view_box"], size=(round(width), round(height)))
+
+
+def score_name(trace: dict) -> str:
+    """What V2V ranked patches by: LLaVA's CLS attention, or (no CLS token, Qwen2.5-VL) the
+    attention each token receives."""
+    return "CLS score" if trace.get("plan", {}).get("cls_token", True) else "received attention"
+
+
 def _data_uri(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _base_figure(picture: Image.Image, title: str) -> go.Figure:
-    fig = go.Figure(go.Image(source=_data_uri(picture), x0=0, dx=VIEW_PX / picture.width,
-                             y0=0, dy=VIEW_PX / picture.height, hoverinfo="skip"))
+def _base_figure(picture: Image.Image, title: str, size: tuple[float, float]) -> go.Figure:
+    """The picture stretched over ``size`` (width, height) figure units, axes locked to its aspect."""
+    width, height = size
+    fig = go.Figure(go.Image(source=_data_uri(picture), x0=0, dx=width / picture.width,
+                             y0=0, dy=height / picture.height, hoverinfo="skip"))
     fig.update_layout(
         title=dict(text=title, x=0.02, font=dict(size=14)),
         margin=dict(l=4, r=4, t=36, b=4), height=430, plot_bgcolor="white",
-        xaxis=dict(visible=False, range=[0, VIEW_PX], constrain="domain"),
-        yaxis=dict(visible=False, range=[VIEW_PX, 0], scaleanchor="x"),
+        xaxis=dict(visible=False, range=[0, width], constrain="domain"),
+        yaxis=dict(visible=False, range=[height, 0], scaleanchor="x", constrain="domain"),
         showlegend=False,
     )
     return fig
@@ -179,12 +203,12 @@ def layer_hover(trace: dict, grids: np.ndarray, frame: int = 0) -> list[np.ndarr
 def layer_view(trace: dict, image: Image.Image, frame: int = 0, layer: int = 0) -> go.Figure:
     """Image + one heatmap trace per LLM layer; only ``layer`` is visible. The slider switches
     visibility in the browser (see :func:`layer_js`), so scrubbing never reaches Python."""
-    record = trace["frames"][frame]
-    cell = VIEW_PX / trace["grid"][1]
+    width, height, cell = canvas(trace)
     grids = layer_grids(trace, frame)
     counts = (trace["visual_tokens_per_frame_layer"][frame] if len(trace["frames"]) > 1
               else trace["visual_tokens_per_layer"])
-    fig = _base_figure(frame_view(image, record["view_box"]), layer_title(trace["method"], layer, counts[layer]))
+    fig = _base_figure(picture_of(trace, image, frame), layer_title(trace["method"], layer, counts[layer]),
+                       (width, height))
     fig.update_layout(meta={"method": trace["method"], "counts": counts})  # read by layer_js
     for index, (z, hover) in enumerate(zip(grids, layer_hover(trace, grids, frame))):
         fig.add_trace(go.Heatmap(
@@ -203,20 +227,22 @@ def cluster_map(trace: dict, image: Image.Image, frame: int = 0) -> go.Figure:
     discarded ones (in no token) greyed. One trace per kind keeps the build fast."""
     record = trace["frames"][frame]
     rows, cols = trace["grid"]
-    picture = frame_view(image, record["view_box"])
+    width, height, cell = canvas(trace)
+    picture = picture_of(trace, image, frame)
     if "dominant" not in record:
-        return _base_figure(picture, f"{trace['method']}: no vision-side merge (all {rows * cols} patches enter the LLM)")
-    fig = _base_figure(picture, cluster_title(record))
+        return _base_figure(picture, f"{trace['method']}: no vision-side merge (all {rows * cols} patches enter "
+                                     "the LLM)", (width, height))
+    fig = _base_figure(picture, cluster_title(record), (width, height))
     fig.update_layout(margin=dict(t=56), height=450)
-    kinds = patch_kinds(record, rows * cols)
-    fig.add_trace(_kind_heatmap("merged", kinds["merged_z"], kinds["text"], _cluster_colorscale(), cols,
+    kinds = patch_kinds(record, rows * cols, score_name(trace))
+    fig.add_trace(_kind_heatmap("merged", kinds["merged_z"], kinds["text"], _cluster_colorscale(), cols, cell,
                                 zrange=(-0.5, len(PALETTE) - 0.5)))
     fig.add_trace(_kind_heatmap("discarded", kinds["discarded_z"], kinds["text"],
-                                [[0, _css(DISCARDED_RGBA)], [1, _css(DISCARDED_RGBA)]], cols))
+                                [[0, _css(DISCARDED_RGBA)], [1, _css(DISCARDED_RGBA)]], cols, cell))
     fig.add_trace(_kind_heatmap("dominant", kinds["dominant_z"], kinds["text"],
-                                [[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]], cols))
-    fig.add_trace(_outlines(record["dominant"], cols))
-    fig.add_trace(_anchor_dots(record["clusters"], cols))
+                                [[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]], cols, cell))
+    fig.add_trace(_outlines(record["dominant"], cols, cell))
+    fig.add_trace(_anchor_dots(record["clusters"], cols, cell))
     return fig
 
 
@@ -230,9 +256,10 @@ def cluster_title(record: dict) -> str:
             f"<br>{len(clusters)} merged tokens from {merged} patches (colour fill, ○ anchor)")
 
 
-def patch_kinds(record: dict, n_patches: int) -> dict:
+def patch_kinds(record: dict, n_patches: int, score: str = "CLS score") -> dict:
     """Per patch (raster order): z of each kind's heatmap (NaN where the patch is another kind;
-    for merged patches the cluster's palette index) and the hover text saying its kind."""
+    for merged patches the cluster's palette index) and the hover text saying its kind and its
+    ``score`` (:func:`score_name`)."""
     scores = record["scores"]
     z = {kind: np.full(n_patches, np.nan) for kind in ("dominant_z", "merged_z", "discarded_z")}
     kind = np.empty(n_patches, dtype=object)
@@ -245,15 +272,14 @@ def patch_kinds(record: dict, n_patches: int) -> dict:
         z["merged_z"][members] = index % len(PALETTE)
         kind[members] = f"merged into cluster {index} (anchor patch {anchor})"
         kind[anchor] = f"anchor of cluster {index} ({len(members)} patches, 1 token)"
-    text = np.array([f"patch {p}: {kind[p]}<br>CLS score {scores[p]:.3g}" for p in range(n_patches)],
+    text = np.array([f"patch {p}: {kind[p]}<br>{score} {scores[p]:.3g}" for p in range(n_patches)],
                     dtype=object)
     return {**z, "text": text}
 
 
-def _kind_heatmap(name: str, z: np.ndarray, text: np.ndarray, colorscale: list, cols: int,
+def _kind_heatmap(name: str, z: np.ndarray, text: np.ndarray, colorscale: list, cols: int, cell: float,
                   zrange: tuple[float, float] = (0, 1)) -> go.Heatmap:
     """One kind's cells (NaN elsewhere: not drawn, no hover); the hover says the patch's kind."""
-    cell = VIEW_PX / cols
     rows = len(z) // cols
     return go.Heatmap(
         z=z.reshape(rows, cols), x0=cell / 2, dx=cell, y0=cell / 2, dy=cell, zmin=zrange[0],
@@ -272,9 +298,8 @@ def _cluster_colorscale() -> list:
     return [[(i + edge) / n, _rgba(PALETTE[i], 0.75)] for i in range(n) for edge in (0, 1)]
 
 
-def _outlines(patches: list[int], cols: int) -> go.Scatter:
+def _outlines(patches: list[int], cols: int, cell: float) -> go.Scatter:
     """All the patches' square outlines as one line trace (None breaks the line between them)."""
-    cell = VIEW_PX / cols
     xs, ys = [], []
     for p in patches:
         r, c = divmod(p, cols)
@@ -285,10 +310,9 @@ def _outlines(patches: list[int], cols: int) -> go.Scatter:
                       name="dominant outline")
 
 
-def _anchor_dots(clusters: list[dict], cols: int) -> go.Scatter:
+def _anchor_dots(clusters: list[dict], cols: int, cell: float) -> go.Scatter:
     """A white-ringed dot in the cluster's colour on each anchor patch (over the fill of the same
     colour it reads as a ring); the heatmap below gives the hover."""
-    cell = VIEW_PX / cols
     cells = [divmod(c["centroid"], cols) for c in clusters]
     return go.Scatter(
         x=[(c + 0.5) * cell for _, c in cells], y=[(r + 0.5) * cell for r, _ in cells], mode="markers",
@@ -377,7 +401,7 @@ LATENCY_HEADERS = [
 
 def overlay_png(trace: dict, image: Image.Image, frame: int = 0, layer: int = 0) -> Image.Image:
     """The layer view as a picture (for download): the same colours, composited with PIL."""
-    picture = frame_view(image, trace["frames"][frame]["view_box"]).convert("RGBA")
+    picture = picture_of(trace, image, frame).convert("RGBA")
     z = layer_grids(trace, frame)[layer]
     heat = np.clip(z, 0, 1)
     rgba = np.stack([255 - 35 * heat, 240 - 220 * heat, 120 - 100 * heat, (0.10 + 0.60 * heat) * 255], axis=-1)

@@ -28,13 +28,15 @@ VIEW_PX = 336  # the side of a frame's view: the LLaVA-1.5 input, and the figure
 VIEW_JPEG_QUALITY = 85
 
 
-def view_image(image: Image.Image, view_box: list[float], size: int = VIEW_PX) -> Image.Image:
-    """The region ``view_box`` (x0, y0, x1, y1) of ``image`` that the model saw, as a size x size
-    RGB picture (padding is grey)."""
+def view_image(image: Image.Image, view_box: list[float], size: int | tuple[int, int] = VIEW_PX) -> Image.Image:
+    """The region ``view_box`` (x0, y0, x1, y1) of ``image`` that the model saw, as an RGB picture of
+    ``size`` (a side, or (width, height); padding is grey). A stored view is always a VIEW_PX
+    square, whatever the region's aspect (Qwen2.5-VL sees whole, non-square images): the figures
+    stretch it back onto the trace's grid (``duet_viz.figures.canvas``)."""
     x0, y0, x1, y1 = view_box
     canvas = Image.new("RGB", (math.ceil(x1 - x0), math.ceil(y1 - y0)), (128, 128, 128))
     canvas.paste(image.convert("RGB"), (round(-x0), round(-y0)))
-    return canvas.resize((size, size), Image.BICUBIC)
+    return canvas.resize((size, size) if isinstance(size, int) else size, Image.BICUBIC)
 
 
 def view_jpeg(image: Image.Image, view_box: list[float]) -> bytes:

@@ -191,3 +191,28 @@ def test_frame_view_crops_the_view_box():
     picture.paste((255, 0, 0), (50, 0, 150, 100))
     view = figures.frame_view(picture, [50, 0, 150, 100], size=32)
     assert np.asarray(view)[:, :, 0].min() > 200
+
+
+def test_a_non_square_grid_draws_on_its_own_canvas_unsquashed():
+    """Qwen2.5-VL: a 2 x 4 grid of a whole 120 x 60 image (left red, right blue), no CLS token."""
+    trace = hand_trace()
+    trace["grid"] = [2, 4]
+    trace["plan"] = {"cls_token": False}
+    trace["frames"][0].update(view_box=[0, 0, 120, 60], dominant=[0, 5], discarded=[3, 7], scores=[0.1] * 8,
+                              clusters=[{"centroid": 1, "members": [1, 2, 6]}, {"centroid": 4, "members": [4]}],
+                              token_patches=[[], [0], [5], [1, 2, 6], [4]])
+    picture = Image.new("RGB", (120, 60), (220, 40, 40))
+    picture.paste((40, 40, 220), (60, 0, 120, 60))
+    assert figures.canvas(trace) == (336, 168, 84)
+    view = np.asarray(figures.picture_of(trace, picture)).astype(int)
+    assert view.shape == (168, 336, 3) and view[80, 160, 0] > 200 and view[80, 176, 2] > 200
+    fig = figures.cluster_map(trace, picture)
+    assert list(fig.layout.xaxis.range) == [0, 336] and list(fig.layout.yaxis.range) == [168, 0]
+    merged = next(t for t in fig.data if t.name == "merged")
+    assert np.asarray(merged.z).shape == (2, 4) and merged.dx == merged.dy == 84 and merged.x0 == 42
+    assert "received attention 0.1" in merged.customdata[0][1]
+    pixels = np.asarray(figures.overlay_png(trace, picture, layer=0)).astype(int)
+    *grey, alpha = figures.DISCARDED_RGBA
+    blue_under_grey = alpha * np.array(grey) + (1 - alpha) * np.array([40, 40, 220])
+    assert pixels.shape == (168, 336, 3)
+    assert np.abs(pixels[42, 3 * 84 + 42] - blue_under_grey).max() <= 2  # patch 3: row 0, col 3, discarded

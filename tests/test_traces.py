@@ -70,6 +70,28 @@ def test_cli_traces_carry_their_views_and_open_in_the_browser(tiny_checkpoint, i
         p for c in trace["frames"][0]["clusters"] for p in c["members"])
 
 
+
+def test_a_qwen_trace_opens_in_the_browser_on_its_own_non_square_grid(qwen_engine, wide_image, tmp_path):
+    """A stored view is a square JPEG whatever the image; the browser stretches it back onto the
+    trace's 10 x 15 grid, so its picture is the live run's, up to JPEG's loss."""
+    from model.budget import ReductionConfig
+    from model.trace import attach_views
+
+    live = qwen_engine.answer(wide_image, "what color is the blue square ?", ReductionConfig("duet", 64),
+                              max_new_tokens=2)
+    (tmp_path / "duet.json").write_text(json.dumps(attach_views(live, [wide_image])))
+    trace, views, note = scan_folder(tmp_path).trace("duet")
+    assert trace["grid"] == [10, 15] and note == ""
+    browser = Browser()
+    _, _, _, clusters, layer_view, *_ = browser.draw(browser.serve(scan_folder(tmp_path)), "duet", 14)
+    for stored, drawn in ((clusters, figures.cluster_map(live, wide_image)),
+                          (layer_view, figures.layer_view(live, wide_image, layer=14))):
+        assert image_source(stored).size == image_source(drawn).size == (336, 224)
+        assert np.abs(pixels(image_source(stored).resize((15, 10), Image.BOX))
+                      - pixels(image_source(drawn).resize((15, 10), Image.BOX))).max() < 8
+        assert list(stored.layout.yaxis.range) == [224, 0]
+
+
 # ------------------------------------------------------------------------------------------- lmms-eval
 @pytest.fixture(scope="module")
 def lmms_runs(tmp_path_factory):
