@@ -1,4 +1,4 @@
-"""DUET-Viz entry point: load a LLaVA checkpoint once, build the UI, serve it (or, with
+"""DUET-Viz entry point: load a checkpoint (LLaVA, Video-LLaVA or Qwen2.5-VL) once, build the UI, serve it (or, with
 ``--traces DIR``, serve the trace browser over a folder of traces, with no model)."""
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from duet_viz.traces import TraceError, scan_folder
 from duet_viz.ui import App
 from model.engine import DuetLlava
 
-# Hub checkpoints a public deployment may load (LLaVA-1.5 family, Video-LLaVA; HF conversions); any
-# local folder is allowed too. Nothing is ever loaded with trust_remote_code.
-ALLOWED_HUB_MODELS = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "LanguageBind/Video-LLaVA-7B-hf")
+# Hub checkpoints a public deployment may load (LLaVA-1.5 family, Video-LLaVA; HF conversions;
+# Qwen2.5-VL, stock transformers classes); any local folder is allowed too. Nothing is ever loaded
+# with trust_remote_code.
+ALLOWED_HUB_MODELS = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "LanguageBind/Video-LLaVA-7B-hf",
+                      "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct")
 
 
 def resolve_model(name: str | None) -> str | None:
@@ -35,7 +37,7 @@ def resolve_model(name: str | None) -> str | None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="DUET-Viz: see what DUET-VLM keeps, layer by layer")
     parser.add_argument("--model", default=os.environ.get("DUET_MODEL"),
-                        help="LLaVA checkpoint folder or hub id (default: $DUET_MODEL or the shipped model)")
+                        help="checkpoint folder or allow-listed hub id (default: $DUET_MODEL or the shipped model)")
     parser.add_argument("--device", default=os.environ.get("DUET_DEVICE", "auto"), help="auto, cpu or cuda")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

@@ -12,14 +12,15 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from model.budget import DUET_PUBLISHED, METHODS, PRESET_BUDGETS
+from model.budget import DUET_PUBLISHED, METHODS, PRESET_BUDGETS, ReductionConfig
 from model.engine import DuetLlava
 from model.video import MAX_NUM_FRAMES
 
 from . import figures
 from .browser import Browser, browser_tab
 from .limits import Limits
-from .ui import CACHE_MAX_AGE_S, CACHE_SWEEP_S, DEFAULTS, MAX_NEW_TOKENS, MODEL_WORK, App, method_choices
+from .ui import (CACHE_MAX_AGE_S, CACHE_SWEEP_S, DEFAULTS, MAX_NEW_TOKENS, MODEL_WORK, PRESET, App, full_tokens,
+                 method_choices, pool_width_max)
 from .widgets import UploadedImage, WholeNumber
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -36,20 +37,39 @@ VIDEO_EXAMPLES = [  # clips written by model.video.write_clip from the scene gen
 ]
 POSITION_CHOICES = [("each method's own", "method"), ("renumbered (contiguous)", "contiguous"),
                     ("original (full prompt's positions)", "original")]
-# Budget radio: (label, value). The DUET authors publish the dominant/contextual split only for
-# some presets; the label says where ours is our own extrapolation. Values stay the plain numbers.
+# Budget radio: (label, value). The DUET authors publish LLaVA-1.5's dominant/contextual split only
+# for some presets; the label says where ours is our own extrapolation. Values stay the plain numbers.
 BUDGET_CHOICES = [(str(b) if b in DUET_PUBLISHED else f"{b} (DUET split not published)", str(b))
                   for b in PRESET_BUDGETS] + [("custom", "custom")]
 LAYER_JS = figures.layer_js("layer-view")
 CSS = "#layer-view {min-height: 440px} .duet-header {margin-bottom: 0}"
 
 
+def budget_choices(engine: DuetLlava) -> list[tuple[str, str]]:
+    """The budget radio's choices. Where each image has its own grid (Qwen2.5-VL) the numbers are
+    per image and the split is the authors' 540 : 100 at any budget; the backbone's own preset
+    (the authors' absolute counts) comes first."""
+    if full_tokens(engine) is not None:
+        return BUDGET_CHOICES
+    preset = engine.backbone.preset("duet", False)
+    return ([(f"authors' preset: {preset['k1']} + {preset['k2']} tokens", PRESET)] +
+            [(str(b), str(b)) for b in PRESET_BUDGETS] + [("custom", "custom")])
+
+
+def counts_cls(engine: DuetLlava) -> bool:
+    """Whether k1 counts a CLS token on this backbone (LLaVA) or plain tokens (Qwen2.5-VL)."""
+    return engine.plan(ReductionConfig("duet", PRESET_BUDGETS[-1])).cls_token
+
+
 def header(engine: DuetLlava) -> str:
+    n = full_tokens(engine)
+    grid = (f"{engine.grid[0]}×{engine.grid[1]} = {n} patches per image" if n is not None else
+            f"each image its own grid of merged tokens, as many as its size gives (at most {engine.n_patches}); "
+            "budgets count tokens per image")
     return (f"## DUET-Viz\nWhich image patches DUET-VLM merges (V2V) and which visual tokens survive each LLM "
             f"layer (T2V), next to VisionZip, FastV, PyramidDrop, HiRED, FitPrune and the full model.  \n"
             f"**Model** `{engine.name}` · **device** `{engine.device}` · **dtype** "
-            f"`{str(engine.dtype).replace('torch.', '')}` · {engine.n_layers} LLM layers · "
-            f"{engine.grid[0]}×{engine.grid[1]} = {engine.n_patches} patches per image")
+            f"`{str(engine.dtype).replace('torch.', '')}` · {engine.n_layers} LLM layers · {grid}")
 
 
 def controls(engine: DuetLlava, image_examples, video_examples) -> SimpleNamespace:
@@ -59,24 +79,28 @@ def controls(engine: DuetLlava, image_examples, video_examples) -> SimpleNamespa
     with gr.Tabs() as c.tabs:
         with gr.Tab("Image", id="image") as c.image_tab:
             c.image = UploadedImage(type="filepath", label="Image", sources=["upload", "clipboard"], height=300)
-        with gr.Tab("Video", id="video") as c.video_tab:
+        with gr.Tab("Video", id="video", visible=engine.takes_video) as c.video_tab:
             c.video = gr.Video(label="Video (mp4, webm, avi; ≤ 120 s)", sources=["upload"], include_audio=True,
                                height=300)
             c.num_frames = gr.Slider(1, MAX_NUM_FRAMES, value=d["num_frames"], step=1,
                                      label="Frames sampled uniformly (budget applies per frame)")
     c.question = gr.Textbox(label="Question", value=EXAMPLES[0][1], max_lines=3)
-    c.method = gr.Radio(method_choices(METHODS, engine.n_patches), value=d["method"], label="Method")
+    c.method = gr.Radio(method_choices(METHODS, full_tokens(engine)), value=d["method"], label="Method")
+    per_image = full_tokens(engine) is None
     with gr.Row():
-        c.budget = gr.Radio(BUDGET_CHOICES, value=d["budget"], label="Visual-token budget (avg per LLM layer)")
+        c.budget = gr.Radio(budget_choices(engine), value=d["budget"],
+                            label="Visual-token budget per image (avg per LLM layer; the preset: absolute counts)"
+                            if per_image else "Visual-token budget (avg per LLM layer)")
         c.custom_budget = WholeNumber(value=d["custom_budget"], precision=0, minimum=1, maximum=engine.n_patches,
                                       label="Custom budget", visible=False)
-    c.compare = gr.CheckboxGroup(method_choices(METHODS, engine.n_patches), value=d["compare"],
+    c.compare = gr.CheckboxGroup(method_choices(METHODS, full_tokens(engine)), value=d["compare"],
                                  label="Compare with (same input and budget, default knobs)")
     with gr.Accordion("Advanced (applies to the selected method)", open=False):
         with gr.Row():
-            c.k1 = WholeNumber(label="k1 dominant, CLS counted (blank: auto)", precision=0, minimum=0)
+            c.k1 = WholeNumber(label="k1 dominant, CLS counted (blank: auto)" if counts_cls(engine) else
+                               "k1 dominant tokens per image, no CLS (blank: auto)", precision=0, minimum=0)
             c.k2 = WholeNumber(label="k2 contextual tokens (blank: auto)", precision=0, minimum=0)
-        c.cluster_width = gr.Slider(0, max(engine.grid), value=d["cluster_width"], step=1,
+        c.cluster_width = gr.Slider(0, pool_width_max(engine), value=d["cluster_width"], step=1,
                                     label="V2V pool width (DUET merges the width x k2 best other patches)")
         with gr.Row():
             n = engine.n_layers
@@ -97,7 +121,7 @@ def controls(engine: DuetLlava, image_examples, video_examples) -> SimpleNamespa
     return c
 
 
-def views(n_layers: int, n_patches: int) -> SimpleNamespace:
+def views(n_layers: int, n_patches: int | None) -> SimpleNamespace:
     """The outputs column: answers, the model note, latency, the cluster map and layer view with
     their sliders, per-frame views, tokens per layer and the downloads."""
     v = SimpleNamespace()
@@ -112,7 +136,7 @@ def views(n_layers: int, n_patches: int) -> SimpleNamespace:
     # the overlay and the views still take the method and say "press Run".
     v.shown = gr.Radio(method_choices(METHODS, n_patches), label="Show maps for", visible=False)
     with gr.Row():
-        v.clusters = gr.Plot(label="V2V cluster map")
+        v.clusters = gr.Plot(label="V2V cluster map", elem_id="cluster-map")
         with gr.Column():
             v.layer_view = gr.Plot(label="Layer view", elem_id="layer-view")
             v.layer = gr.Slider(0, n_layers - 1, value=n_layers // 2, step=1, label="LLM layer",
@@ -162,7 +186,8 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy", limits: Limits |
     limits = limits or Limits().shared_address()
     app = App(engine, runs_per_minute=limits.runs_per_minute)
     image_examples = [(ASSETS / name, q) for name, q in EXAMPLES if (ASSETS / name).exists()]
-    video_examples = [(ASSETS / name, q) for name, q in VIDEO_EXAMPLES if (ASSETS / name).exists()]
+    video_examples = [(ASSETS / name, q) for name, q in VIDEO_EXAMPLES
+                      if (ASSETS / name).exists() and engine.takes_video]
     app.register_examples(image_examples + video_examples, eager=cache_examples == "eager")
     with gr.Blocks(title="DUET-Viz", delete_cache=(CACHE_SWEEP_S, CACHE_MAX_AGE_S)) as demo:
         gr.Markdown(header(engine), elem_classes="duet-header")
@@ -173,7 +198,7 @@ def build_demo(engine: DuetLlava, cache_examples: str = "lazy", limits: Limits |
                     with gr.Column(scale=4, min_width=320):
                         c = controls(engine, image_examples, video_examples)
                     with gr.Column(scale=7):
-                        v = views(engine.n_layers, engine.n_patches)
+                        v = views(engine.n_layers, full_tokens(engine))
             with gr.Tab("Browse traces", id="traces"):
                 browser_tab(Browser(workdir=app.workdir.name), None, uploads=True)
         wire(app, c, v, state, mode)

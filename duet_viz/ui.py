@@ -56,13 +56,30 @@ METHOD_NAMES = {"full": "Full", "duet": "DUET", "visionzip": "VisionZip", "fastv
                 "pyramiddrop": "PyramidDrop", "hired": "HiRED", "fitprune": "FitPrune"}
 
 
-def method_name(method: str, n_patches: int) -> str:
-    """A method's label; the full model's names its visual tokens per image (576 on LLaVA-1.5, 256
-    on Video-LLaVA)."""
-    return f"Full ({n_patches})" if method == "full" else METHOD_NAMES[method]
+PRESET = "preset"  # the budget choice of a backbone's own preset (Qwen2.5-VL: the authors' 540 + 100)
 
 
-def method_choices(methods, n_patches: int) -> list[tuple[str, str]]:
+def full_tokens(engine: DuetLlava) -> int | None:
+    """Visual tokens every image gets (576 on LLaVA-1.5, 256 on Video-LLaVA), or None where each
+    image has a grid of its own (Qwen2.5-VL: (h / 28) x (w / 28) merged tokens)."""
+    return None if engine.grid is None else engine.n_patches
+
+
+def pool_width_max(engine: DuetLlava) -> int:
+    """The widest V2V pool the controls offer: the side of a square grid of the most tokens an
+    image gets (LLaVA-1.5: 24, its grid's side)."""
+    return math.isqrt(engine.n_patches)
+
+
+def method_name(method: str, n_patches: int | None) -> str:
+    """A method's label; the full model's names its visual tokens per image when every image has
+    as many (``full_tokens``)."""
+    if method != "full":
+        return METHOD_NAMES[method]
+    return "Full" if n_patches is None else f"Full ({n_patches})"
+
+
+def method_choices(methods, n_patches: int | None) -> list[tuple[str, str]]:
     return [(method_name(m, n_patches), m) for m in methods]
 
 
@@ -265,7 +282,7 @@ class App:
         n_patches = self.engine.n_patches
         with shown_to_user():
             k1, k2 = _optional_int(k1, "k1", n_patches), _optional_int(k2, "k2", n_patches)
-            cluster_width = whole_number(cluster_width, "The V2V pool width", 0, max(self.engine.grid))
+            cluster_width = whole_number(cluster_width, "The V2V pool width", 0, pool_width_max(self.engine))
             layers, ratios = _ints(stage_layers, "Stage layers"), _floats(stage_ratios, "Keep ratios")
             salient = salient_override(salient)
         try:
@@ -279,15 +296,34 @@ class App:
 
     def configs(self, method, budget_choice, custom_budget, compare, k1, k2, cluster_width, stage_layers,
                 stage_ratios, salient, positions=DEFAULTS["positions"]) -> list[ReductionConfig]:
-        """The selected method's config first, then each method to compare with at default knobs."""
-        with shown_to_user():
-            budget = whole_number(custom_budget if budget_choice == "custom" else budget_choice,
-                                  "The budget (visual tokens)", 1, self.engine.n_patches)
+        """The selected method's config first, then each method to compare with at default knobs.
+        ``PRESET`` (Qwen2.5-VL): the backbone's own settings, the authors' absolute counts for DUET
+        and VisionZip (k1 / k2 typed in still win) and their nominal budget for the others."""
+        preset = self.presets() if budget_choice == PRESET else {}
+        if budget_choice == PRESET:
+            budget = preset["duet"]["budget"]
+            own = preset.get(method, {})
+            k1 = own.get("k1") if k1 in (None, "") else k1
+            k2 = own.get("k2") if k2 in (None, "") else k2
+        else:
+            with shown_to_user():
+                budget = whole_number(custom_budget if budget_choice == "custom" else budget_choice,
+                                      "The budget (visual tokens)", 1, self.engine.n_patches)
         primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient, positions)
         with shown_to_user():
             others = [m for m in compared(compare) if m != method]
-        return [primary] + [ReductionConfig(m, int(budget), salient_words=primary.salient_words,
-                                            positions=primary.positions) for m in others]
+        return [primary] + [ReductionConfig(m, **preset.get(m, {"budget": int(budget)}),
+                                            salient_words=primary.salient_words, positions=primary.positions)
+                            for m in others]
+
+    def presets(self) -> dict[str, dict]:
+        """Each method's preset on this backbone (``preset``: k1, k2 and the nominal budget), the
+        methods without one left out; refused where the backbone has none."""
+        found = {m: self.engine.backbone.preset(m, False) for m in METHODS}
+        found = {m: settings for m, settings in found.items() if settings}
+        if "duet" not in found:
+            raise gr.Error(f"{self.engine.name} has no preset budget: pick a number of visual tokens.")
+        return found
 
     def request(self, source, use_video: bool, question: str, configs, max_new_tokens: int, num_frames: int) -> str:
         """Fingerprint of everything a result depends on."""
@@ -368,6 +404,9 @@ class App:
         use_video = video is not None and (mode == "video" or image is None)
         if image is None and not use_video:
             raise gr.Error("Upload an image or a video (or click an example) first.")
+        if use_video and not self.engine.takes_video:
+            raise gr.Error(f"{self.engine.name} answers about one image per question here: video is not supported "
+                           "(DUET-VLM reduces one image on this backbone). Upload an image instead.")
         with shown_to_user():
             question = check_question(question, self.engine.tokenizer)
             max_new_tokens = whole_number(max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS)
@@ -379,7 +418,7 @@ class App:
         progress(1.0, desc="Drawing")
         result = self.recall(key)
         traces, frames = result["traces"], result["frames"]
-        shown = gr.Radio(choices=method_choices(traces, self.engine.n_patches), value=method,
+        shown = gr.Radio(choices=method_choices(traces, full_tokens(self.engine)), value=method,
                          visible=len(traces) > 1)
         salient_text = salient_line(traces[method])
         note = "\n\n".join(part for part in (warning_lines(traces), model_note(self.engine, question)) if part)
@@ -398,7 +437,7 @@ class App:
                 for i, cfg in enumerate(configs):
                     if self.stopping.is_set():
                         raise gr.Error("The app is shutting down: try again in a minute.")
-                    progress(i / len(configs), desc=f"Running {method_name(cfg.method, self.engine.n_patches)} "
+                    progress(i / len(configs), desc=f"Running {method_name(cfg.method, full_tokens(self.engine))} "
                                                    f"({i + 1}/{len(configs)})")
                     traces[cfg.method] = self._answer(frames, question, cfg, max_new_tokens)
             finally:

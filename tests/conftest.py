@@ -96,6 +96,46 @@ def qwen_engine(tiny_qwen):
 
 
 @pytest.fixture(scope="session")
+def served_qwen(tiny_qwen, tmp_path_factory):
+    """``python app.py --model TINY_QWEN`` in a process of its own (its own loader, guard and
+    limits, examples cached lazily); yields its URL once it answers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("qwen-app") / "stderr.log"
+    root = Path(__file__).resolve().parent.parent
+    with log.open("w") as stderr:
+        server = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_qwen), "--device", "cpu",
+                                   "--port", str(port), "--cache-examples", "lazy"], cwd=root,
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
+    url, deadline = f"http://127.0.0.1:{port}/", time.time() + 180
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"python app.py --model {tiny_qwen} did not serve: {log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def qwen_client(served_qwen):
+    from gradio_client import Client
+
+    return Client(served_qwen, verbose=False)
+
+
+@pytest.fixture(scope="session")
 def wide_image():
     """A non-square picture: 280 x 420 px -> a 10 x 15 grid of 150 merged tokens on Qwen2.5-VL."""
     rng = np.random.RandomState(1)

@@ -95,6 +95,8 @@ def test_models_outside_the_allow_list_are_refused(name):
 def test_allowed_and_local_models_pass(tiny_checkpoint):
     assert app.resolve_model(None) is None
     assert app.resolve_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    for qwen in ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"):
+        assert app.resolve_model(qwen) == qwen
     assert app.resolve_model(str(tiny_checkpoint)) == str(tiny_checkpoint)
 
 

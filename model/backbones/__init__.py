@@ -6,7 +6,8 @@ the LLM gets, and the patch grid the trace draws. The engine (``model/engine.py`
 loop (``model/decoder.py``) and the trace call the adapter through these names and know no
 backbone:
 
-- ``load(source, config, device, dtype)`` (classmethod), ``kind``, ``model``, ``processor``, ``lm``
+- ``load(source, config, device, dtype)`` (classmethod), ``kind``, ``model``, ``processor``, ``lm``,
+  ``takes_video`` (whether a question may come with several frames)
 - ``prompt_text(question, n_frames)``, ``inputs(rgb_frames, text)`` -> the ``Prompt`` fields
 - ``plan(reduction, n_layers, prompt)``, ``preset(method, video)``, ``kept_short_side_px``
 - ``tower(prompt)`` -> states, ``reduce_prompt(states, plan, timer, prompt)`` -> :class:`Visual`

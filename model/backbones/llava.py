@@ -26,6 +26,7 @@ class Llava:
 
     kind = "llava"
     video_llava = False
+    takes_video = True  # frames enter as a multi-image prompt
     batches = True  # ``model/batch.py`` can group its prompts
     kept_short_side_px = None  # the inputs' default (336 px): its processor reads no more
 

@@ -156,6 +156,7 @@ class Qwen25VL:
 
     kind = "qwen2_5_vl"
     video_llava = False
+    takes_video = False  # one image per question (``one_image``)
     batches = False  # every image has its own grid and plan
     # an image is kept up to the side of a square of max_pixels: the processor never reads more
     kept_short_side_px = math.isqrt(MAX_PIXELS)
