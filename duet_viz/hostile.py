@@ -211,11 +211,9 @@ def largest_image(probe: Probe, case: Case) -> None:
 
 
 def direct_runs(probe: Probe, case: Case) -> None:
-    """Queued events posted to ``/run/``: Gradio refuses them there; past 32 new sessions from the
-    address the guard does first, as on every route that runs events."""
     image = probe.upload((ASSETS / "chelsea.jpg").read_bytes(), "chelsea.jpg", ATTACKER)
     for reply in concurrently([lambda: probe.direct("run", run_args(image), ATTACKER)] * 40, 40):
-        case.expect(reply, r"does not accept direct HTTP POST|Too many new sessions")
+        case.expect(reply, r"does not accept direct HTTP POST")
 
 
 def queue_flood(probe: Probe, case: Case) -> None:
@@ -285,12 +283,13 @@ def unused_routes(probe: Probe, case: Case) -> None:
 
 
 def huge_fields(probe: Probe, case: Case) -> None:
-    """64 sessions each sending a 25 MB question: refused before Gradio keeps any of it."""
-    address = "203.0.113.150"
-    image = probe.upload((ASSETS / "chelsea.jpg").read_bytes(), "chelsea.jpg", address)
+    """64 visitors' sessions each sending a 25 MB question, two at a time (four would pass the
+    64 MB of JSON being read at once, and be told the server is busy): refused before Gradio
+    keeps any of it, so what the server keeps afterwards is the RSS kept column."""
+    image = probe.upload((ASSETS / "chelsea.jpg").read_bytes(), "chelsea.jpg", "203.0.113.150")
     question = "a" * 25_000_000
-    calls = [lambda: probe.join("run", run_args(image, question=question), address)] * 64
-    for reply in concurrently(calls, 4):
+    calls = [lambda n=n: probe.join("run", run_args(image, question=question), f"198.18.0.{n}") for n in range(64)]
+    for reply in concurrently(calls, 2):
         case.expect(reply, r"“Question” is too long")
 
 

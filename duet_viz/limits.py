@@ -501,7 +501,7 @@ class Guard:
             with self.json_bytes.hold() as hold:
                 body = await self.read_body(scope, receive, hold)
                 if event:
-                    body = self.admit(body, client, path)
+                    body = self.admit(body, client, path, new_session=queued)
                 await self.app(replace_length(scope, len(body)), replay(body, receive), send)
         finally:
             self.joining[client] -= queued
@@ -528,10 +528,11 @@ class Guard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def admit(self, body: bytes, client: str, path: str) -> bytes:
-        """The body of an event's request once its session is admitted and its fields are checked:
-        links refused, data: URLs replaced by stored uploads (one path, whatever the route), then
-        each field capped (:meth:`check_fields`), before Gradio reads or stores any of it."""
+    def admit(self, body: bytes, client: str, path: str, new_session: bool = True) -> bytes:
+        """The body of an event's request once its session is admitted (``new_session``: a queued
+        event may open one) and its fields are checked: links refused, data: URLs replaced by
+        stored uploads (one path, whatever the route), then each field capped
+        (:meth:`check_fields`), before Gradio reads or stores any of it."""
         try:
             payload = json.loads(body)
         except ValueError:
@@ -540,7 +541,7 @@ class Guard:
             raise Refusal(413, "The request's fields are nested too deeply.") from None
         if not isinstance(payload, dict):
             return body
-        wait = self.sessions.wait_s(client, payload.get("session_hash"))
+        wait = self.sessions.wait_s(client, payload.get("session_hash")) if new_session else 0
         if wait:
             raise Refusal(429, f"Too many new sessions from your address: try again in {math.ceil(wait)} s.")
         files: list[dict] = []

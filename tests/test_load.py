@@ -15,8 +15,7 @@ def test_hostile_mix_reports_each_attack_and_the_sigterm(tiny_checkpoint):
     report = run_hostile(str(tiny_checkpoint), cases=cases)
     assert [row["case"] for row in report["cases"]] == cases
     assert all(row["unexpected"] == 0 and row["requests"] > 0 for row in report["cases"]), report["cases"]
-    direct = report["cases"][1]["outcomes"]  # Gradio's 404, then the guard's new-session limit (32 per address)
-    assert set(direct) == {"refused 404", "refused 429"} and sum(direct.values()) == 40
+    assert report["cases"][1]["outcomes"] == {"refused 404": 40}
     assert report["cases"][3]["outcomes"] == {"refused 404": 6}
     assert report["cases"][4]["outcomes"] == {"refused 400": 1}
     assert report["sigterm"] == {"exit_code": 0, "work_folders_left": [], "cache_entries_left": 0}
