@@ -128,9 +128,10 @@ class Probe:
 
 def detail(response: httpx.Response) -> str:
     try:
-        return str(response.json().get("detail", response.text))
+        body = response.json()
     except ValueError:
         return response.text[:300]
+    return str(body.get("detail", response.text) if isinstance(body, dict) else body)[:300]
 
 
 @dataclass
