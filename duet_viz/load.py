@@ -66,26 +66,42 @@ def folder_mb(folder: Path | None) -> float:
 
 
 class Sampler:
-    """The server's RSS (and the disk under ``folder``) every ``period_s``, in a thread."""
+    """The server's RSS (and the disk under ``folder``) every ``period_s``, in a thread; with
+    ``url``, also how long a GET of it takes, back to back in another thread (how long any other
+    request waits while the case runs: the event loop's stalls)."""
 
-    def __init__(self, pid: int, folder: Path | None = None, period_s: float = 0.2):
-        self.pid, self.folder, self.period_s = pid, folder, period_s
+    def __init__(self, pid: int, folder: Path | None = None, period_s: float = 0.2, url: str | None = None):
+        self.pid, self.folder, self.period_s, self.url = pid, folder, period_s, url
         self.rss, self.disk = [rss_mb(pid)], [folder_mb(folder)]
+        self.latency: list[float] = []
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.threads = [threading.Thread(target=self.sample, daemon=True)]
+        if url:
+            self.threads.append(threading.Thread(target=self.time_requests, daemon=True))
 
     def sample(self) -> None:
         while not self.stop.wait(self.period_s):
             self.rss.append(rss_mb(self.pid))
             self.disk.append(folder_mb(self.folder))
 
+    def time_requests(self) -> None:
+        while not self.stop.wait(0.05):
+            started = time.perf_counter()
+            try:
+                urllib.request.urlopen(self.url, timeout=60).read()
+            except OSError:
+                pass
+            self.latency.append(time.perf_counter() - started)
+
     def __enter__(self) -> Sampler:  # noqa: PYI034
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.thread.join()
+        for thread in self.threads:
+            thread.join()
 
 
 def start_server(model: str | None, port: int, start_timeout_s: float = 180, env: dict | None = None,
@@ -203,7 +219,7 @@ def run_hostile(model: str | None, root: Path = ROOT, cases: list[str] | None = 
         env = {"TMPDIR": tmp, "GRADIO_TEMP_DIR": str(Path(tmp) / "gradio")}
         server = start_server(model, port, env=env, root=root)
         try:
-            with Sampler(server.pid, Path(tmp)) as sampler:
+            with Sampler(server.pid, Path(tmp), url=f"http://127.0.0.1:{port}/favicon.ico") as sampler:
                 probe = hostile.Probe(f"http://127.0.0.1:{port}/")
                 rows = [run_case(name, probe, sampler) for name in cases or hostile.CASES]
         finally:
@@ -217,7 +233,7 @@ def run_hostile(model: str | None, root: Path = ROOT, cases: list[str] | None = 
 
 
 def run_case(name: str, probe: hostile.Probe, sampler: Sampler) -> dict:
-    first, started = len(sampler.rss), time.time()
+    first, first_timed, started = len(sampler.rss), len(sampler.latency), time.time()
     case = hostile.Case(name)
     hostile.CASES[name](probe, case)
     time.sleep(2 * sampler.period_s)  # let the sampler see the case's end
@@ -225,7 +241,8 @@ def run_case(name: str, probe: hostile.Probe, sampler: Sampler) -> dict:
     return {"case": name, "requests": sum(case.outcomes.values()), "outcomes": case.outcomes,
             "unexpected": case.unexpected, "seconds": round(time.time() - started, 1),
             "peak_rss_mb": round(max(rss), 1), "rss_rise_mb": round(max(rss) - rss[0], 1),
-            "rss_kept_mb": round(rss[-1] - rss[0], 1),
+            "rss_kept_mb": round(rss[-1] - rss[0], 1), "timed_requests": len(sampler.latency) - first_timed,
+            "max_stall_s": round(max(sampler.latency[first_timed:], default=0), 3),
             "disk_growth_mb": round(max(disk) - disk[0], 1)}
 
 
@@ -240,12 +257,13 @@ def hostile_markdown(report: dict, command: str) -> str:
     lines = [(f"`{command}` on {machine()}; server RSS {report['rss_mb']['start']} MB at start, "
               f"{report['rss_mb']['peak']} MB peak; disk {report['disk_mb']['start']} MB at start, "
               f"{report['disk_mb']['peak']} MB peak."), "",
-             "| case | requests | outcomes | unexpected | peak RSS MB | RSS rise MB | RSS kept MB | disk growth MB | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| case | requests | outcomes | unexpected | peak RSS MB | RSS rise MB | RSS kept MB | disk growth MB | "
+             "longest other request s | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["cases"]:
         outcomes = ", ".join(f"{kind} × {n}" for kind, n in row["outcomes"].items())
         lines.append(f"| {row['case']} | {row['requests']} | {outcomes} | {row['unexpected']} | {row['peak_rss_mb']} | "
-                     f"{row['rss_rise_mb']} | {row['rss_kept_mb']} | {row['disk_growth_mb']} | {row['seconds']} |")
+                     f"{row['rss_rise_mb']} | {row['rss_kept_mb']} | {row['disk_growth_mb']} | {row['max_stall_s']} | "
+                     f"{row['seconds']} |")
     sigterm = report["sigterm"]
     lines += ["", (f"SIGTERM: exit code {sigterm['exit_code']}, work folders left: "
                    f"{', '.join(sigterm['work_folders_left']) or 'none'}; files and folders left in Gradio's "

@@ -19,5 +19,6 @@ def test_hostile_mix_reports_each_attack_and_the_sigterm(tiny_checkpoint):
     assert report["cases"][3]["outcomes"] == {"refused 404": 6}
     assert report["cases"][4]["outcomes"] == {"refused 400": 1}
     assert report["sigterm"] == {"exit_code": 0, "work_folders_left": [], "cache_entries_left": 0}
+    assert all(row["timed_requests"] > 0 and row["max_stall_s"] < 60 for row in report["cases"])  # others' requests
     table = hostile_markdown(report, "python -m duet_viz.load --hostile")
-    assert all(f"| {case} |" in table for case in cases) and " cores;" in table
+    assert all(f"| {case} |" in table for case in cases) and " cores;" in table and "longest other request" in table
