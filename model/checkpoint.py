@@ -188,16 +188,22 @@ def build_random_video_llava(folder: str | Path, spec: TinyLlavaSpec | None = No
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_random(VideoLlavaForConditionalGeneration, config, tokenizer, folder, seed)
     VideoLlavaImageProcessor(
         size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
     ).save_pretrained(folder)
     return folder
+
+
+def save_random(model_class, config, tokenizer, folder: Path, seed: int) -> None:
+    """``model_class(config)`` with weights drawn from ``seed``, saved with ``tokenizer`` into
+    ``folder``; generation stops and pads as the tokenizer says."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 # Decoder weights that write into the residual stream (rows, or an embedding's columns, index it)
@@ -329,11 +335,6 @@ def build_random_qwen(folder: str | Path, spec: TinyQwenSpec | None = None, seed
         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
         initializer_range=spec.init_std,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_random(Qwen2_5_VLForConditionalGeneration, config, tokenizer, folder, seed)
     Qwen2VLImageProcessorPil().save_pretrained(folder)
     return folder
