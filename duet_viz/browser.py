@@ -11,7 +11,8 @@ read and checked:
   trace carries. With a second run, the table pairs each document's two answers, the disagreeing
   ones first, and the two runs' pictures stand side by side.
 - **Dataset**: per model × method × budget of each run, the accuracy (mean of the documents'
-  first metric, where the traces carry scores), the mean visual tokens per layer, and the mean
+  first metric, where the traces carry scores) with its 95 % interval
+  (:func:`model.intervals.score_interval`), the mean visual tokens per layer, and the mean
   keep map (``traces.keep_masks``), downloadable as a PNG of every layer.
 
 Runs are kept server-side under a key (the session state holds only the key): the served folders
@@ -31,6 +32,7 @@ from pathlib import Path
 import gradio as gr
 
 from model.inputs import whole_number
+from model.intervals import score_interval
 
 from . import figures
 from .traces import LIMITS, Group, Run, TraceError, TraceLimits, normalised, paired, response, scan_upload
@@ -53,7 +55,8 @@ VIEW_IDS = ("trace-view-a", "trace-view-b")
 SINGLE_HEADERS = ["task", "doc", "question", "answer", "target", "correct", "method", "budget", "avg tokens"]
 PAIR_HEADERS = ["task", "doc", "question", "target", "A answer", "A correct", "B answer", "B correct", "agree",
                 "A avg tokens", "B avg tokens"]
-DATASET_HEADERS = ["run", "model", "method", "budget", "documents", "scored", "accuracy", "avg visual tokens"]
+DATASET_HEADERS = ["run", "model", "method", "budget", "documents", "scored", "accuracy", "95 % interval",
+                   "avg visual tokens"]
 
 
 def mark(score: float | None) -> str:
@@ -238,7 +241,8 @@ class Browser:
         """(accuracy table, mean visual tokens per layer, mean keep maps, layers) of the run pair."""
         groups = self.named_maps(key)
         data = [[tag, g.model, g.method, "—" if g.method == "full" else g.budget, g.docs,
-                 len(g.scores), "" if g.accuracy is None else round(g.accuracy, 4), round(g.avg_tokens / g.docs, 2)]
+                 len(g.scores), "" if g.accuracy is None else round(g.accuracy, 4), interval(g.scores),
+                 round(g.avg_tokens / g.docs, 2)]
                 for tag, g in self.tagged_groups(key)]
         if not groups:
             return gr.Dataframe(value=None, headers=DATASET_HEADERS), None, None, 1
@@ -321,6 +325,14 @@ def browser_tab(browser: Browser, key: str | None, uploads: bool):
             browser.show, state, shown, api_visibility="private")
         return None
     return browser.show, state, shown
+
+
+def interval(scores: list[float]) -> str:
+    """The 95 % interval of a group's mean score (:func:`model.intervals.score_interval`), as text."""
+    if not scores:
+        return ""
+    low, high = score_interval(scores)
+    return f"{low:.3f}–{high:.3f}"
 
 
 def build_browser(browser: Browser, key: str, queue_size: int = 32) -> gr.Blocks:

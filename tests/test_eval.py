@@ -91,10 +91,21 @@ def test_start_evaluates_the_slice_that_begins_there(engine):
 
 
 def test_wilson_intervals_match_the_closed_form():
-    from model.lab.eval import wilson
+    from model.intervals import wilson
 
     low, high = wilson(50, 100)
     assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)
     low, high = wilson(100, 100)
     assert high == pytest.approx(1.0) and round(low, 4) == 0.963
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_score_intervals_are_wilsons_for_exact_match_and_normal_for_partial_credit():
+    from duet_viz.browser import interval
+    from model.intervals import score_interval, wilson
+
+    assert score_interval([1.0] * 50 + [0] * 50) == wilson(50, 100)
+    low, high = score_interval([0.5, 0.7, 0.9, 0.3] * 25)  # mean 0.6, sample sd 0.2247, n 100
+    assert (round(low, 4), round(high, 4)) == (0.556, 0.644)
+    assert score_interval([0.9, 1.0, 1.0, 0.95])[1] == 1.0  # clipped
+    assert interval([1, 0, 1, 1]) == "{:.3f}–{:.3f}".format(*wilson(3, 4)) and interval([]) == ""

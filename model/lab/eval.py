@@ -24,9 +24,10 @@ import statistics
 import time
 from pathlib import Path
 
-from . import scenes
 from ..batch import answer_batch, tower_states
 from ..budget import QUERIES, ReductionConfig
+from ..intervals import wilson
+from . import scenes
 from .clips import VIDEO_KINDS, moving_clip
 from .scenes import query_patches
 
@@ -68,16 +69,6 @@ def answers(engine, chunk, configs: list[ReductionConfig], max_new_tokens: int, 
         return {cfg: [engine.answer(images, question, cfg, max_new_tokens=max_new_tokens, hidden=states)
                       for (images, question), states in zip(questions, hidden)] for cfg in configs}
     return {cfg: answer_batch(engine, questions, cfg, max_new_tokens=max_new_tokens, hidden=hidden) for cfg in configs}
-
-
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % Wilson score interval of an accuracy of ``correct`` / ``n``."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def evaluate(engine, split: str, n: int, configs: list[ReductionConfig], seed: int = 0,
