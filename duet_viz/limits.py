@@ -308,13 +308,15 @@ class UploadSpace:
             found.append((stat.st_ctime, stat.st_size + FILE_OVERHEAD_BYTES, path))
         return sorted(found)
 
-    def sweep(self) -> int:
-        """Remove the empty folders of this app's files (see the class docstring); how many."""
+    def sweep(self, min_age_s: float | None = None) -> int:
+        """Remove the empty folders of this app's files older than ``min_age_s`` (default: the
+        space's; see the class docstring); how many."""
         root = Path(self.demo.GRADIO_CACHE).resolve()
         with self.lock:
             for files in self.tracked():
                 self.folders.update(Path(path).parent for path in list(files))
-            removed, young = 0, time.time() - self.min_age_s
+            removed = 0
+            young = time.time() - (self.min_age_s if min_age_s is None else min_age_s)
             for folder in list(self.folders):
                 try:
                     if folder.resolve().parent != root or folder.stat().st_ctime > young:
@@ -336,8 +338,7 @@ class UploadSpace:
                 self.folders.add(Path(path).parent)
                 Path(path).unlink(missing_ok=True)
                 files.discard(path)
-        self.min_age_s = 0
-        self.sweep()
+        self.sweep(min_age_s=0)
         with suppress(OSError):
             (Path(self.demo.GRADIO_CACHE) / "vibe_edit_history").rmdir()
 
@@ -430,13 +431,13 @@ def content_length(scope) -> int | None:
 class Guard:
     """ASGI middleware in front of Gradio's routes (module docstring: what each check closes)."""
 
-    def __init__(self, app, demo, limits: Limits, space: UploadSpace | None = None):
+    def __init__(self, app, demo, limits: Limits, space: UploadSpace):
         self.app, self.demo, self.limits = app, demo, limits
         self.requests = RateLimit(limits.requests_per_minute, 60)
         self.uploads = RateLimit(limits.uploads_per_minute, 60)
         self.sessions = NewSessions(limits.sessions_per_10_minutes, 600)
         self.json_bytes = ByteBudget(limits.json_bytes_in_flight)
-        self.space = space or UploadSpace(demo, limits.upload_disk_bytes, limits.upload_min_age_s)
+        self.space = space  # shared with the server's lifespan (launch_options), which sweeps and clears it
         self.joining: dict[str, int] = {}  # requests per client past check_pending, not yet in the queue
 
     async def __call__(self, scope, receive, send):

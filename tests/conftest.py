@@ -26,12 +26,16 @@ def engine(tiny_checkpoint):
     return DuetLlava.load(tiny_checkpoint, device="cpu")
 
 
+def noise_picture(seed: int, height: int, width: int, box: tuple[slice, slice], colour) -> Image.Image:
+    """Random pixels with one flat rectangle (``box``, rows then columns) of ``colour``."""
+    pixels = np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8)
+    pixels[box] = colour
+    return Image.fromarray(pixels)
+
+
 @pytest.fixture(scope="session")
 def image():
-    rng = np.random.RandomState(0)
-    pixels = rng.randint(0, 255, (300, 400, 3), dtype=np.uint8)
-    pixels[100:200, 50:150] = (220, 30, 30)
-    return Image.fromarray(pixels)
+    return noise_picture(0, 300, 400, (slice(100, 200), slice(50, 150)), (220, 30, 30))
 
 
 QUESTION = "what color is the red circle ?"
@@ -138,7 +142,4 @@ def qwen_client(served_qwen):
 @pytest.fixture(scope="session")
 def wide_image():
     """A non-square picture: 280 x 420 px -> a 10 x 15 grid of 150 merged tokens on Qwen2.5-VL."""
-    rng = np.random.RandomState(1)
-    pixels = rng.randint(0, 255, (280, 420, 3), dtype=np.uint8)
-    pixels[80:200, 250:380] = (30, 30, 220)
-    return Image.fromarray(pixels)
+    return noise_picture(1, 280, 420, (slice(80, 200), slice(250, 380)), (30, 30, 220))
