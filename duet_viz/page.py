@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from model.backbones.qwen2_5_vl import AUTHORS_CONTEXTUAL_SHARE, AUTHORS_DOMINANT_SHARE
 from model.budget import DUET_PUBLISHED, METHODS, PRESET_BUDGETS, ReductionConfig
 from model.engine import DuetLlava
 from model.video import MAX_NUM_FRAMES
@@ -19,7 +20,7 @@ from model.video import MAX_NUM_FRAMES
 from . import figures
 from .browser import Browser, browser_tab
 from .limits import Limits
-from .ui import (CACHE_MAX_AGE_S, CACHE_SWEEP_S, DEFAULTS, MAX_NEW_TOKENS, MODEL_WORK, PRESET, App, full_tokens,
+from .ui import (CACHE_MAX_AGE_S, CACHE_SWEEP_S, DEFAULTS, MAX_NEW_TOKENS, MODEL_WORK, PRESET, SHARES, App, full_tokens,
                  method_choices, pool_width_max)
 from .widgets import UploadedImage, WholeNumber
 
@@ -52,7 +53,9 @@ def budget_choices(engine: DuetLlava) -> list[tuple[str, str]]:
     if full_tokens(engine) is not None:
         return BUDGET_CHOICES
     preset = engine.backbone.preset("duet", False)
-    return ([(f"authors' preset: {preset['k1']} + {preset['k2']} tokens", PRESET)] +
+    return ([(f"authors' preset: {preset['k1']} + {preset['k2']} tokens", PRESET),
+             (f"authors' shares: {AUTHORS_DOMINANT_SHARE:.0%} + {AUTHORS_CONTEXTUAL_SHARE:.0%} of the image's tokens",
+              SHARES)] +
             [(str(b), str(b)) for b in PRESET_BUDGETS] + [("custom", "custom")])
 
 
@@ -89,7 +92,8 @@ def controls(engine: DuetLlava, image_examples, video_examples) -> SimpleNamespa
     per_image = full_tokens(engine) is None
     with gr.Row():
         c.budget = gr.Radio(budget_choices(engine), value=d["budget"],
-                            label="Visual-token budget per image (avg per LLM layer; the preset: absolute counts)"
+                            label="Visual-token budget per image (avg per LLM layer; the preset: absolute counts; "
+                            "the shares: every method matched to DUET's average on this image)"
                             if per_image else "Visual-token budget (avg per LLM layer)")
         c.custom_budget = WholeNumber(value=d["custom_budget"], precision=0, minimum=1, maximum=engine.n_patches,
                                       label="Custom budget", visible=False)

@@ -22,12 +22,14 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 import torch
 from PIL import Image
 
+from model.backbones.qwen2_5_vl import AUTHORS_CONTEXTUAL_SHARE, AUTHORS_DOMINANT_SHARE
 from model.budget import METHODS, ReductionConfig
 from model.engine import DuetLlava
 from model.inputs import (MAX_IMAGE_BYTES, InputError, check_encodable, check_question, check_upload, load_image, shown,
@@ -57,6 +59,8 @@ METHOD_NAMES = {"full": "Full", "duet": "DUET", "visionzip": "VisionZip", "fastv
 
 
 PRESET = "preset"  # the budget choice of a backbone's own preset (Qwen2.5-VL: the authors' 540 + 100)
+SHARES = "shares"  # Qwen2.5-VL: the authors' 0.65 / 0.05 of each image's tokens, every method matched per image
+AUTHORS_SHARES = {"dominant_share": AUTHORS_DOMINANT_SHARE, "contextual_share": AUTHORS_CONTEXTUAL_SHARE}
 
 
 def full_tokens(engine: DuetLlava) -> int | None:
@@ -298,9 +302,16 @@ class App:
                 stage_ratios, salient, positions=DEFAULTS["positions"]) -> list[ReductionConfig]:
         """The selected method's config first, then each method to compare with at default knobs.
         ``PRESET`` (Qwen2.5-VL): the backbone's own settings, the authors' absolute counts for DUET
-        and VisionZip (k1 / k2 typed in still win) and their nominal budget for the others."""
+        and VisionZip (k1 / k2 typed in still win) and their nominal budget for the others.
+        ``SHARES`` (Qwen2.5-VL): the authors' shares of each image's tokens for every config; the
+        other methods then match DUET's average on the image (``plan_qwen``)."""
         preset = self.presets() if budget_choice == PRESET else {}
-        if budget_choice == PRESET:
+        shares = AUTHORS_SHARES if budget_choice == SHARES else {}
+        if shares and full_tokens(self.engine) is not None:
+            raise gr.Error(f"{self.engine.name} gives every image the same patches: pick a number of visual tokens.")
+        if budget_choice == SHARES:
+            budget = self.engine.n_patches  # each plan replaces it by what the shares reach on the image
+        elif budget_choice == PRESET:
             budget = preset["duet"]["budget"]
             own = preset.get(method, {})
             k1 = own.get("k1") if k1 in (None, "") else k1
@@ -309,10 +320,11 @@ class App:
             with shown_to_user():
                 budget = whole_number(custom_budget if budget_choice == "custom" else budget_choice,
                                       "The budget (visual tokens)", 1, self.engine.n_patches)
-        primary = self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient, positions)
+        primary = replace(self.reduction(method, budget, k1, k2, cluster_width, stage_layers, stage_ratios, salient,
+                                         positions), **shares)
         with shown_to_user():
             others = [m for m in compared(compare) if m != method]
-        return [primary] + [ReductionConfig(m, **preset.get(m, {"budget": int(budget)}),
+        return [primary] + [ReductionConfig(m, **preset.get(m, {"budget": int(budget)}), **shares,
                                             salient_words=primary.salient_words, positions=primary.positions)
                             for m in others]
 

@@ -58,6 +58,10 @@ class ReductionConfig:
     query: str | None = None  # T2V query rows; None: the method's own (DEFAULT_QUERY)
     # FitPrune: visual tokens deleted after each LLM layer; None: the analytic schedule (plan())
     fitprune_deletions: tuple[int, ...] | None = None
+    # Qwen2.5-VL: V2V's dominant / contextual tokens as shares of each image's tokens (the authors'
+    # ``dominant_ratio`` / ``contextual_ratio``, run_inference.py's 0.65 / 0.05); k1 / k2 win.
+    dominant_share: float | None = None
+    contextual_share: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -80,6 +84,9 @@ class ReductionConfig:
             self.stage_layers is not None and len(self.stage_layers) != len(self.stage_ratios)
         ):
             raise ValueError("stage_layers and stage_ratios must be given together, one ratio per layer")
+        shares = [v for v in (self.dominant_share, self.contextual_share) if v is not None]
+        if any(not 0.0 <= v < 1.0 for v in shares) or sum(shares) > 1.0:
+            raise ValueError(f"the dominant and contextual shares must lie in [0, 1) and sum to at most 1, got {shares}")
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,9 @@ def _scaled(layer_of_32: int, n_layers: int) -> int:
 
 def plan(cfg: ReductionConfig, n_layers: int, n_patches: int = PRESET_PATCHES) -> Plan:
     """Solve ``cfg`` into a :class:`Plan` for a model with ``n_layers`` decoder layers."""
+    if cfg.dominant_share is not None or cfg.contextual_share is not None:
+        raise ValueError("shares of each image's tokens are for Qwen2.5-VL, whose images each have their own "
+                         "grid; here every image has the same patches: give k1 / k2 or a budget")
     if cfg.stage_layers is not None and (
         list(cfg.stage_layers) != sorted(set(cfg.stage_layers)) or not all(1 <= l < n_layers for l in cfg.stage_layers)
     ):

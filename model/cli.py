@@ -28,6 +28,10 @@ def add_reduction_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k1", type=int, help="V2V dominant tokens per frame, CLS counted on LLaVA, none on Qwen2.5-VL "
                         "(default: solved from budget)")
     parser.add_argument("--k2", type=int, help="V2V contextual (merged) tokens per frame")
+    parser.add_argument("--dominant-share", type=float, help="Qwen2.5-VL: V2V dominant tokens as a share of each "
+                        "image's tokens (the authors' run_inference.py: 0.65); --k1 wins")
+    parser.add_argument("--contextual-share", type=float, help="Qwen2.5-VL: V2V contextual tokens as a share of each "
+                        "image's tokens (the authors' run_inference.py: 0.05); --k2 wins")
     parser.add_argument("--cluster-width", type=int, default=4,
                         help="DUET's merge pool holds cluster_width x k2 of the best non-dominant patches")
     parser.add_argument("--stage-layers", type=_ints, help="comma-separated T2V/PDrop stage layers")
@@ -48,7 +52,7 @@ def reduction_from_args(args: argparse.Namespace, video: bool = False,
     per-frame average over 32 layers, (16 * 192 + 8 * 96) / 32 = 120. ``backbone_preset``: the
     loaded backbone's own settings for such a run (``preset``; Qwen2.5-VL: the authors' scripts)."""
     preset = {}
-    unset = args.budget is None and args.k1 is None and args.k2 is None
+    unset = all(v is None for v in (args.budget, args.k1, args.k2, args.dominant_share, args.contextual_share))
     if video and args.method == "duet" and unset:
         preset = dict(VIDEO_LLAVA_DUET, budget=120)
     if backbone_preset and unset:
@@ -57,6 +61,7 @@ def reduction_from_args(args: argparse.Namespace, video: bool = False,
         method=args.method, budget=args.budget or DEFAULT_BUDGET, k1=args.k1, k2=args.k2,
         cluster_width=args.cluster_width, stage_layers=args.stage_layers,
         stage_ratios=args.stage_ratios, fastv_k=args.fastv_k, positions=args.positions, query=args.query,
+        dominant_share=args.dominant_share, contextual_share=args.contextual_share,
     )
     settings.update({k: v for k, v in preset.items() if k != "query" or args.query is None})
     return ReductionConfig(**settings)

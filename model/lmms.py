@@ -12,7 +12,9 @@ parallel, nothing wrapped. Without CUDA the processes run on the CPU and gather 
 (``--multi_gpu`` then only makes accelerate start them with torchrun).
 
 Model arguments: ``pretrained`` (folder or hub id; default the shipped model), ``method``
-(``budget.METHODS``), ``budget`` (visual tokens; default all of them), ``traces`` (a folder: one SPEC §4 trace per document, ``TASK-DOC.json``; answers then run
+(``budget.METHODS``), ``budget`` (visual tokens; default all of them; on Qwen2.5-VL with DUET or VisionZip the
+authors' 540 + 100), ``dominant_share`` / ``contextual_share`` (Qwen2.5-VL: V2V counts as shares of each
+image's tokens, the authors' 0.65 / 0.05; every method then matches DUET's average per image), ``traces`` (a folder: one SPEC §4 trace per document, ``TASK-DOC.json``; answers then run
 one at a time through ``engine.answer``), ``trace_images`` (``inline``, the default: each frame's
 view in the trace as base64 JPEG; ``sidecar``: ``TASK-DOC.f<frame>.jpg`` beside it; see
 ``model.trace``), ``trace_scores`` (default true). A trace also says which document it answered
@@ -108,14 +110,17 @@ class DuetLlavaEval(lmms):
     def __init__(self, pretrained: str | None = None, method: str = "full", budget: int | None = None,
                  device: str | None = None, batch_size: int | str = 1, traces: str | None = None,
                  trace_images: str = "inline", trace_scores: bool | str = True,
+                 dominant_share: float | None = None, contextual_share: float | None = None,
                  max_batch_size=None) -> None:  # max_batch_size: passed by the harness, unused
         super().__init__()
         cpu = device == "cpu" or not torch.cuda.is_available()
         accelerator = Accelerator(cpu=cpu)  # on the CPU, processes launched together join over gloo
         self.engine = DuetLlava.load(pretrained, device="cpu" if cpu else f"cuda:{accelerator.local_process_index}")
-        preset = self.engine.backbone.preset(method, False) if budget is None else {}
+        shares = {k: float(v) for k, v in (("dominant_share", dominant_share), ("contextual_share", contextual_share))
+                  if v is not None}
+        preset = self.engine.backbone.preset(method, False) if budget is None and not shares else {}
         self.reduction = ReductionConfig(method, **(preset or {"budget": int(budget) if budget is not None
-                                                            else self.engine.n_patches}))
+                                                            else self.engine.n_patches}), **shares)
         self.engine.plan(self.reduction)  # refuses an unknown method or budget before any document runs
         self.batch_size = int(batch_size) if self.engine.backbone.batches else 1
         if int(batch_size) != self.batch_size:

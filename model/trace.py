@@ -65,7 +65,7 @@ def build(engine, prompt: Prompt, visual, p: Plan, first, salient: list[int], de
     """The trace of ``engine.answer``: ``first`` is its prefill, ``salient`` the salient rows of
     the reduced input, ``decoded`` the greedy tokens and how many decoding steps made them, ``ms`` the timer's sections,
     ``warnings`` what the user should know about the run (``engine.context_warning``)."""
-    frames, generated, steps = visual.frames, *decoded
+    generated, steps = decoded
     n_visual_full = sum(prompt.slots)
     lm_cfg = engine.lm.config
     return {

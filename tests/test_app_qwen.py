@@ -81,6 +81,17 @@ def test_the_authors_preset_is_absolute_counts_capped_per_image(qwen_client, wid
     assert len(trace["frames"][0]["dominant"]) == n - 1
 
 
+def test_the_authors_shares_match_every_compared_method_on_the_image(qwen_client, wide_file):
+    """65 % + 5 % of this image's 150 tokens for DUET; FastV compared at the average DUET reaches."""
+    outputs = run(qwen_client, wide_file, budget="shares", compare=("fastv",))
+    traces = {t["method"]: t for t in json.loads(Path(outputs[7]).read_text())}
+    n, duet = ROWS * COLS, traces["duet"]
+    assert (duet["plan"]["k1"], duet["plan"]["k2"]) == (int(0.65 * n), int(0.05 * n))
+    assert traces["fastv"]["budget"] == duet["budget"] < n
+    rows = outputs[4]["data"]  # the answers table: method, budget, avg visual tokens, answer
+    assert [r[:2] for r in rows] == [["duet", duet["budget"]], ["fastv", duet["budget"]]]
+
+
 def test_video_is_refused_in_words(qwen_client):
     from gradio_client import handle_file
 
@@ -102,6 +113,7 @@ def test_browser_run_on_a_wide_image_draws_the_maps_unsquashed(served_qwen, wide
         page.locator("input[type=file][accept*='image']").first.set_input_files(str(wide_file))
         page.get_by_label("Question").fill(QUESTION)
         preset = page.get_by_label("authors' preset: 540 + 100 tokens").count()
+        shares = page.get_by_label("authors' shares: 65% + 5% of the image's tokens").count()
         page.wait_for_timeout(1000)
         page.get_by_role("button", name="Run").click()
         page.wait_for_selector("#layer-view .js-plotly-plot .heatmaplayer", timeout=60_000)
@@ -113,6 +125,6 @@ def test_browser_run_on_a_wide_image_draws_the_maps_unsquashed(served_qwen, wide
             plot.screenshot(path=str(ARTIFACTS / f"qwen-{name}.png"))
             boxes[name] = plot.locator("image").first.bounding_box()
         browser.close()
-    assert video_tab == 0 and preset == 1
+    assert video_tab == 0 and preset == 1 and shares == 1
     for name, box in boxes.items():  # the picture keeps the grid's 3 : 2 aspect in the page
         assert box["width"] / box["height"] == pytest.approx(COLS / ROWS, rel=0.02), name

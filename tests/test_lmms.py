@@ -66,16 +66,20 @@ def test_prompts_lose_their_image_markers_and_answers_stop_at_until():
     assert cut(" two ", []) == "two"
 
 
-def test_the_plugin_runs_a_local_task_on_qwen2_5_vl_with_the_authors_preset(task, tiny_qwen, tmp_path):
-    """``pretrained=<Qwen2.5-VL>,method=duet`` without a budget: the scripts' 540 + 100 settings,
-    the chat template on [image, text], one document at a time (batch 4 asked)."""
+@pytest.mark.parametrize("shares", ["", ",dominant_share=0.65,contextual_share=0.05"], ids=["counts", "shares"])
+def test_the_plugin_runs_a_local_task_on_qwen2_5_vl_with_the_authors_preset(task, tiny_qwen, tmp_path, shares):
+    """``pretrained=<Qwen2.5-VL>,method=duet`` without a budget: the scripts' 540 + 100 settings
+    (or run_inference.py's shares of each image's tokens), the chat template on [image, text], one
+    document at a time (batch 4 asked)."""
     traces = tmp_path / "traces"
-    _, output = lmms_eval(task, tmp_path / "qwen", f"pretrained={tiny_qwen},method=duet,traces={traces}",
+    _, output = lmms_eval(task, tmp_path / "qwen", f"pretrained={tiny_qwen},method=duet,traces={traces}{shares}",
                           [sys.executable], 4)
     written = sorted(traces.glob("duet_synthetic-*.json"))
     assert len(written) == N and "answers one document at a time" in output
     trace = json.loads(written[0].read_text())
-    n = trace["grid"][0] * trace["grid"][1]  # the scene's merged tokens: the preset is capped per image
-    assert (trace["plan"]["k1"], trace["plan"]["k2"]) == (min(540, n - 1), min(100, n - min(540, n - 1)))
+    n = trace["grid"][0] * trace["grid"][1]  # the scene's merged tokens: counts are capped per image
+    expected = ((int(0.65 * n), max(int(0.05 * n), 1)) if shares else
+                (min(540, n - 1), min(100, n - min(540, n - 1))))
+    assert (trace["plan"]["k1"], trace["plan"]["k2"]) == expected
     assert trace["plan"]["cls_token"] is False and trace["positions"] == "original"
     assert [s["layer"] for s in trace["t2v"]] == [14, 21]

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from model import decoder
-from model.backbones.qwen2_5_vl import AUTHORS_CONTEXTUAL, AUTHORS_DOMINANT, authors_counts
-from model.budget import ReductionConfig
+from model.backbones.qwen2_5_vl import AUTHORS_CONTEXTUAL, AUTHORS_DOMINANT, authors_counts, plan_qwen
+from model.budget import ReductionConfig, average, layer_counts, plan
 from model.device import Timer
 from model.v2v import group_mean, received_attention, slot_merge
 
@@ -91,6 +91,26 @@ def test_a_prefill_reads_nothing_back_inside_the_loop(qwen_engine, wide_image, w
 def test_authors_preset_counts_are_capped_per_image():
     assert authors_counts(150, AUTHORS_DOMINANT, AUTHORS_CONTEXTUAL) == (149, 1)
     assert authors_counts(1000, AUTHORS_DOMINANT, AUTHORS_CONTEXTUAL) == (540, 100)
+
+
+def test_shares_of_the_image_set_counts_and_a_budget_every_method_matches():
+    """run_inference.py's ratios: int(0.65 N) dominant and max(int(0.05 N), 1) contextual tokens;
+    the plan's budget is what they reach on this image, and other methods take DUET's."""
+    shares = dict(dominant_share=0.65, contextual_share=0.05)
+    for n_tokens in (150, 1116):
+        duet = plan_qwen(ReductionConfig("duet", 999, **shares), 28, n_tokens)
+        assert (duet.k1, duet.k2) == (int(0.65 * n_tokens), max(int(0.05 * n_tokens), 1))
+        n = duet.tokens_per_frame
+        assert duet.budget == round(average(layer_counts(n, duet.stages, 28))) < n
+        for method in ("fastv", "pyramiddrop", "fitprune", "hired"):
+            assert plan_qwen(ReductionConfig(method, 999, **shares), 28, n_tokens).budget == duet.budget
+    assert plan_qwen(ReductionConfig("duet", k1=30, dominant_share=0.65), 28, 150).k1 == 30  # a count wins
+    counted = plan_qwen(ReductionConfig("duet", 999, k1=540, k2=100), 28, 150)  # capped: 149 + 1
+    assert counted.budget == round(average(layer_counts(150, counted.stages, 28)))
+    with pytest.raises(ValueError, match="Qwen2.5-VL"):
+        plan(ReductionConfig("duet", 64, dominant_share=0.65), 32)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        ReductionConfig("duet", dominant_share=0.9, contextual_share=0.2)
 
 
 # ------------------------------------------------------------- transcriptions of the authors' code
@@ -224,4 +244,9 @@ def test_cli_answer_json_runs_the_authors_preset_on_a_non_square_image(tiny_qwen
     assert len(frame["discarded"]) == 31 * 36 - 540 - 400
     assert [(s["layer"], s["n_in"], len(s["kept"])) for s in trace["t2v"]] == [(14, 640, 320), (21, 320, 160)]
     assert trace["positions"] == "original" and trace["visual_tokens_per_layer"][20:22] == [320, 160]
+    assert main(["answer", "--model", str(tiny_qwen), "--image", str(path), "--question", QUESTION,
+                 "--method", "duet", "--dominant-share", "0.65", "--contextual-share", "0.05",
+                 "--max-new-tokens", "1", "--json"]) == 0
+    shared = json.loads(capsys.readouterr().out)["frames"][0]
+    assert len(shared["dominant"]) == int(0.65 * 1116) and len(shared["clusters"]) == int(0.05 * 1116)
     assert main(["answer", "--model", str(tiny_qwen), "--video", str(path), "--question", QUESTION]) == 2

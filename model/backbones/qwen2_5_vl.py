@@ -17,7 +17,8 @@ below), its ``eval_benchmarks.py`` and ``scripts/qwen/*.sh``:
   the model's dtype there.
 - **V2V** (l.2373-2499, ``v2v.slot_merge``): on the LLM-side tokens after the merger;
   ``dominant`` = min(dominant, N - 1), ``contextual`` = min(contextual, N - dominant) (l.2380-2388),
-  scripts' 540 + 100; DUET's pool of cluster_width · contextual, or VisionZip's evenly spaced
+  scripts' 540 + 100, or as shares of the image's tokens, int(0.65 · N) and max(int(0.05 · N), 1)
+  (``run_inference.py``'s ratios; ``dominant_share`` / ``contextual_share``); DUET's pool of cluster_width · contextual, or VisionZip's evenly spaced
   targets (``use_ori_visionzip``). Each kept token stays in its own place with its own 3-D M-RoPE
   position id; a contextual token takes its anchor's (l.2469-2472, l.2482, l.2496-2499).
 - **T2V** (``pdrop_rank_drop``, l.1651-1780): before stage layer l (l.1603), layer l's own q/k (l.1687) after M-RoPE
@@ -57,6 +58,7 @@ from . import Visual
 
 MAX_PIXELS = 2880 * 28 * 28  # eval_benchmarks.py --max-pixels 2880 (x 28 x 28, l.485-486, l.675)
 AUTHORS_DOMINANT, AUTHORS_CONTEXTUAL = 540, 100  # scripts/qwen/*.sh --dominant 540 --contextual 100
+AUTHORS_DOMINANT_SHARE, AUTHORS_CONTEXTUAL_SHARE = 0.65, 0.05  # run_inference.py --dominant 0.65 --contextual 0.05
 AUTHORS_RATIOS = (0.5, 0.25)  # scripts/qwen/*.sh --ratio-list 0.5 0.25
 AUTHORS_LAYERS = (14, 21)  # scripts/qwen/*.sh --layer-list 14 21, of Qwen2.5-VL-7B's 28 layers
 DEFAULT_QUERY = "text"  # pdrop_rank_drop: every row after the image
@@ -78,14 +80,22 @@ def plan_qwen(cfg: ReductionConfig, n_layers: int, n_tokens: int) -> Plan:
     """``cfg`` for one image of ``n_tokens`` merged tokens.
 
     DUET and VisionZip: ``k1``/``k2`` are the authors' absolute counts (no CLS counted), capped per
-    image; without them the budget (average visual tokens per LLM layer, SPEC §1) solves n = k1 +
-    k2 for this image, split as 540 : 100. DUET's stages keep int(ratio · n) (module docstring).
+    image; ``dominant_share``/``contextual_share`` the authors' ratios of this image's tokens
+    (int(0.65 · n) and max(int(0.05 · n), 1), l.2380-2388; a count given wins, a share left out
+    takes the authors' default); with neither, the budget (average visual tokens per LLM layer,
+    SPEC §1) solves n = k1 + k2 for this image, split as 540 : 100. Counts or shares make the plan's
+    budget the average they reach on this image. DUET's stages keep int(ratio · n) (module docstring).
     Other methods plan as on LLaVA over this image's tokens (FastV, PyramidDrop and FitPrune need no
-    CLS; HiRED ranks by the received attention). Positions stay the original 3-D ids unless asked."""
+    CLS; HiRED ranks by the received attention); given shares, their budget is DUET's average at
+    those shares on this image, so a comparison is matched per image. Positions stay the original
+    3-D ids unless asked."""
     positions = cfg.positions or ("original" if cfg.method in ("duet", "visionzip", "full", "hired")
                                   else DEFAULT_POSITIONS.get(cfg.method, "contiguous"))
+    shared = cfg.dominant_share is not None or cfg.contextual_share is not None
     if cfg.method not in ("duet", "visionzip"):
-        solved = replace(plan(cfg, n_layers, n_tokens), cls_token=False, positions=positions)
+        matched = plan_qwen(replace(cfg, method="duet", positions=None), n_layers, n_tokens).budget if shared else cfg.budget
+        own = replace(cfg, budget=matched, dominant_share=None, contextual_share=None)
+        solved = replace(plan(own, n_layers, n_tokens), cls_token=False, positions=positions)
         return solved if cfg.method != "hired" else replace(solved, stages=())
     base = Plan(cfg.method, int(cfg.budget), n_layers, n_tokens, cluster_width=cfg.cluster_width,
                 positions=positions, cls_token=False)
@@ -101,16 +111,24 @@ def plan_qwen(cfg: ReductionConfig, n_layers: int, n_tokens: int) -> Plan:
     def avg(n: int) -> float:
         return average(layer_counts(n, stages(n), n_layers))
 
-    if cfg.k1 is not None or cfg.k2 is not None:
-        k1, k2 = authors_counts(n_tokens, cfg.k1 if cfg.k1 is not None else AUTHORS_DOMINANT,
-                                cfg.k2 if cfg.k2 is not None else AUTHORS_CONTEXTUAL)
+    counted = shared or cfg.k1 is not None or cfg.k2 is not None
+    if counted:
+        dominant, contextual = AUTHORS_DOMINANT, AUTHORS_CONTEXTUAL
+        if shared:
+            dominant = int((cfg.dominant_share if cfg.dominant_share is not None else AUTHORS_DOMINANT_SHARE) * n_tokens)
+            share = cfg.contextual_share if cfg.contextual_share is not None else AUTHORS_CONTEXTUAL_SHARE
+            contextual = max(int(share * n_tokens), 1)
+        k1, k2 = authors_counts(n_tokens, cfg.k1 if cfg.k1 is not None else dominant,
+                                cfg.k2 if cfg.k2 is not None else contextual)
     else:
         n = min(range(1, n_tokens + 1), key=lambda m: (abs(avg(m) - base.budget), m))
         k2 = min(n - 1, round(n * AUTHORS_CONTEXTUAL / (AUTHORS_DOMINANT + AUTHORS_CONTEXTUAL)))
         k1, k2 = (None, 0) if n == n_tokens else (n - k2, k2)  # every token: nothing to merge
     solved = replace(base, k1=k1, k2=k2)
     n = solved.tokens_per_frame
-    feasible = cfg.k1 is not None or cfg.k2 is not None or abs(avg(n) - base.budget) <= max(2.0, 0.02 * base.budget)
+    if counted:
+        solved = replace(solved, budget=max(1, round(avg(n))))
+    feasible = counted or abs(avg(n) - base.budget) <= max(2.0, 0.02 * base.budget)
     return replace(solved, stages=tuple(s for s in stages(n) if s.keep < n), feasible=feasible)
 
 
