@@ -15,7 +15,8 @@ ratio (SPEC §6), and how busy the other processes kept the machine (``LoadMeter
 decoder layers timed at a ladder of row counts (1 to the full prompt), each rung all layers on that
 many rows with a fresh KV cache as ``decoder.run_layer`` runs them, in the same interleaved rounds
 as the configurations. A method's *predicted* prefill is the sum over layers of the layer time at
-the rows that layer saw in its run (linear between rungs); measured / (predicted + its own T2V
+the rows that layer saw in its run (linear between rungs), plus the final norm and LM head on the
+last row that every prefill ends with (timed in the same rounds); measured / (predicted + its own T2V
 scoring) says how much the loop's machinery (gathers, RoPE, cache surgery, trace bookkeeping) adds
 on top of what the layers and the method's own ranking must cost.
 
@@ -173,6 +174,20 @@ class Ladder:
         steps = torch.linspace(0, 1, rungs - 1) ** 2 * (top - 1) + 1  # denser where few rows cost little
         self.rows = sorted({1, *(int(round(float(n))) for n in steps), top})
         self.ms: dict[int, list[float]] = {n: [] for n in self.rows}
+        self.head_ms: list[float] = []
+
+    def head(self) -> float:
+        """The final norm and the LM head on the last row, what every prefill ends with whatever
+        the method (on the 7B shape a 4096 x 32000 matrix, about half a decoder layer's weights)."""
+        engine, lm = self.engine, self.engine.lm
+        h = torch.randn(1, 1, lm.config.hidden_size, device=engine.device, dtype=engine.dtype)
+        if h.is_cuda:
+            torch.cuda.synchronize(h.device)
+        started = time.perf_counter()
+        engine.lm_head(lm.norm(h[:, -1]))
+        if h.is_cuda:
+            torch.cuda.synchronize(h.device)
+        return (time.perf_counter() - started) * 1e3
 
     def time(self, n: int) -> float:
         engine, lm = self.engine, self.engine.lm
@@ -196,6 +211,9 @@ class Ladder:
             ms = self.time(n) / len(self.engine.lm.layers)
             if keep:
                 self.ms[n].append(ms)
+        head = self.head()
+        if keep:
+            self.head_ms.append(head)
 
     def layer_ms(self, rep: int, n: int) -> float:
         """One layer's time at n rows in round ``rep``, linear between rungs."""
@@ -206,7 +224,8 @@ class Ladder:
         return ta + (tb - ta) * (n - a) / (b - a)
 
     def predict(self, rep: int, totals: list[int]) -> float:
-        return sum(self.layer_ms(rep, n) for n in totals)
+        """The layers at the rows each saw, and the head once."""
+        return sum(self.layer_ms(rep, n) for n in totals) + self.head_ms[rep]
 
 
 def summarise(config: Config, full: Config, decode_steps: int, ladder: Ladder | None = None) -> dict:
@@ -280,6 +299,7 @@ def run_bench(engine: DuetLlava, methods, budgets, reps: int, decode_steps: int,
         "llm_layers": engine.n_layers, "vision_ms": median_spread(vision_ms), "batches": list(batches),
         "rows": [summarise(c, fulls[c.batch], decode_steps, ladder if c.batch == 1 else None) for c in configs],
         "ladder_ms": None if ladder is None else {n: median_spread(v) for n, v in ladder.ms.items()},
+        "head_ms": None if ladder is None else median_spread(ladder.head_ms),
         "per_rep_ms": {c.name: [round(r["prefill"], 2) for r in c.runs] for c in configs},
         "layer_ms": {c.name: c.layer_ms() for c in configs} if layers else None,
         "other_load_cores": load, "machine": machine(), "reps": reps, "decode_steps": decode_steps,
@@ -345,9 +365,9 @@ def markdown(result: dict) -> str:
 
 def limit_markdown(result: dict) -> list[str]:
     """The cost-model table: each method against what its layers' row counts cost on this machine."""
-    lines = ["", "Against the measured limit (the full model's layers at the rows each layer saw; per-round "
-             "medians, min-max):", "",
-             "| method | budget | prefill ms | predicted ms (layers only) | T2V scoring ms | measured / (predicted "
+    lines = ["", "Against the measured limit (the full model's layers at the rows each layer saw and its head on "
+             "one row; per-round medians, min-max):", "",
+             "| method | budget | prefill ms | predicted ms (layers + head) | T2V scoring ms | measured / (predicted "
              "+ scoring) | scoring % of prefill |", "|---|---|---|---|---|---|---|"]
     for r in (r for r in result["rows"] if "vs_limit" in r):
         ratio, share = r["vs_limit"], r["scoring_share"]
@@ -356,7 +376,8 @@ def limit_markdown(result: dict) -> list[str]:
                      f"{100 * share[0]:.1f} |")
     rungs = result["ladder_ms"]
     lines += ["", "One decoder layer at n rows (ms, median over rounds): "
-              + ", ".join(f"{n}: {v[0]:.2f}" for n, v in rungs.items())]
+              + ", ".join(f"{n}: {v[0]:.2f}" for n, v in rungs.items())
+              + f"; the head on one row: {result['head_ms'][0]:.2f}"]
     return lines
 
 

@@ -74,8 +74,10 @@ def test_the_cost_model_predicts_from_the_ladder_at_each_layers_rows(engine):
     assert min(rungs) == 1 and max(rungs) > 576  # the top rung is the whole prompt, image and text
     assert all(v[1] <= v[0] <= v[2] and v[1] > 0 for v in rungs.values())
     # the full model's every layer sees the whole prompt: its prediction is the top rung times depth
-    # (with two rounds each median is a mean, and the prediction is linear in the rung times)
-    assert full["predicted_ms"][0] == pytest.approx(engine.n_layers * rungs[max(rungs)][0], rel=1e-6)
+    # and the head once (with two rounds each median is a mean, and the prediction is linear in both)
+    head = result["head_ms"]
+    assert 0 < head[1] <= head[0] <= head[2]
+    assert full["predicted_ms"][0] == pytest.approx(engine.n_layers * rungs[max(rungs)][0] + head[0], rel=1e-6)
     assert duet["predicted_ms"][0] < full["predicted_ms"][0]
     assert duet["vs_limit"][0] > 0 and 0 < duet["scoring_share"][0] < 1 and full["scoring_share"][0] == 0
 
@@ -86,9 +88,10 @@ def test_ladder_interpolates_linearly_between_rungs(engine):
     ladder = Ladder(engine, 100, rungs=4)
     assert ladder.rows[0] == 1 and ladder.rows[-1] == 100
     ladder.ms = {n: [float(n) * 2 + 1] for n in ladder.rows}  # an exactly linear layer cost
+    ladder.head_ms = [0.5]
     for n in (1, 5, 37, 99, 100):
         assert ladder.layer_ms(0, n) == pytest.approx(2 * n + 1)
-    assert ladder.predict(0, [10, 10, 3]) == pytest.approx(21 + 21 + 7)
+    assert ladder.predict(0, [10, 10, 3]) == pytest.approx(21 + 21 + 7 + 0.5)
 
 
 def test_batched_rows_run_copies_of_the_prompt_through_one_prefill(engine):
