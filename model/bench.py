@@ -55,6 +55,7 @@ def llava_7b_shaped(llm_layers: int, device: str = "auto", dtype: torch.dtype | 
     device in ``dtype`` (default: the engine's for it, bf16 on CUDA), so a GPU run needs no host copy."""
     from transformers import LlavaForConditionalGeneration
 
+    from .backbones.llava import Llava
     from .device import pick_device, pick_dtype
 
     spec = TinyLlavaSpec(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
@@ -68,7 +69,7 @@ def llava_7b_shaped(llm_layers: int, device: str = "auto", dtype: torch.dtype | 
     with torch.device(dev):
         model = LlavaForConditionalGeneration(config).to(dtype or pick_dtype(dev)).eval()
     model.generation_config.eos_token_id = tok.eos_token_id
-    return DuetLlava(model, processor, f"llava-1.5-7b-shaped-{llm_layers}L")
+    return DuetLlava(Llava(model, processor), f"llava-1.5-7b-shaped-{llm_layers}L")
 
 
 def median_spread(values: list[float]) -> tuple[float, float, float]:

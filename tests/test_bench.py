@@ -102,3 +102,15 @@ def test_batched_rows_run_copies_of_the_prompt_through_one_prefill(engine):
     assert rows["duet", 2]["avg_visual_tokens"] == rows["duet", 1]["avg_visual_tokens"]
     assert rows["full", 2]["kv_bytes"] == 2 * rows["full", 1]["kv_bytes"]
     assert rows["duet", 2]["speedup"][0] > 1
+
+
+def test_the_7b_shape_builds_through_the_llava_adapter():
+    """``bench --shape 7b`` builds its random model in memory, not from a folder: it must wrap it
+    in the same adapter the loader uses (one decoder layer here, the widths are what is checked)."""
+    import torch
+
+    from model.bench import llava_7b_shaped
+
+    engine = llava_7b_shaped(1, device="cpu", dtype=torch.bfloat16)
+    assert engine.backbone.kind == "llava" and engine.n_layers == 1 and engine.n_patches == 576
+    assert engine.lm.config.hidden_size == 4096 and engine.vision.config.hidden_size == 1024
