@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from model.lab import scenes
+from model.lab import captions, scenes
 from model.budget import ReductionConfig
 from model.engine import DEFAULT_MODEL, DuetLlava
 
@@ -37,7 +37,7 @@ def test_engine_answers_reproduce_the_recorded_validation_accuracy(folder):
     read the same weights, so greedy answers must give the accuracy training.json records (on the
     validation scenes of the run's data seed, under the reduction the recipe's last stage trains with)."""
     info = json.loads((folder / "training.json").read_text())
-    assert info["vocabulary"] == scenes.vocabulary()
+    assert info["vocabulary"] == captions.vocabulary()
     assert (info["recipe"], info["parent"]) == {DEFAULT_MODEL: ("duet-llava-tiny", None),
                                                 TWIN: ("duet-llava-tiny-duet64", "assets/duet-llava-tiny")}[folder]
     engine = DuetLlava.load(folder, device="cpu")
