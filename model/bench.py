@@ -166,6 +166,17 @@ class Config:
         return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
 
+def _elapsed_ms(device: torch.device, work) -> float:
+    """Wall time of ``work()`` in ms, the device's queue drained before and after (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) * 1e3
+
+
 class Ladder:
     """The full model's decoder layers, all of them, on ``n`` rows for each rung ``n``: what a
     prefill that fed every layer n rows would cost, without any reduction machinery."""
@@ -182,13 +193,7 @@ class Ladder:
         the method (on the 7B shape a 4096 x 32000 matrix, about half a decoder layer's weights)."""
         engine, lm = self.engine, self.engine.lm
         h = torch.randn(1, 1, lm.config.hidden_size, device=engine.device, dtype=engine.dtype)
-        if h.is_cuda:
-            torch.cuda.synchronize(h.device)
-        started = time.perf_counter()
-        engine.lm_head(lm.norm(h[:, -1]))
-        if h.is_cuda:
-            torch.cuda.synchronize(h.device)
-        return (time.perf_counter() - started) * 1e3
+        return _elapsed_ms(h.device, lambda: engine.lm_head(lm.norm(h[:, -1])))
 
     def time(self, n: int) -> float:
         engine, lm = self.engine, self.engine.lm
@@ -196,14 +201,13 @@ class Ladder:
         pos = torch.arange(n, device=engine.device)[None]
         rows = decoder.Rows.build(torch.zeros(1, n, dtype=torch.bool, device=engine.device), pos, {})
         rope, cache = lm.rotary_emb(h, pos), DynamicCache(config=lm.config)
-        if h.is_cuda:
-            torch.cuda.synchronize(h.device)
-        started = time.perf_counter()
-        for index in range(len(lm.layers)):
-            h = decoder.run_layer(lm, index, h, rows, rope, engine.attention_mask, cache)
-        if h.is_cuda:
-            torch.cuda.synchronize(h.device)
-        return (time.perf_counter() - started) * 1e3
+
+        def layers():
+            out = h
+            for index in range(len(lm.layers)):
+                out = decoder.run_layer(lm, index, out, rows, rope, engine.attention_mask, cache)
+
+        return _elapsed_ms(h.device, layers)
 
     def round(self, rep: int, keep: bool = True) -> None:
         """Every rung once, in an order rotated by ``rep``; ``keep=False``: a warm-up round."""

@@ -18,9 +18,10 @@ below), its ``eval_benchmarks.py`` and ``scripts/qwen/*.sh``:
 - **V2V** (l.2373-2499, ``v2v.slot_merge``): on the LLM-side tokens after the merger;
   ``dominant`` = min(dominant, N - 1), ``contextual`` = min(contextual, N - dominant) (l.2380-2388),
   scripts' 540 + 100, or as shares of the image's tokens, int(0.65 · N) and max(int(0.05 · N), 1)
-  (``run_inference.py``'s ratios; ``dominant_share`` / ``contextual_share``); DUET's pool of cluster_width · contextual, or VisionZip's evenly spaced
-  targets (``use_ori_visionzip``). Each kept token stays in its own place with its own 3-D M-RoPE
-  position id; a contextual token takes its anchor's (l.2469-2472, l.2482, l.2496-2499).
+  (``run_inference.py``'s ratios; ``dominant_share`` / ``contextual_share``); DUET's pool of
+  cluster_width · contextual, or VisionZip's evenly spaced targets (``use_ori_visionzip``). Each
+  kept token stays in its own place with its own 3-D M-RoPE position id; a contextual token takes
+  its anchor's (l.2469-2472, l.2482, l.2496-2499).
 - **T2V** (``pdrop_rank_drop``, l.1651-1780): before stage layer l (l.1603), layer l's own q/k (l.1687) after M-RoPE
   rank the visual tokens by every row after the image, softmax over all keys **without a causal
   mask** (l.1732-1733), mean over heads and rows (l.1736-1737); the top keep in order (l.1743); survivors keep
