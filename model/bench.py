@@ -48,11 +48,14 @@ from .engine import DuetLlava
 
 QUESTION = "what color is the star ?"
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "scene-shapes.png"
+LLAVA_7B_VOCAB = 32064  # llava-hf/llava-1.5-7b-hf text_config.vocab_size: Llama-2's 32000 + <image> + padding
 
 
 def llava_7b_shaped(llm_layers: int, device: str = "auto", dtype: torch.dtype | None = None) -> DuetLlava:
     """Random weights, real LLaVA-1.5-7B widths: what matters for speed is the shape. Built on the
-    device in ``dtype`` (default: the engine's for it, bf16 on CUDA), so a GPU run needs no host copy."""
+    device in ``dtype`` (default: the engine's for it, bf16 on CUDA), so a GPU run needs no host copy.
+    The vocabulary is llava-1.5-7b-hf's 32064 rows, so the LM head every prefill ends with costs
+    what it costs there; the small tokenizer's ids all fall inside it."""
     from transformers import LlavaForConditionalGeneration
 
     from .backbones.llava import Llava
@@ -63,7 +66,7 @@ def llava_7b_shaped(llm_layers: int, device: str = "auto", dtype: torch.dtype | 
                          text_mlp=11008)
     processor = build_processor(spec.words, spec.image_size, spec.patch_size)
     tok = processor.tokenizer
-    config = spec.config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    config = spec.config(LLAVA_7B_VOCAB, tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
     torch.manual_seed(0)
     dev = pick_device(device)
     with torch.device(dev):

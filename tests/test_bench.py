@@ -114,3 +114,4 @@ def test_the_7b_shape_builds_through_the_llava_adapter():
     engine = llava_7b_shaped(1, device="cpu", dtype=torch.bfloat16)
     assert engine.backbone.kind == "llava" and engine.n_layers == 1 and engine.n_patches == 576
     assert engine.lm.config.hidden_size == 4096 and engine.vision.config.hidden_size == 1024
+    assert engine.lm_head.weight.shape == (32064, 4096)
