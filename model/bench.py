@@ -418,7 +418,17 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 decode steps, budget 64 only")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--plot", type=Path, help="with --limit: also draw the cost model as an SVG here")
+    parser.add_argument("--from", dest="saved", type=Path, metavar="JSON",
+                        help="run nothing: print the tables (and --plot) of a result saved with --json")
     args = parser.parse_args(argv)
+    if args.plot and not (args.limit or args.saved):
+        parser.error("--plot draws the cost model: add --limit")
+    if args.saved:
+        result = json.loads(args.saved.read_text())
+        print(markdown(result))
+        write_plot(result, args.plot)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -446,4 +456,15 @@ def bench_main(argv: list[str] | None = None) -> int:
               f"(min {ratio['min']:.3f}, max {ratio['max']:.3f}, {args.reps} rounds)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    write_plot(result, args.plot)
     return 0
+
+
+def write_plot(result: dict, path: Path | None) -> None:
+    if path is None:
+        return
+    if not result.get("ladder_ms"):
+        raise SystemExit("--plot: this result has no cost model (it was run without --limit)")
+    from .limit_plot import limit_svg
+
+    path.write_text(limit_svg(result))

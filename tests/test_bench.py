@@ -115,3 +115,61 @@ def test_the_7b_shape_builds_through_the_llava_adapter():
     assert engine.backbone.kind == "llava" and engine.n_layers == 1 and engine.n_patches == 576
     assert engine.lm.config.hidden_size == 4096 and engine.vision.config.hidden_size == 1024
     assert engine.lm_head.weight.shape == (32064, 4096)
+
+
+def _limit_result(rows):
+    return {"model": "m", "device": "cpu", "dtype": "torch.float32", "reps": 3, "llm_layers": 2,
+            "ladder_ms": {"1": [1.0, 0.9, 1.2], "300": [2.0, 1.8, 2.1], "600": [4.0, 3.9, 4.4]},
+            "head_ms": [0.1, 0.1, 0.1], "rows": rows}
+
+
+def _row(method, budget, measured, predicted, scoring):
+    return {"method": method, "budget": budget, "prefill_ms": [measured, measured * 0.9, measured * 1.1],
+            "predicted_ms": [predicted] * 3, "t2v_ms": [scoring] * 3,
+            "vs_limit": [measured / (predicted + scoring)] * 3}
+
+
+def test_the_cost_model_plot_puts_each_method_against_its_prediction():
+    import xml.etree.ElementTree as ET
+
+    from model.limit_plot import limit_svg
+
+    rows = [_row("full", 576, 8.0, 8.0, 0.0), _row("duet", 64, 3.3, 2.0, 1.0), _row("fastv", 64, 6.0, 3.0, 1.0)]
+    svg = ET.fromstring(limit_svg(_limit_result(rows)))
+    ns = "{http://www.w3.org/2000/svg}"
+    points = [e for e in svg.iter() if e.get("class") == "point"]
+    labels = [e.find(f"{ns}title").text for e in points]
+    assert len(points) == 3 + 3  # the ladder's rungs, then one point per method row
+    assert labels[0].startswith("1 rows: 1.00 ms")
+    assert labels[3].startswith("full: 1.000") and labels[4].startswith("duet-64: 1.100")
+    assert labels[5].startswith("fastv-64: 1.500")
+
+    def height(e):  # pixel y of a point's centre (a triangle's tip is 4.5 above it)
+        if e.tag == f"{ns}circle":
+            return float(e.get("cy"))
+        if e.tag == f"{ns}rect":
+            return float(e.get("y")) + 3.5
+        return float(e.get("points").split()[0].split(",")[1]) + 4.5
+
+    # the ratio panel's two reference lines: 1 below 1.05; the full model sits on 1, DUET's 1.1 above
+    # 1.05 and FastV's 1.5 higher still (pixels: smaller y is higher)
+    one, limit = (float(line.get("points").split()[0].split(",")[1]) for line in list(svg.iter(f"{ns}polyline"))[1:3])
+    full, duet, fastv = (height(e) for e in points[3:])
+    assert full == pytest.approx(one, abs=0.1) and fastv < duet < limit < one
+
+
+def test_bench_redraws_tables_and_plot_from_a_saved_result(tmp_path, capsys):
+    from model.bench import bench_main
+
+    saved, svg = tmp_path / "r.json", tmp_path / "r.svg"
+    result = _limit_result([_row("full", 576, 8.0, 8.0, 0.0)])
+    result.update(machine={"cpu": "x", "cores": 2, "torch_threads": 1}, other_load_cores=[0.0],
+                  vision_ms=[1.0, 1.0, 1.0])
+    result["rows"][0].update(batch=1, avg_visual_tokens=576.0, speedup=[1.0] * 3, llm_flops=1.0, v2v_ms=[0.0] * 3,
+                             decode_ms_per_token=None, kv_bytes=0, scoring_share=[0.0] * 3)
+    saved.write_text(__import__("json").dumps(result))
+    assert bench_main(["--from", str(saved), "--plot", str(svg)]) == 0
+    assert "measured / (predicted + scoring)" in capsys.readouterr().out
+    assert svg.read_text().startswith("<svg")
+    with pytest.raises(SystemExit):
+        bench_main(["--plot", str(svg)])  # a run without --limit has no cost model to draw
