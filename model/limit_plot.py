@@ -105,17 +105,16 @@ def limit_svg(result: dict) -> str:
     rows = [r for r in result["rows"] if "vs_limit" in r]
     ladder = Panel(0, padded([0, rungs[-1][0]], 0.02), padded([0] + [v[2] for _, v in rungs]))
     ladder.axes("one decoder layer, full model", "rows the layer runs on", "ms per layer")
+    ladder.line([(n, v[0]) for n, v in rungs], COLOURS["full"])
     for n, (median, low, high) in rungs:
         ladder.bar(n, low, high, COLOURS["full"])
-    ladder.line([(n, v[0]) for n, v in rungs], COLOURS["full"])
-    for n, v in rungs:
-        ladder.marker(n, v[0], COLOURS["full"], "circle", f"{n} rows: {v[0]:.2f} ms (min {v[1]:.2f}, max {v[2]:.2f})")
+        ladder.marker(n, median, COLOURS["full"], "circle", f"{n} rows: {median:.2f} ms (min {low:.2f}, max {high:.2f})")
 
     ratios = [v for r in rows for v in r["vs_limit"]]
     limit = Panel(PANEL_W, (-0.7, len(rows) - 0.3), padded([1.0, 1.05] + ratios))
     limit.axes("each method against its cost model", "", "measured / (predicted + own scoring)")
     for level, dash in ((1.0, ""), (1.05, "4 3")):
-        limit.line([(-0.7, level), (len(rows) - 0.3, level)], "#999", dash)
+        limit.line([(limit.x_range[0], level), (limit.x_range[1], level)], "#999", dash)
     for i, r in enumerate(rows):
         colour = COLOURS.get(r["method"], "#000000")
         name = "full" if r["method"] == "full" else f"{r['method']}-{r['budget']}"
@@ -131,7 +130,7 @@ def limit_svg(result: dict) -> str:
         limit.parts.append(text(limit.x(sum(members) / len(members)), limit.y(limit.y_range[0]) + 16, method,
                                 "middle"))
     left, legend, y = 2 * PANEL_W + 14, [], MARGIN_T + 6
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for method in groups:
         legend += [marker(left, y - 4, COLOURS.get(method, "#000000"), "circle"), text(left + 10, y, method)]
         y += 16
     for budget, shape in MARKERS.items():

@@ -167,7 +167,7 @@ def test_bench_redraws_tables_and_plot_from_a_saved_result(tmp_path, capsys):
                   vision_ms=[1.0, 1.0, 1.0])
     result["rows"][0].update(batch=1, avg_visual_tokens=576.0, speedup=[1.0] * 3, llm_flops=1.0, v2v_ms=[0.0] * 3,
                              decode_ms_per_token=None, kv_bytes=0, scoring_share=[0.0] * 3)
-    saved.write_text(__import__("json").dumps(result))
+    saved.write_text(json.dumps(result))
     assert bench_main(["--from", str(saved), "--plot", str(svg)]) == 0
     assert "measured / (predicted + scoring)" in capsys.readouterr().out
     assert svg.read_text().startswith("<svg")
